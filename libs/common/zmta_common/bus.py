@@ -1,0 +1,66 @@
+"""The NATS connection every service uses, and the JetStream streams they share.
+
+Streams are declared in :mod:`zmta_common.events`; :func:`connect` makes sure they
+exist (idempotently) so that no service depends on another having started first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from .events import STREAMS
+
+log = logging.getLogger(__name__)
+
+
+class Bus:
+    """A connected NATS client with its JetStream context."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect(url: str, name: str) -> Bus:
+    """Connect (retrying for ever in the background once connected) and declare the streams."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", extra={"error": str(exc)})
+
+    nc = await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+    )
+    bus = Bus(nc)
+    await ensure_streams(bus.js)
+    return bus
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    for name, subjects in STREAMS.items():
+        config = StreamConfig(
+            name=name,
+            subjects=subjects,
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            # Publishers set Nats-Msg-Id, so a re-sent event within this window is stored once.
+            duplicate_window=120.0,
+        )
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Exists with another config (e.g. an older release): bring it in line.
+            await js.update_stream(config)

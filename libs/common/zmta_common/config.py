@@ -1,0 +1,245 @@
+"""The one configuration every service reads.
+
+Sources, weakest first: defaults in this module, the YAML file (``--config`` or
+``ZMTA_CONFIG_FILE``), then environment variables ``ZMTA_<SECTION>__<KEY>``
+(for example ``ZMTA_DBS__POSTGRES``). Unknown keys anywhere are errors, and every
+error names the key and the bad value (:class:`ConfigError`).
+
+Defaults follow the original ZoneMTA: SMTP feeder on 127.0.0.1:2525, HTTP API on
+127.0.0.1:12080, zones ``default`` and ``bounces``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextvars import ContextVar
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "ZMTA_CONFIG_FILE"
+_yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
+
+MIB = 1024 * 1024
+# The original's retry schedule in minutes (5, 7, 8, 25, 75, 120, then 240 x 11).
+DEFAULT_DEFER_TIMES: list[float] = [60.0 * m for m in (5, 7, 8, 25, 75, 120, *[240] * 11)]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each bad key and value."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Databases(Section):
+    postgres: str = "postgresql://postgres@127.0.0.1:5432/zonemta"
+    redis: str = "redis://127.0.0.1:6379/3"
+    nats: str = "nats://127.0.0.1:4222"
+    postgres_pool_size: int = Field(default=20, ge=1, le=500)
+
+
+class SmtpInterface(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=2525, ge=0, le=65535)
+    hostname: str | None = None
+    max_size: int = Field(default=30 * MIB, ge=1024)
+    max_recipients: int = Field(default=1000, ge=1)
+    # X-Sending-Zone is honoured only where this is true (the original: api and bounce only).
+    allow_routing_headers: bool = False
+    # Seconds a client may stay idle, and the time the whole DATA transfer may take.
+    socket_timeout: float = Field(default=600.0, gt=0)
+
+
+class PoolAddress(Section):
+    name: str = Field(min_length=1)
+    address: str
+    ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("address")
+    @classmethod
+    def _is_ip(cls, value: str) -> str:
+        ip_address(value)
+        return value
+
+
+class Zone(Section):
+    # Parallel deliveries of one sender process for this zone.
+    connections: int = Field(default=10, ge=1, le=10000)
+    pool: list[PoolAddress] = Field(default_factory=list)
+    # "host:port" that replaces MX lookup for every recipient (Postfix's relayhost).
+    smarthost: str | None = None
+    mx_port: int = Field(default=25, ge=1, le=65535)
+    ignore_ipv6: bool = True
+    routing_headers: dict[str, str] = Field(default_factory=dict)
+    sender_domains: list[str] = Field(default_factory=list)
+    recipient_domains: list[str] = Field(default_factory=list)
+    # Retry delays in seconds, indexed by the number of earlier deferrals.
+    defer_times: list[float] = Field(default_factory=lambda: list(DEFAULT_DEFER_TIMES))
+    connect_timeout: float = Field(default=60.0, gt=0)
+    command_timeout: float = Field(default=300.0, gt=0)
+
+    @field_validator("smarthost")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port")
+        return value
+
+    @field_validator("sender_domains", "recipient_domains")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower() for d in value]
+
+    @field_validator("routing_headers")
+    @classmethod
+    def _lower_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        return {k.strip().lower(): v.strip() for k, v in value.items()}
+
+    @field_validator("defer_times")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("must be a non-empty list of positive durations in seconds")
+        return value
+
+
+class Dns(Section):
+    # Empty: the system resolver's nameservers (/etc/resolv.conf).
+    nameservers: list[str] = Field(default_factory=list)
+    port: int = Field(default=53, ge=1, le=65535)
+    timeout: float = Field(default=5.0, gt=0)
+
+
+class Queue(Section):
+    default_zone: str = "default"
+    # How long a sender owns leased deliveries; an expired lease makes them ready again.
+    lease_time: float = Field(default=300.0, gt=0)
+    max_batch: int = Field(default=100, ge=1, le=1000)
+    housekeeping_interval: float = Field(default=10.0, gt=0)
+
+
+class Api(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=12080, ge=0, le=65535)
+    maildrop: bool = True
+    max_body: int = Field(default=30 * MIB, ge=1024)
+
+
+class Bounce(Section):
+    # How long a sender waits for the classifier before it just defers.
+    classify_timeout: float = Field(default=2.0, gt=0)
+
+
+class Metrics(Section):
+    """Where each service serves /metrics and /health (the api serves them on its own port)."""
+
+    host: str = "127.0.0.1"
+    ingest_port: int = Field(default=12091, ge=0, le=65535)
+    queue_port: int = Field(default=12092, ge=0, le=65535)
+    sender_port: int = Field(default=12093, ge=0, le=65535)
+    bounce_port: int = Field(default=12094, ge=0, le=65535)
+
+
+def _default_zones() -> dict[str, Zone]:
+    return {"default": Zone(), "bounces": Zone(connections=1)}
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ZMTA_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    # Used in the Received header: "by <hostname> (<name>)".
+    name: str = "ZoneMTA"
+    hostname: str = Field(default_factory=socket.getfqdn)
+    log_level: str = "INFO"
+    dbs: Databases = Field(default_factory=Databases)
+    smtp_interfaces: dict[str, SmtpInterface] = Field(default_factory=lambda: {"feeder": SmtpInterface()})
+    api: Api = Field(default_factory=Api)
+    queue: Queue = Field(default_factory=Queue)
+    zones: dict[str, Zone] = Field(default_factory=_default_zones)
+    dns: Dns = Field(default_factory=Dns)
+    bounce: Bounce = Field(default_factory=Bounce)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @model_validator(mode="after")
+    def _default_zone_exists(self) -> Config:
+        if self.queue.default_zone not in self.zones:
+            raise ValueError(
+                f"queue.default_zone {self.queue.default_zone!r} is not one of the zones "
+                f"({', '.join(sorted(self.zones))})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _yaml_path.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        value = item.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"{key}: {item['msg']} (got {shown})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Load and validate the configuration; raise ConfigError that names every bad key."""
+    if path is None:
+        path = os.environ.get(CONFIG_FILE_ENV) or None
+    yaml_path = Path(path) if path else None
+    if yaml_path is not None and not yaml_path.is_file():
+        raise ConfigError(f"config file {yaml_path} does not exist")
+    token = _yaml_path.set(yaml_path)
+    # The file's name is not a setting: hide it from the ZMTA_ environment scan.
+    saved = os.environ.pop(CONFIG_FILE_ENV, None)
+    try:
+        return Config(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _yaml_path.reset(token)
+        if saved is not None:
+            os.environ[CONFIG_FILE_ENV] = saved

@@ -1,0 +1,211 @@
+"""Every NATS subject and every msgpack payload that crosses between services.
+
+Both sides of each exchange import their subject and payload type from here, so a
+change is made once. A payload is a msgpack map carrying ``v``, the schema version.
+Additive changes (a new optional field) keep the version: readers ignore keys they do
+not know. A breaking change bumps it, and readers refuse versions they do not speak.
+
+Subjects follow ``zmta.<noun>.<verb>[.<zone>]``:
+
+=================================  ===============  =====================================
+subject                            how              payload
+=================================  ===============  =====================================
+zmta.msg.queued.<zone>             core publish     :class:`MessageQueued` (wakes senders)
+zmta.work.request.<zone>           request/reply    :class:`WorkRequest` -> :class:`WorkReply`
+zmta.delivery.reported.<zone>      JetStream        :class:`DeliveryReport` (stream RESULTS)
+zmta.delivery.bounced.<zone>       JetStream        :class:`BounceEvent` (stream BOUNCES)
+zmta.bounce.classify               request/reply    :class:`ClassifyRequest` -> :class:`Classification`
+=================================  ===============  =====================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+# JetStream streams: name -> subjects. Work-queue retention: a message is gone once acked.
+STREAM_RESULTS = "ZMTA_RESULTS"
+STREAM_BOUNCES = "ZMTA_BOUNCES"
+STREAMS: dict[str, list[str]] = {
+    STREAM_RESULTS: ["zmta.delivery.reported.>"],
+    STREAM_BOUNCES: ["zmta.delivery.bounced.>"],
+}
+
+# Queue groups, so that several replicas of one service share the work.
+QUEUE_GROUP_QUEUE = "zmta-queue"
+QUEUE_GROUP_BOUNCE = "zmta-bounce"
+
+
+class SchemaError(ValueError):
+    """A payload that is not valid msgpack, has a foreign version or lacks a field."""
+
+
+def queued_subject(zone: str) -> str:
+    return f"zmta.msg.queued.{zone}"
+
+
+def work_subject(zone: str) -> str:
+    return f"zmta.work.request.{zone}"
+
+
+def reported_subject(zone: str) -> str:
+    return f"zmta.delivery.reported.{zone}"
+
+
+def bounced_subject(zone: str) -> str:
+    return f"zmta.delivery.bounced.{zone}"
+
+
+CLASSIFY_SUBJECT = "zmta.bounce.classify"
+WORK_SUBJECT_ALL = "zmta.work.request.*"
+
+
+@dataclass(slots=True)
+class Payload:
+    """Base of every payload: msgpack encoding with a version and tolerant decoding."""
+
+    NESTED: ClassVar[dict[str, type[Payload]]] = {}
+
+    def encode(self) -> bytes:
+        data = {"v": SCHEMA_VERSION, **self._as_map()}
+        return msgpack.packb(data, use_bin_type=True)
+
+    def _as_map(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.NESTED:
+                value = [item._as_map() for item in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        try:
+            raw = msgpack.unpackb(data, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise SchemaError(f"{cls.__name__}: not a msgpack payload ({exc})") from None
+        if not isinstance(raw, dict):
+            raise SchemaError(f"{cls.__name__}: payload is not a map")
+        return cls._from_map(raw, check_version=True)
+
+    @classmethod
+    def _from_map(cls, raw: dict[str, Any], check_version: bool = False) -> Self:
+        if check_version:
+            version = raw.get("v")
+            if version != SCHEMA_VERSION:
+                raise SchemaError(f"{cls.__name__}: unsupported schema version {version!r}")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise SchemaError(f"{cls.__name__}: missing field {f.name!r}")
+                continue
+            value = raw[f.name]
+            nested = cls.NESTED.get(f.name)
+            if nested is not None:
+                value = [nested._from_map(item) for item in value]
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+@dataclass(slots=True)
+class MessageQueued(Payload):
+    """A message was committed to the store; senders of the zone may ask for work now."""
+
+    id: str
+    zone: str
+    deliveries: int
+
+
+@dataclass(slots=True)
+class WorkRequest(Payload):
+    """A sender asks the queue for up to ``max`` ready deliveries of its zone."""
+
+    zone: str
+    sender: str
+    max: int
+
+
+@dataclass(slots=True)
+class LeasedDelivery(Payload):
+    """One delivery leased to a sender until ``lease_expires`` (unix seconds)."""
+
+    id: str
+    seq: str
+    recipient: str
+    domain: str
+    mail_from: str
+    lease_token: str
+    lease_expires: float
+    attempts: int
+
+
+@dataclass(slots=True)
+class WorkReply(Payload):
+    NESTED: ClassVar[dict[str, type[Payload]]] = {"deliveries": LeasedDelivery}
+
+    deliveries: list[LeasedDelivery] = field(default_factory=list)
+
+
+# Outcomes a sender reports.
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+REJECTED = "rejected"
+STATUSES = (DELIVERED, DEFERRED, REJECTED)
+
+
+@dataclass(slots=True)
+class DeliveryReport(Payload):
+    """What happened to one leased delivery. Published to the durable RESULTS stream."""
+
+    id: str
+    seq: str
+    zone: str
+    lease_token: str
+    status: str
+    response: str
+    category: str = ""
+    mx: str = ""
+    local_address: str = ""
+    time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise SchemaError(f"DeliveryReport: unknown status {self.status!r}")
+
+
+@dataclass(slots=True)
+class BounceEvent(Payload):
+    """A delivery was rejected for good; the bounce service notifies the sender."""
+
+    id: str
+    seq: str
+    zone: str
+    recipient: str
+    mail_from: str
+    response: str
+    category: str
+    time: float
+    headers: bytes = b""
+
+
+@dataclass(slots=True)
+class ClassifyRequest(Payload):
+    """An SMTP reply (or a connection/DNS error with code 0) to classify."""
+
+    code: int
+    text: str
+    stage: str = ""
+
+
+@dataclass(slots=True)
+class Classification(Payload):
+    action: str  # defer | reject | blacklist
+    category: str
+    message: str

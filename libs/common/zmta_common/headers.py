@@ -1,0 +1,110 @@
+"""The top-level header block of a message, kept byte for byte.
+
+Why not ``email.message``: parsing and re-serialising through the ``email`` package
+re-folds and re-encodes header lines, and a relay must pass them on exactly as
+received (a DKIM signature made upstream breaks on any change). So the block is
+split into raw fields here, which is all the editing we need (drop a field, add
+one); values are decoded with ``email.headerregistry``/``email.utils`` where we read
+them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+_FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+@dataclass(slots=True)
+class HeaderField:
+    """One header field: its lower-cased name and its raw lines (CRLF included)."""
+
+    key: str
+    raw: bytes
+
+    @property
+    def value(self) -> str:
+        """The unfolded value as text (undecodable bytes kept as surrogates)."""
+        _, _, value = self.raw.partition(b":")
+        text = value.decode("utf-8", "surrogateescape")
+        return re.sub(r"\r\n([ \t])", r"\1", text).strip()
+
+    @property
+    def line(self) -> str:
+        """The whole field unfolded into one line, as the original's ``/message`` shows it."""
+        text = self.raw.decode("utf-8", "surrogateescape")
+        return re.sub(r"\r\n([ \t])", r"\1", text).rstrip("\r\n")
+
+
+def is_field_start(line: bytes) -> bool:
+    return bool(_FIELD_NAME.match(line))
+
+
+def is_continuation(line: bytes) -> bool:
+    return line[:1] in (b" ", b"\t")
+
+
+class HeaderBlock:
+    """An ordered list of raw header fields that can be edited and serialised again."""
+
+    def __init__(self, fields: Iterable[HeaderField] = ()) -> None:
+        self.fields: list[HeaderField] = list(fields)
+
+    @classmethod
+    def parse(cls, block: bytes) -> HeaderBlock:
+        """Split a CRLF header block (without the blank line that ends it) into fields."""
+        fields: list[HeaderField] = []
+        for line in block.splitlines(keepends=True):
+            if fields and is_continuation(line):
+                fields[-1].raw += line
+                continue
+            match = _FIELD_NAME.match(line)
+            if match is None:
+                continue  # not a header line; the intake never puts one here
+            fields.append(HeaderField(match.group(1).decode("ascii").lower(), line))
+        return cls(fields)
+
+    def get(self, key: str) -> str | None:
+        """The value of the first field named ``key``."""
+        key = key.lower()
+        for f in self.fields:
+            if f.key == key:
+                return f.value
+        return None
+
+    def get_all(self, key: str) -> list[str]:
+        key = key.lower()
+        return [f.value for f in self.fields if f.key == key]
+
+    def has(self, key: str) -> bool:
+        key = key.lower()
+        return any(f.key == key for f in self.fields)
+
+    def remove(self, key: str) -> int:
+        key = key.lower()
+        before = len(self.fields)
+        self.fields = [f for f in self.fields if f.key != key]
+        return before - len(self.fields)
+
+    def add(self, name: str, value: str, top: bool = False) -> None:
+        raw = f"{name}: {value}\r\n".encode()
+        field = HeaderField(name.lower(), raw)
+        if top:
+            self.fields.insert(0, field)
+        else:
+            self.fields.append(field)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(f.raw for f in self.fields)
+
+    def addresses(self, key: str) -> list[str]:
+        """Bare addresses named in every field ``key`` (To, Cc, Bcc, From...)."""
+        values = self.get_all(key)
+        return [addr for _, addr in email.utils.getaddresses(values) if addr]
+
+    def as_list(self) -> list[dict[str, str]]:
+        """``[{key, line}]`` as the original's ``/message/{id}`` shows the headers."""
+        return [{"key": f.key, "line": f.line} for f in self.fields]

@@ -1,0 +1,313 @@
+"""Streaming intake of one message, shared by the SMTP ingest and the HTTP api.
+
+The caller feeds the message as it arrives, in pieces of any size. The intake
+normalises line ends to CRLF, splits off the top-level header block, hashes the
+body for DKIM and writes it to the store in chunks, so memory use does not grow
+with the message. :meth:`MessageIntake.finish` then edits the headers (Message-ID
+and Date when missing; X-Sending-Zone and Bcc removed), routes each recipient to a
+zone and commits message, chunks and delivery rows in one transaction. Nothing is
+acknowledged before that commit, and any failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime, getaddresses, parsedate_to_datetime
+
+from .addresses import address_error
+from .config import Config
+from .dkim_hash import BodyHasher
+from .headers import HeaderBlock, is_continuation, is_field_start
+from .ids import new_queue_id, seq_for
+from .routing import ZONE_HEADER, UnknownZoneError, domain_of, route
+from .store import NewDelivery, NewMessage, Store
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 256 * 1024
+MAX_HEADER_SIZE = 1024 * 1024
+
+
+class IntakeError(Exception):
+    """The message cannot be queued. ``reply`` is a full SMTP reply; ``http_status`` fits the API."""
+
+    def __init__(self, reply: str, http_status: int) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.http_status = http_status
+
+
+@dataclass(slots=True)
+class Envelope:
+    """Who sent the message, to whom, and how it reached us."""
+
+    mail_from: str
+    recipients: list[str]
+    interface: str
+    transtype: str
+    origin: str = ""
+    originhost: str = ""
+    transhost: str = ""
+    user: str | None = None
+    allow_routing_headers: bool = False
+    # /send-raw: the sender and the recipients come from the From/Sender and To/Cc/Bcc headers.
+    from_headers: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    id: str
+    zones: dict[str, int]  # zone -> number of deliveries
+    message_id: str
+    size: int
+
+
+class LineEndNormaliser:
+    """Turns bare CR and bare LF into CRLF across pieces of any size.
+
+    A bare line end is never passed on: next to a dot it could end the DATA of the
+    next hop early (SMTP smuggling). A CR at the very end of a piece is held back
+    until the next piece shows whether an LF follows it.
+    """
+
+    def __init__(self) -> None:
+        self._cr_pending = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._cr_pending:
+            data = b"\r" + data
+            self._cr_pending = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._cr_pending = True
+        crlf = data.count(b"\r\n")
+        if crlf == data.count(b"\n") and crlf == data.count(b"\r"):
+            return data  # the common case: every line end is already CRLF
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+    def close(self) -> bytes:
+        if self._cr_pending:
+            self._cr_pending = False
+            return b"\r\n"
+        return b""
+
+
+class MessageIntake:
+    """One message on its way into the store. Use :meth:`feed`, then :meth:`finish` or :meth:`abort`."""
+
+    def __init__(self, store: Store, config: Config, envelope: Envelope, max_size: int) -> None:
+        self.id = new_queue_id()
+        self.config = config
+        self.envelope = envelope
+        self.max_size = max_size
+        self.size = 0
+        self.too_big = False
+        self._failure: IntakeError | None = None  # kept until finish(), so the caller can drain DATA
+        self._tx = store.begin_intake(self.id)
+        self._normaliser = LineEndNormaliser()
+        self._hasher = BodyHasher("relaxed", "sha256")
+        self._head = bytearray()
+        self._head_scanned = 0  # bytes of _head already checked for the end of the header block
+        self._in_head = True
+        self._body = bytearray()
+        self._body_size = 0
+        self._body_ends_crlf = True
+
+    # -- streaming -----------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Take the next piece of the message. Call :meth:`flush` when :attr:`needs_flush`."""
+        self.size += len(data)
+        if self.size > self.max_size:
+            self.too_big = True
+        if self.too_big or self._failure is not None:
+            return
+        data = self._normaliser.feed(data)
+        if self._in_head:
+            self._feed_head(data)
+        else:
+            self._body += data
+
+    @property
+    def needs_flush(self) -> bool:
+        return len(self._body) >= CHUNK_SIZE
+
+    async def flush(self) -> None:
+        while len(self._body) >= CHUNK_SIZE:
+            await self._write(bytes(self._body[:CHUNK_SIZE]))
+            del self._body[:CHUNK_SIZE]
+
+    async def _write(self, chunk: bytes) -> None:
+        self._hasher.update(chunk)
+        self._body_size += len(chunk)
+        self._body_ends_crlf = chunk.endswith(b"\r\n")
+        await self._tx.write_chunk(chunk)
+
+    def _feed_head(self, data: bytes) -> None:
+        self._head += data
+        while True:
+            end = self._head.find(b"\r\n", self._head_scanned)
+            if end < 0:
+                break
+            line = bytes(self._head[self._head_scanned : end + 2])
+            if line == b"\r\n":
+                self._end_head(self._head_scanned, self._head_scanned + 2)
+                return
+            if not (is_field_start(line) or (self._head_scanned and is_continuation(line))):
+                # Not a header line: the block ends here and this line starts the body.
+                self._end_head(self._head_scanned, self._head_scanned)
+                return
+            self._head_scanned = end + 2
+        if len(self._head) > MAX_HEADER_SIZE:
+            self._failure = IntakeError("552 5.3.4 Message header is too large", 413)
+
+    def _end_head(self, head_end: int, body_start: int) -> None:
+        self._in_head = False
+        self._body += self._head[body_start:]
+        del self._head[head_end:]
+
+    # -- completion ----------------------------------------------------------
+
+    async def finish(self) -> QueuedMessage:
+        """Commit the message. Raises IntakeError (nothing stored) when it cannot be queued."""
+        try:
+            return await self._finish()
+        except BaseException:
+            await self._tx.rollback()
+            raise
+
+    async def abort(self) -> None:
+        await self._tx.rollback()
+
+    async def _finish(self) -> QueuedMessage:
+        if self._failure is not None:
+            raise self._failure
+        if self.too_big:
+            raise IntakeError(f"552 5.3.4 Message exceeds fixed maximum message size of {self.max_size} bytes", 413)
+        tail = self._normaliser.close()
+        if self._in_head:
+            self._head += tail
+            if self._head and not self._head.endswith(b"\r\n"):
+                self._head += b"\r\n"
+            self._in_head = False
+        else:
+            self._body += tail
+        if self._body:
+            if not self._body.endswith(b"\r\n"):
+                self._body += b"\r\n"  # SMTP can only carry a body whose last line is ended
+            await self._write(bytes(self._body))
+            self._body.clear()
+        elif self._body_size and not self._body_ends_crlf:
+            await self._write(b"\r\n")
+
+        headers = HeaderBlock.parse(bytes(self._head))
+        env = self.envelope
+        if env.from_headers:
+            _envelope_from_headers(env, headers)
+        try:
+            zones = route(self.config, headers, env.mail_from, env.recipients, env.allow_routing_headers)
+        except UnknownZoneError as exc:
+            raise IntakeError(f"550 5.7.1 {exc}", 400) from None
+        parsed_envelope = _parsed_envelope(headers)
+        message_id = self._complete_headers(headers)
+        now = datetime.now(UTC)
+        deliveries = [
+            NewDelivery(seq=seq_for(i), zone=zone, recipient=rcpt, domain=domain_of(rcpt))
+            for i, (rcpt, zone) in enumerate(zip(env.recipients, zones, strict=True))
+        ]
+        meta: dict[str, object] = {
+            "id": self.id,
+            "interface": env.interface,
+            "from": env.mail_from,
+            "to": list(env.recipients),
+            "origin": env.origin,
+            "originhost": env.originhost,
+            "transhost": env.transhost,
+            "transtype": env.transtype,
+            "user": env.user,
+            "time": int(time.time() * 1000),
+            "dkim": {"hashAlgo": "sha256", "bodyHash": self._hasher.b64digest()},
+            "messageId": message_id,
+            "date": headers.get("date") or "",
+            "parsedEnvelope": parsed_envelope,
+            "bodySize": self._body_size,
+            "created": int(now.timestamp() * 1000),
+            **env.extra,
+        }
+        await self._tx.commit(
+            NewMessage(
+                id=self.id,
+                mail_from=env.mail_from,
+                headers=headers.to_bytes(),
+                body_size=self._body_size,
+                meta=meta,
+                deliveries=deliveries,
+            )
+        )
+        counts: dict[str, int] = {}
+        for zone in zones:
+            counts[zone] = counts.get(zone, 0) + 1
+        return QueuedMessage(id=self.id, zones=counts, message_id=message_id, size=self.size)
+
+    def _complete_headers(self, headers: HeaderBlock) -> str:
+        """Drop routing-only fields; add Message-ID and Date when missing. Returns the Message-ID."""
+        headers.remove(ZONE_HEADER)
+        headers.remove("bcc")
+        message_id = headers.get("message-id")
+        if not message_id:
+            domain = domain_of(self.envelope.mail_from) or self.config.hostname
+            message_id = f"<{uuid.uuid4()}@{domain}>"
+            headers.add("Message-ID", message_id)
+        if not _valid_date(headers.get("date")):
+            headers.remove("date")
+            headers.add("Date", format_datetime(datetime.now(UTC)))
+        return message_id
+
+
+def _envelope_from_headers(env: Envelope, headers: HeaderBlock) -> None:
+    senders = headers.addresses("sender") or headers.addresses("from")
+    env.mail_from = senders[0] if senders else ""
+    seen: set[str] = set()
+    env.recipients = []
+    for key in ("to", "cc", "bcc"):
+        for address in headers.addresses(key):
+            if address.lower() not in seen:
+                seen.add(address.lower())
+                env.recipients.append(address)
+    if not env.recipients:
+        raise IntakeError("554 5.5.1 No recipients in the To, Cc or Bcc headers", 400)
+    for address in [env.mail_from, *env.recipients]:
+        if address and (reason := address_error(address)):
+            raise IntakeError(f"553 5.1.3 <{address}> is not a valid address: {reason}", 400)
+
+
+def _valid_date(value: str | None) -> bool:
+    if not value:
+        return False
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return False
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed > datetime(1970, 1, 2, tzinfo=UTC) - timedelta(days=1)
+
+
+def _parsed_envelope(headers: HeaderBlock) -> dict[str, object]:
+    def first(key: str) -> str | bool:
+        found = [addr for _, addr in getaddresses(headers.get_all(key)) if addr]
+        return found[0] if found else False
+
+    return {
+        "from": first("from") or "",
+        "to": headers.addresses("to"),
+        "cc": headers.addresses("cc"),
+        "bcc": headers.addresses("bcc"),
+        "replyTo": first("reply-to"),
+        "sender": first("sender"),
+    }

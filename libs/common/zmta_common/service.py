@@ -1,0 +1,41 @@
+"""How every service process starts and stops: config, logging, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from . import logging as zlogging
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+Main = Callable[[Config, asyncio.Event], Awaitable[None]]
+
+
+def run(service: str, main: Main, config_path: Path | None) -> None:
+    """Load the config, set up logging and run ``main`` until SIGINT or SIGTERM sets ``stop``."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    zlogging.setup(service, config.log_level)
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(config, stop)
+
+    try:
+        asyncio.run(runner())
+    except Exception:
+        log.exception("service failed")
+        raise SystemExit(1) from None
+    log.info("stopped")

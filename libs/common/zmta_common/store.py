@@ -1,0 +1,458 @@
+"""The queue's system of record in PostgreSQL: messages, body chunks, deliveries, suppressions.
+
+Every query of the project lives here, behind :class:`Store`, so the store can be
+swapped (MongoDB's place in the original). The rules it keeps:
+
+* Intake is ONE transaction: chunks, the message row and one delivery row per
+  recipient become visible together or not at all (:class:`IntakeTransaction`).
+* Leasing takes ready rows with ``FOR UPDATE SKIP LOCKED`` and stamps them with a
+  lease token and an expiry; an expired lease makes the row ready again, so a
+  crashed sender's work is done again (at-least-once, never lost).
+* A delivered or rejected row is deleted; the message and its chunks go with the
+  last row of the message (under a lock on the message row, so two last rows
+  finishing at once cannot both leave it behind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+# Each entry migrates from version i to i + 1. Append only; never edit a shipped one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE messages (
+        id          text PRIMARY KEY,
+        created     timestamptz NOT NULL DEFAULT now(),
+        mail_from   text NOT NULL,
+        headers     bytea NOT NULL,
+        body_size   bigint NOT NULL,
+        meta        jsonb NOT NULL
+    );
+    CREATE TABLE message_chunks (
+        message_id  text NOT NULL REFERENCES messages(id) ON DELETE CASCADE
+                    DEFERRABLE INITIALLY DEFERRED,
+        seq         integer NOT NULL,
+        data        bytea NOT NULL,
+        PRIMARY KEY (message_id, seq)
+    );
+    -- Mail bodies are mostly compressed already (base64 images, zip); skip TOAST compression.
+    ALTER TABLE message_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+    CREATE TABLE deliveries (
+        id              text NOT NULL REFERENCES messages(id) ON DELETE CASCADE
+                        DEFERRABLE INITIALLY DEFERRED,
+        seq             text NOT NULL,
+        zone            text NOT NULL,
+        recipient       text NOT NULL,
+        domain          text NOT NULL,
+        created         timestamptz NOT NULL DEFAULT now(),
+        next_attempt    timestamptz NOT NULL DEFAULT now(),
+        lease_token     uuid,
+        lease_owner     text,
+        lease_expires   timestamptz,
+        attempts        integer NOT NULL DEFAULT 0,
+        first_deferred  timestamptz,
+        last_deferred   timestamptz,
+        last_response   text,
+        PRIMARY KEY (id, seq)
+    );
+    CREATE INDEX deliveries_ready ON deliveries (zone, next_attempt);
+    CREATE TABLE suppressions (
+        id       text PRIMARY KEY,
+        address  text,
+        domain   text,
+        created  timestamptz NOT NULL DEFAULT now(),
+        CHECK ((address IS NULL) <> (domain IS NULL))
+    );
+    CREATE UNIQUE INDEX suppressions_address ON suppressions (address) WHERE address IS NOT NULL;
+    CREATE UNIQUE INDEX suppressions_domain ON suppressions (domain) WHERE domain IS NOT NULL;
+    """,
+]
+
+# Any constant: it only has to be the same for every process that migrates.
+_MIGRATION_LOCK = 0x7A6D7461
+
+
+@dataclass(slots=True)
+class NewDelivery:
+    seq: str
+    zone: str
+    recipient: str
+    domain: str
+
+
+@dataclass(slots=True)
+class NewMessage:
+    id: str
+    mail_from: str
+    headers: bytes
+    body_size: int
+    meta: dict[str, Any]
+    deliveries: list[NewDelivery]
+    not_before: datetime | None = None
+
+
+@dataclass(slots=True)
+class Lease:
+    id: str
+    seq: str
+    recipient: str
+    domain: str
+    mail_from: str
+    attempts: int
+    lease_token: str
+    lease_expires: datetime
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    id: str
+    mail_from: str
+    headers: bytes
+    body_size: int
+    meta: dict[str, Any]
+    created: datetime
+
+
+@dataclass(slots=True)
+class DeliveryRow:
+    id: str
+    seq: str
+    zone: str
+    recipient: str
+    domain: str
+    created: datetime
+    next_attempt: datetime
+    leased: bool
+    attempts: int
+    first_deferred: datetime | None
+    last_deferred: datetime | None
+    last_response: str | None
+
+
+@dataclass(slots=True)
+class QueueCounts:
+    """Ready (``queued``) and waiting-for-retry (``deferred``) rows of one zone."""
+
+    queued: int = 0
+    deferred: int = 0
+
+
+@dataclass(slots=True)
+class OutcomeBatch:
+    """Results to apply in one transaction. Tuples are (id, seq, lease_token)."""
+
+    delivered: list[tuple[str, str]] = field(default_factory=list)
+    deferred: list[tuple[str, str, str, datetime, str]] = field(default_factory=list)
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+class IntakeTransaction:
+    """One message being written: chunks first, then the rows, all committed at once.
+
+    The transaction opens only when the first chunk is written, so a small message
+    costs one short transaction at :meth:`commit`, and a client that never finishes
+    DATA holds no connection.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, message_id: str) -> None:
+        self._pool = pool
+        self.message_id = message_id
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
+        self._tx: asyncpg.transaction.Transaction | None = None
+        self._next_seq = 0
+
+    async def _begin(self) -> asyncpg.pool.PoolConnectionProxy:
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+            self._tx = self._conn.transaction()
+            await self._tx.start()
+        return self._conn
+
+    async def write_chunk(self, data: bytes) -> None:
+        conn = await self._begin()
+        await conn.execute(
+            "INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, $2, $3)",
+            self.message_id,
+            self._next_seq,
+            data,
+        )
+        self._next_seq += 1
+
+    async def commit(self, message: NewMessage) -> None:
+        conn = await self._begin()
+        try:
+            await conn.execute(
+                "INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, $2, $3, $4, $5::jsonb)",
+                message.id,
+                message.mail_from,
+                message.headers,
+                message.body_size,
+                json.dumps(message.meta),
+            )
+            await conn.executemany(
+                "INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)"
+                " VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))",
+                [(message.id, d.seq, d.zone, d.recipient, d.domain, message.not_before) for d in message.deliveries],
+            )
+            assert self._tx is not None
+            await self._tx.commit()
+        finally:
+            await self._release()
+
+    async def rollback(self) -> None:
+        if self._tx is not None:
+            # The server may be gone; it drops an unfinished transaction by itself then.
+            with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                await self._tx.rollback()
+        await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn, self._tx = self._conn, None, None
+        if conn is not None:
+            try:
+                await self._pool.release(conn)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                conn.terminate()
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, max_size: int = 20, migrate: bool = True) -> Store:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+        store = cls(pool)
+        if migrate:
+            await store.migrate()
+        return store
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> int:
+        """Bring the schema to the newest version; safe to run from many processes at once."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            current = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+            for version in range(current, len(MIGRATIONS)):
+                await conn.execute(MIGRATIONS[version])
+                await conn.execute("INSERT INTO schema_version VALUES ($1)", version + 1)
+            return len(MIGRATIONS)
+
+    # -- intake --------------------------------------------------------------
+
+    def begin_intake(self, message_id: str) -> IntakeTransaction:
+        return IntakeTransaction(self.pool, message_id)
+
+    # -- leasing -------------------------------------------------------------
+
+    async def lease(self, zone: str, limit: int, lease_time: float, owner: str) -> list[Lease]:
+        """Lease up to ``limit`` ready deliveries of ``zone`` for ``lease_time`` seconds."""
+        token = uuid.uuid4()
+        rows = await self.pool.fetch(
+            """
+            WITH ready AS (
+                SELECT id, seq FROM deliveries
+                WHERE zone = $1 AND next_attempt <= now()
+                  AND (lease_expires IS NULL OR lease_expires < now())
+                ORDER BY next_attempt
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE deliveries d
+               SET lease_token = $3, lease_owner = $4,
+                   lease_expires = now() + make_interval(secs => $5)
+              FROM ready, messages m
+             WHERE d.id = ready.id AND d.seq = ready.seq AND m.id = d.id
+            RETURNING d.id, d.seq, d.recipient, d.domain, m.mail_from, d.attempts,
+                      d.lease_token, d.lease_expires
+            """,
+            zone,
+            limit,
+            token,
+            owner,
+            lease_time,
+        )
+        return [
+            Lease(
+                id=r["id"],
+                seq=r["seq"],
+                recipient=r["recipient"],
+                domain=r["domain"],
+                mail_from=r["mail_from"],
+                attempts=r["attempts"],
+                lease_token=str(r["lease_token"]),
+                lease_expires=r["lease_expires"],
+            )
+            for r in rows
+        ]
+
+    async def release_expired_leases(self) -> int:
+        """Clear leases whose time is up (leasing ignores them anyway; this keeps status honest)."""
+        result = await self.pool.execute(
+            "UPDATE deliveries SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
+            " WHERE lease_expires < now()"
+        )
+        return int(result.split()[-1])
+
+    async def holds_lease(self, message_id: str, seq: str, token: str) -> bool:
+        return bool(
+            await self.pool.fetchval(
+                "SELECT 1 FROM deliveries WHERE id = $1 AND seq = $2 AND lease_token = $3",
+                message_id,
+                seq,
+                uuid.UUID(token),
+            )
+        )
+
+    # -- outcomes ------------------------------------------------------------
+
+    async def apply_outcomes(self, batch: OutcomeBatch) -> list[tuple[str, str]]:
+        """Apply a batch of results in one transaction; return the rejected rows removed.
+
+        Delivered rows go whatever their lease token (the mail *was* delivered); deferred
+        and rejected rows change only while the reporter still holds the lease.
+        """
+        removed_rejects: list[tuple[str, str]] = []
+        ids = sorted({d[0] for d in batch.delivered} | {d[0] for d in batch.deferred} | {d[0] for d in batch.rejected})
+        if not ids:
+            return removed_rejects
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Lock the messages first, in id order, so concurrent appliers cannot deadlock
+            # and exactly one of them sees the last row of a message go.
+            await conn.execute("SELECT 1 FROM messages WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids)
+            if batch.delivered:
+                await conn.execute(
+                    "DELETE FROM deliveries d USING unnest($1::text[], $2::text[]) AS r(id, seq)"
+                    " WHERE d.id = r.id AND d.seq = r.seq",
+                    [d[0] for d in batch.delivered],
+                    [d[1] for d in batch.delivered],
+                )
+            if batch.rejected:
+                rows = await conn.fetch(
+                    "DELETE FROM deliveries d"
+                    " USING unnest($1::text[], $2::text[], $3::uuid[]) AS r(id, seq, token)"
+                    " WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token"
+                    " RETURNING d.id, d.seq",
+                    [d[0] for d in batch.rejected],
+                    [d[1] for d in batch.rejected],
+                    [uuid.UUID(d[2]) for d in batch.rejected],
+                )
+                removed_rejects = [(r["id"], r["seq"]) for r in rows]
+            if batch.deferred:
+                await conn.execute(
+                    """
+                    UPDATE deliveries d
+                       SET next_attempt = r.next_attempt, attempts = d.attempts + 1,
+                           first_deferred = coalesce(d.first_deferred, now()),
+                           last_deferred = now(), last_response = r.response,
+                           lease_token = NULL, lease_owner = NULL, lease_expires = NULL
+                      FROM unnest($1::text[], $2::text[], $3::uuid[], $4::timestamptz[],
+                                  $5::text[]) AS r(id, seq, token, next_attempt, response)
+                     WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token
+                    """,
+                    [d[0] for d in batch.deferred],
+                    [d[1] for d in batch.deferred],
+                    [uuid.UUID(d[2]) for d in batch.deferred],
+                    [d[3] for d in batch.deferred],
+                    [d[4] for d in batch.deferred],
+                )
+            await conn.execute(
+                "DELETE FROM messages m WHERE m.id = ANY($1::text[])"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = m.id)",
+                ids,
+            )
+        return removed_rejects
+
+    async def delivery_attempts(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        rows = await self.pool.fetch(
+            "SELECT d.id, d.seq, d.attempts FROM deliveries d"
+            " JOIN unnest($1::text[], $2::text[]) AS r(id, seq) ON d.id = r.id AND d.seq = r.seq",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        return {(r["id"], r["seq"]): r["attempts"] for r in rows}
+
+    # -- reading -------------------------------------------------------------
+
+    async def get_message(self, message_id: str) -> StoredMessage | None:
+        row = await self.pool.fetchrow(
+            "SELECT id, mail_from, headers, body_size, meta, created FROM messages WHERE id = $1",
+            message_id,
+        )
+        if row is None:
+            return None
+        return StoredMessage(
+            id=row["id"],
+            mail_from=row["mail_from"],
+            headers=bytes(row["headers"]),
+            body_size=row["body_size"],
+            meta=json.loads(row["meta"]),
+            created=row["created"],
+        )
+
+    async def iter_body(self, message_id: str, batch: int = 4) -> AsyncIterator[bytes]:
+        """Yield the body chunks in order, ``batch`` chunks per query, no connection held between."""
+        next_seq = 0
+        while True:
+            rows = await self.pool.fetch(
+                "SELECT seq, data FROM message_chunks WHERE message_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                message_id,
+                next_seq,
+                batch,
+            )
+            for row in rows:
+                yield bytes(row["data"])
+            if len(rows) < batch:
+                return
+            next_seq = rows[-1]["seq"] + 1
+
+    async def deliveries_of(self, message_id: str) -> list[DeliveryRow]:
+        rows = await self.pool.fetch(
+            "SELECT id, seq, zone, recipient, domain, created, next_attempt,"
+            " (lease_expires IS NOT NULL AND lease_expires > now()) AS leased, attempts,"
+            " first_deferred, last_deferred, last_response"
+            " FROM deliveries WHERE id = $1 ORDER BY seq",
+            message_id,
+        )
+        return [DeliveryRow(**dict(r)) for r in rows]
+
+    async def queue_counts(self) -> dict[str, QueueCounts]:
+        rows = await self.pool.fetch(
+            "SELECT zone, count(*) FILTER (WHERE next_attempt <= now()) AS queued,"
+            " count(*) FILTER (WHERE next_attempt > now()) AS deferred"
+            " FROM deliveries GROUP BY zone"
+        )
+        return {r["zone"]: QueueCounts(r["queued"], r["deferred"]) for r in rows}
+
+    async def domain_counts(self, zone: str | None) -> list[tuple[str, str, int, int]]:
+        """(zone, domain, queued, deferred) for one zone or all of them."""
+        rows = await self.pool.fetch(
+            "SELECT zone, domain, count(*) FILTER (WHERE next_attempt <= now()) AS queued,"
+            " count(*) FILTER (WHERE next_attempt > now()) AS deferred"
+            " FROM deliveries WHERE $1::text IS NULL OR zone = $1"
+            " GROUP BY zone, domain ORDER BY zone, domain",
+            zone,
+        )
+        return [(r["zone"], r["domain"], r["queued"], r["deferred"]) for r in rows]
+
+    async def row_counts(self) -> dict[str, int]:
+        """How many rows each table holds (for tests and diagnostics)."""
+        out = {}
+        for table in ("messages", "message_chunks", "deliveries"):
+            out[table] = await self.pool.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
+        return out
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

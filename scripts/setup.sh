@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# make setup: the servers the tests and `make run` need (Debian packages, installed
+# only when missing) and a virtualenv in .venv with every distribution editable.
+# Idempotent; meant for Debian 12 as root (or with sudo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+have_pg() { have initdb || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
+
+missing=()
+have redis-server || missing+=(redis-server)
+have_pg || missing+=(postgresql)
+# dnsmasq-base: the binary only; the dnsmasq package would start a DNS service on port 53.
+have dnsmasq || missing+=(dnsmasq-base)
+# postfix brings smtp-source and smtp-sink (benchmark) and the Postfix we compare with.
+have smtp-sink || missing+=(postfix)
+have swaks || missing+=(swaks)
+"$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || { echo "setup: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+        SUDO=sudo
+    fi
+    # Postfix asks questions on install; answer them: local delivery only, nothing listens on 25.
+    echo "postfix postfix/main_mailer_type select Local only" | $SUDO debconf-set-selections
+    echo "postfix postfix/mailname string localhost.localdomain" | $SUDO debconf-set-selections
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    echo "setup: server packages already present"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip==26.0.1 2>/dev/null || "$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/pip" install -q \
+    -e libs/common \
+    -e services/ingest -e services/queue -e services/sender -e services/bounce -e services/api \
+    -e tools/devtools \
+    -r requirements-dev.txt
+echo "setup: done ($("$VENV/bin/python" --version), venv in $VENV)"

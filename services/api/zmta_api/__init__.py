@@ -1,0 +1,1 @@
+"""The HTTP API: message submission, queue views, counters, metrics."""

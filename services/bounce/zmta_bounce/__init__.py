@@ -1,0 +1,1 @@
+"""Bounce handling: classifies SMTP replies, acts on rejected deliveries."""

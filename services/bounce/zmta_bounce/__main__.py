@@ -1,0 +1,49 @@
+"""``python -m zmta_bounce``: the classifier responder and the bounce event consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zmta_common import bus as zbus
+from zmta_common import metrics, service
+from zmta_common.config import Config
+
+from .classifier import Classifier, load_rules
+from .notifications import BounceConsumer
+from .responder import ClassifyResponder
+
+log = logging.getLogger("zmta_bounce")
+cli = typer.Typer(add_completion=False)
+
+
+async def main(config: Config, stop: asyncio.Event) -> None:
+    classifier = Classifier(load_rules())
+    bus = await zbus.connect(config.dbs.nats, "bounce")
+    await ClassifyResponder(classifier).start(bus.nc)
+    consumer = BounceConsumer(bus.js)
+    task = asyncio.create_task(consumer.run(stop), name="bounces")
+
+    async def health() -> dict[str, object]:
+        return {"rules": len(classifier.rules), "nats": bus.nc.is_connected, "bounces": consumer.handled}
+
+    metrics_task = await metrics.serve(config.metrics.host, config.metrics.bounce_port, health)
+    log.info("running", extra={"rules": len(classifier.rules)})
+    await stop.wait()
+    await asyncio.gather(task, return_exceptions=True)
+    metrics_task.cancel()
+    await bus.close()
+
+
+@cli.command()
+def run(config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None) -> None:
+    """Run the bounce service."""
+    service.run("bounce", main, config)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,81 @@
+"""Turns an SMTP reply into an action (defer, reject, blacklist) and a category.
+
+Rules come from a YAML data file (``rules.yaml`` beside this module by default),
+ordered, first match wins; with no match the RFC 3463 class of the reply decides.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULT_RULES = Path(__file__).with_name("rules.yaml")
+ACTIONS = ("defer", "reject", "blacklist")
+_STATUS = re.compile(r"\b([245])\.\d{1,3}\.\d{1,3}\b")
+
+
+class RulesError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    pattern: re.Pattern[str]
+    action: str
+    category: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: str
+    category: str
+    message: str
+    code: int
+    status: str
+
+
+def load_rules(path: Path = DEFAULT_RULES) -> list[Rule]:
+    entries = yaml.safe_load(path.read_text()) or []
+    rules = []
+    for index, entry in enumerate(entries, 1):
+        where = f"{path}: rule {index}"
+        if not isinstance(entry, dict) or set(entry) != {"pattern", "action", "category", "message"}:
+            raise RulesError(f"{where}: needs exactly pattern, action, category, message")
+        if entry["action"] not in ACTIONS:
+            raise RulesError(f"{where}: action {entry['action']!r} is not one of {', '.join(ACTIONS)}")
+        try:
+            pattern = re.compile(str(entry["pattern"]), re.IGNORECASE)
+        except re.error as exc:
+            raise RulesError(f"{where}: bad pattern: {exc}") from None
+        rules.append(Rule(pattern, entry["action"], str(entry["category"]), str(entry["message"])))
+    return rules
+
+
+def normalise(code: int, text: str) -> str:
+    """One line: ``<code> <text>`` with continuation prefixes and runs of whitespace removed."""
+    text = re.sub(r"(^|\n)\d{3}[ -]", r"\1", text.strip())
+    text = " ".join(text.split())
+    return f"{code} {text}" if code else text
+
+
+class Classifier:
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+
+    def classify(self, code: int, text: str) -> Verdict:
+        line = normalise(code, text)
+        status_match = _STATUS.search(line[:100])
+        status = status_match.group(0) if status_match else ""
+        if code == 0:
+            return Verdict("defer", "network", "Connection or DNS problem", code, status)
+        for rule in self.rules:
+            if rule.pattern.search(line):
+                return Verdict(rule.action, rule.category, rule.message, code, status)
+        klass = status[0] if status else str(code)[0]
+        if klass == "4":
+            return Verdict("defer", "other", "Temporary failure", code, status)
+        return Verdict("reject", "other", "Permanent failure", code, status)

@@ -1,0 +1,1 @@
+"""SMTP intake: feeder interfaces that stream messages into the queue."""

@@ -1,0 +1,209 @@
+"""The SMTP protocol of an ingest interface: aiosmtpd, made strict and streaming.
+
+aiosmtpd 1.4.6 (pinned: this module uses its private ``_reader``,
+``_reset_timeout`` and ``_set_post_data_state``) holds the whole message in
+memory during DATA, refuses the null reverse-path ``<>``, takes addresses without
+angle brackets and never advertises PIPELINING. This subclass therefore replaces
+MAIL, RCPT and DATA:
+
+* MAIL and RCPT need angle brackets; NUL bytes and invalid addresses get 5xx; the
+  null sender ``<>`` is accepted (bounces must be); recipients are capped.
+* DATA streams line by line into a :class:`~zmta_common.intake.MessageIntake`.
+  Only ``<CRLF>.<CRLF>`` ends it: a dot after a bare LF or CR is content, and the
+  bare line end is normalised to CRLF by the intake (the sender dot-stuffs it on
+  the way out), so no smuggled end-of-data can reach the next hop. Lines over
+  1000 octets are refused after the data ends (RFC 5321 4.5.3.1.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from zmta_common.intake import MessageIntake
+
+if TYPE_CHECKING:
+    from .handler import IngestHandler
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1000  # octets, CRLF included
+_PATH = re.compile(r"^<(?:@[^:<>]+:)?([^<>]*)>(.*)$")  # a source route (@a,@b:) is ignored
+
+
+class PathError(ValueError):
+    pass
+
+
+def parse_path(arg: str) -> tuple[str, list[str]]:
+    """Split ``<address> PARAM=...`` into the address and its parameters."""
+    if "\x00" in arg:
+        raise PathError("501 5.5.2 NUL byte in command")
+    match = _PATH.match(arg.strip())
+    if match is None:
+        raise PathError("501 5.5.4 Syntax: the address must be in angle brackets, as <user@domain>")
+    address, params = match.group(1), match.group(2)
+    if params and not params.startswith(" "):
+        raise PathError("501 5.5.4 Syntax: text after the closing angle bracket")
+    return address, params.split()
+
+
+class IngestSMTP(SMTP):
+    event_handler: IngestHandler
+
+    def __init__(self, handler: IngestHandler, **kwargs: object) -> None:
+        super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if hostname and "\x00" in hostname:
+            await self.push("501 5.5.2 NUL byte in command")
+            return
+        await super().smtp_EHLO(hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if hostname and "\x00" in hostname:
+            await self.push("501 5.5.2 NUL byte in command")
+            return
+        await super().smtp_HELO(hostname)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        assert self.envelope is not None
+        assert self.session is not None
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        path = self._strip_command_keyword("FROM:", arg or "")
+        if path is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        try:
+            address, params = parse_path(path)
+        except PathError as exc:
+            await self.push(str(exc))
+            return
+        reply = self._mail_params(params)
+        if reply is None:
+            reply = self.event_handler.check_sender(address)
+        if reply is not None:
+            await self.push(reply)
+            return
+        self.envelope.mail_from = address
+        self.envelope.mail_options.extend(params)
+        await self.push("250 2.1.0 Accepted")
+
+    def _mail_params(self, params: list[str]) -> str | None:
+        assert self.envelope is not None
+        assert self.session is not None
+        if params and not self.session.extended_smtp:
+            return "501 5.5.4 Syntax: MAIL parameters need EHLO"
+        for param in params:
+            key, _, value = param.upper().partition("=")
+            if key == "BODY" and value in ("7BIT", "8BITMIME"):
+                continue
+            if key == "SMTPUTF8" and not value:
+                self.envelope.smtp_utf8 = True
+                continue
+            if key == "SIZE" and value.isdigit():
+                if self.data_size_limit and int(value) > self.data_size_limit:
+                    return "552 5.3.4 Message size exceeds fixed maximum message size"
+                continue
+            return f"555 5.5.4 MAIL parameter {param} not recognised"
+        return None
+
+    @syntax("RCPT TO: <address>")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        assert self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        path = self._strip_command_keyword("TO:", arg or "")
+        if path is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        try:
+            address, params = parse_path(path)
+        except PathError as exc:
+            await self.push(str(exc))
+            return
+        if params:
+            await self.push(f"555 5.5.4 RCPT parameter {params[0]} not recognised")
+            return
+        reply = self.event_handler.check_recipient(self.envelope.rcpt_tos, address)
+        if reply is not None:
+            await self.push(reply)
+            return
+        self.envelope.rcpt_tos.append(address)
+        await self.push("250 2.1.5 Accepted")
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        assert self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        intake = self.event_handler.open_intake(self.session, self.envelope, self.data_size_limit)
+        try:
+            reply = await self._receive(intake)
+        except BaseException:
+            # The client went away (or we are stopping) before the end of DATA.
+            await intake.abort()
+            raise
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
+
+    async def _receive(self, intake: MessageIntake) -> str:
+        """Read DATA up to its end, feeding the intake; return the reply to send."""
+        at_line_start = True
+        line_length = 0
+        too_long = False
+        failure: BaseException | None = None
+        while True:
+            try:
+                piece = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                # A line longer than the reader's buffer: take what is safe to take.
+                piece = await self._reader.read(exc.consumed)
+            if at_line_start:
+                if piece == b".\r\n":
+                    break
+                if piece[:1] == b".":
+                    piece = piece[1:]  # dot-unstuffing, RFC 5321 4.5.2
+                line_length = 0
+            line_length += len(piece)
+            at_line_start = piece.endswith(b"\r\n")
+            if line_length > MAX_LINE:
+                too_long = True
+            if too_long or failure is not None:
+                continue  # keep reading to the end of DATA, then answer
+            intake.feed(piece)
+            if intake.needs_flush:
+                try:
+                    await intake.flush()
+                    self._reset_timeout()  # the socket timeout is for idleness, not for big mail
+                except Exception as exc:  # the store failed: drain, then answer 451
+                    failure = exc
+        if too_long:
+            await intake.abort()
+            return "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
+        if failure is not None:
+            await intake.abort()
+            return self.event_handler.store_failure(intake, failure)
+        return await self.event_handler.finish(intake)

@@ -1,0 +1,1 @@
+"""Scheduling: leases ready deliveries to senders and applies what they report."""

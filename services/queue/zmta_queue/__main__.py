@@ -1,0 +1,54 @@
+"""``python -m zmta_queue``: work leasing, result applying and housekeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zmta_common import bus as zbus
+from zmta_common import metrics, service
+from zmta_common.config import Config
+from zmta_common.store import Store
+
+from .housekeeping import Housekeeping
+from .leasing import WorkDesk
+from .results import ResultApplier
+
+log = logging.getLogger("zmta_queue")
+cli = typer.Typer(add_completion=False)
+
+
+async def main(config: Config, stop: asyncio.Event) -> None:
+    store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
+    bus = await zbus.connect(config.dbs.nats, "queue")
+    await WorkDesk(config, store).start(bus.nc)
+    tasks = [
+        asyncio.create_task(ResultApplier(config, store, bus.js).run(stop), name="results"),
+        asyncio.create_task(Housekeeping(config, store).run(stop), name="housekeeping"),
+    ]
+
+    async def health() -> dict[str, object]:
+        await store.pool.fetchval("SELECT 1")
+        return {"nats": bus.nc.is_connected}
+
+    metrics_task = await metrics.serve(config.metrics.host, config.metrics.queue_port, health)
+    log.info("running")
+    await stop.wait()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    metrics_task.cancel()
+    await bus.close()
+    await store.close()
+
+
+@cli.command()
+def run(config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None) -> None:
+    """Run the queue service."""
+    service.run("queue", main, config)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,38 @@
+"""Periodic chores: expired leases back to the queue, queue-size gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from zmta_common import metrics
+from zmta_common.config import Config
+from zmta_common.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Housekeeping:
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception as exc:  # store down: try again next round
+                log.warning("housekeeping failed", extra={"error": repr(exc)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.queue.housekeeping_interval)
+
+    async def tick(self) -> None:
+        released = await self.store.release_expired_leases()
+        if released:
+            log.warning("expired leases released", extra={"count": released})
+        counts = await self.store.queue_counts()
+        for zone in self.config.zones:
+            c = counts.get(zone)
+            metrics.queue_size.labels(type="queued", zone=zone).set(c.queued if c else 0)
+            metrics.queue_size.labels(type="deferred", zone=zone).set(c.deferred if c else 0)

@@ -1,0 +1,147 @@
+"""Applies the delivery reports that senders put on the durable RESULTS stream.
+
+A report is acknowledged only after its effect is committed, so a queue that
+restarts (or a store that fails) leaves the report on the stream to be applied
+again; applying one twice changes nothing, because deferred and rejected reports
+act only while their lease token still matches. A rejection publishes its
+bounce event *before* the row goes (deduplicated by Nats-Msg-Id), so a crash
+between the two cannot lose the bounce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from zmta_common import metrics
+from zmta_common.config import Config
+from zmta_common.events import (
+    DEFERRED,
+    DELIVERED,
+    REJECTED,
+    STREAM_RESULTS,
+    BounceEvent,
+    DeliveryReport,
+    SchemaError,
+    bounced_subject,
+)
+from zmta_common.store import OutcomeBatch, Store
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "zmta-queue"
+
+
+class ResultApplier:
+    def __init__(self, config: Config, store: Store, js: JetStreamContext, batch: int = 200) -> None:
+        self.config = config
+        self.store = store
+        self.js = js
+        self.batch = batch
+
+    async def run(self, stop: asyncio.Event) -> None:
+        sub = await self.js.pull_subscribe(
+            "zmta.delivery.reported.>",
+            durable=CONSUMER,
+            stream=STREAM_RESULTS,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_ack_pending=10000),
+        )
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(self.batch, timeout=1)
+            except NatsTimeout:
+                continue
+            except Exception as exc:  # NATS reconnecting
+                log.warning("fetch failed", extra={"error": repr(exc)})
+                await asyncio.sleep(1)
+                continue
+            await self.apply(msgs)
+
+    async def apply(self, msgs: list[Msg]) -> None:
+        reports: list[tuple[Msg, DeliveryReport]] = []
+        for msg in msgs:
+            try:
+                reports.append((msg, DeliveryReport.decode(msg.data)))
+            except SchemaError as exc:
+                log.error("unreadable report dropped", extra={"error": str(exc)})
+                await msg.term()
+        try:
+            await self._apply([r for _, r in reports])
+        except Exception as exc:  # store or NATS failed: leave the reports for a retry
+            log.warning("applying reports failed", extra={"error": repr(exc)})
+            for msg, _ in reports:
+                await msg.nak(delay=2)
+            return
+        for msg, _ in reports:
+            await msg.ack()
+
+    async def _apply(self, reports: list[DeliveryReport]) -> None:
+        batch = OutcomeBatch()
+        deferred = [r for r in reports if r.status == DEFERRED]
+        attempts = await self.store.delivery_attempts([(r.id, r.seq) for r in deferred]) if deferred else {}
+        now = datetime.now(UTC)
+        rejected: list[DeliveryReport] = []
+        for report in reports:
+            if report.status == DELIVERED:
+                batch.delivered.append((report.id, report.seq))
+            elif report.status == REJECTED:
+                rejected.append(report)
+            else:
+                delay = self._retry_delay(report.zone, attempts.get((report.id, report.seq), 0))
+                if delay is None:  # out of retries: a soft failure becomes a bounce
+                    report.response = f"{report.response} (gave up after too many attempts)"
+                    rejected.append(report)
+                else:
+                    batch.deferred.append(
+                        (report.id, report.seq, report.lease_token, now + timedelta(seconds=delay), report.response)
+                    )
+        for report in rejected:
+            if await self._publish_bounce(report):
+                batch.rejected.append((report.id, report.seq, report.lease_token))
+        await self.store.apply_outcomes(batch)
+        rejected_ids = {id(r) for r in rejected}
+        for report in reports:
+            status = REJECTED if id(report) in rejected_ids else report.status
+            metrics.count_delivery(status, report.zone)
+            log.info(
+                status,
+                extra={"id": report.id, "seq": report.seq, "zone": report.zone, "response": report.response},
+            )
+
+    def _retry_delay(self, zone: str, attempts: int) -> float | None:
+        zone_cfg = self.config.zones.get(zone)
+        times = zone_cfg.defer_times if zone_cfg else self.config.zones[self.config.queue.default_zone].defer_times
+        return times[attempts] if attempts < len(times) else None
+
+    async def _publish_bounce(self, report: DeliveryReport) -> bool:
+        """Publish the bounce event of a rejection that still holds its lease."""
+        if not await self.store.holds_lease(report.id, report.seq, report.lease_token):
+            return False  # already applied, or the lease passed to another sender
+        message = await self.store.get_message(report.id)
+        rows = await self.store.deliveries_of(report.id)
+        recipient = next((r.recipient for r in rows if r.seq == report.seq), "")
+        event = BounceEvent(
+            id=report.id,
+            seq=report.seq,
+            zone=report.zone,
+            recipient=recipient,
+            mail_from=message.mail_from if message else "",
+            response=report.response,
+            category=report.category,
+            time=report.time or time.time(),
+            headers=message.headers if message else b"",
+        )
+        await self.js.publish(
+            bounced_subject(report.zone),
+            event.encode(),
+            headers={"Nats-Msg-Id": f"bounce:{report.id}:{report.seq}:{report.lease_token}"},
+        )
+        metrics.bounce_generation.inc()
+        return True

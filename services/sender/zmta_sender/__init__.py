@@ -1,0 +1,1 @@
+"""Delivery for one sending zone: MX lookup, local address, SMTP client, results."""

@@ -1,0 +1,66 @@
+"""``python -m zmta_sender --zone default``: one sender process for one sending zone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from redis.asyncio import Redis
+
+from zmta_common import bus as zbus
+from zmta_common import metrics, service
+from zmta_common.config import Config
+from zmta_common.store import Store
+
+from .mx import MxResolver
+from .worker import Sender
+
+log = logging.getLogger("zmta_sender")
+cli = typer.Typer(add_completion=False)
+
+
+def make_main(zone: str, metrics_port: int | None) -> service.Main:
+    async def main(config: Config, stop: asyncio.Event) -> None:
+        if zone not in config.zones:
+            raise SystemExit(f"sender: zone {zone!r} is not in the config ({', '.join(sorted(config.zones))})")
+        store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
+        bus = await zbus.connect(config.dbs.nats, f"sender-{zone}")
+        redis = Redis.from_url(config.dbs.redis)
+        name = f"{socket.gethostname()}:{os.getpid()}:{zone}"
+        sender = Sender(config, zone, store, bus, MxResolver(config.dns, redis), name)
+
+        async def health() -> dict[str, object]:
+            await store.pool.fetchval("SELECT 1")
+            return {"zone": zone, "in_flight": len(sender._in_flight), "nats": bus.nc.is_connected}
+
+        port = config.metrics.sender_port if metrics_port is None else metrics_port
+        metrics_task = await metrics.serve(config.metrics.host, port, health)
+        log.info("running", extra={"zone": zone, "sender": name})
+        await sender.run(stop)
+        metrics_task.cancel()
+        await bus.close()
+        await redis.aclose()
+        await store.close()
+
+    return main
+
+
+@cli.command()
+def run(
+    zone: Annotated[str, typer.Option("--zone", "-z", help="the sending zone to deliver for")] = "default",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="port for /metrics and /health (0: any free port)")
+    ] = None,
+) -> None:
+    """Deliver the mail of one sending zone."""
+    service.run("sender", make_main(zone, metrics_port), config)
+
+
+if __name__ == "__main__":
+    cli()

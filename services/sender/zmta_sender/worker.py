@@ -1,0 +1,216 @@
+"""The sender's loop: ask the queue for work, deliver it concurrently, report every outcome.
+
+At most ``connections`` deliveries run at once. The sender asks for as many as it
+has free slots; when the queue has nothing ready it waits for a ``msg.queued``
+announcement of its zone or one second, whichever comes first. Every outcome is
+published to the durable RESULTS stream (retried until NATS takes it, deduplicated
+by Nats-Msg-Id); a sender that dies instead leaves its leases to expire, and the
+deliveries become ready again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from zmta_common.bus import Bus
+from zmta_common.config import Config, Zone
+from zmta_common.events import (
+    CLASSIFY_SUBJECT,
+    DEFERRED,
+    DELIVERED,
+    REJECTED,
+    Classification,
+    ClassifyRequest,
+    DeliveryReport,
+    LeasedDelivery,
+    WorkReply,
+    WorkRequest,
+    queued_subject,
+    reported_subject,
+    work_subject,
+)
+from zmta_common.store import Store, StoredMessage
+
+from . import local_address
+from .errors import DeliveryError
+from .mx import MxResolver, Target
+from .outgoing import received_header, wire_chunks
+from .smtp_client import Attempt, ReplyError, deliver
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT = 1.0
+
+
+class Sender:
+    def __init__(self, config: Config, zone: str, store: Store, bus: Bus, resolver: MxResolver, name: str) -> None:
+        self.config = config
+        self.zone_name = zone
+        self.zone: Zone = config.zones[zone]
+        self.store = store
+        self.bus = bus
+        self.resolver = resolver
+        self.name = name
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async def on_queued(_: Msg) -> None:
+            self._wake.set()
+
+        sub = await self.bus.nc.subscribe(queued_subject(self.zone_name), cb=on_queued)
+        try:
+            while not stop.is_set():
+                free = self.zone.connections - len(self._in_flight)
+                got = await self._take_work(free) if free > 0 else 0
+                if free > 0 and got == free:
+                    continue  # there may be more ready
+                self._wake.clear()
+                await self._wait_for_wake_or_slot(stop)
+        finally:
+            await sub.unsubscribe()
+            # Let deliveries in flight finish; their leases would otherwise have to expire.
+            if self._in_flight:
+                await asyncio.wait(self._in_flight, timeout=self.zone.command_timeout)
+
+    async def _wait_for_wake_or_slot(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        pending = set(waiters) | set(self._in_flight)
+        await asyncio.wait(pending, timeout=IDLE_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def _take_work(self, free: int) -> int:
+        request = WorkRequest(zone=self.zone_name, sender=self.name, max=free)
+        try:
+            reply = await self.bus.nc.request(work_subject(self.zone_name), request.encode(), timeout=5)
+        except (NatsTimeout, NoRespondersError):
+            return 0  # no queue service answering right now
+        except Exception as exc:  # NATS reconnecting
+            log.warning("work request failed", extra={"zone": self.zone_name, "error": repr(exc)})
+            return 0
+        deliveries = WorkReply.decode(reply.data).deliveries
+        for delivery in deliveries:
+            task = asyncio.create_task(self._deliver(delivery), name=f"deliver:{delivery.id}.{delivery.seq}")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+        return len(deliveries)
+
+    async def _deliver(self, delivery: LeasedDelivery) -> None:
+        started = time.time()
+        try:
+            report = await self._attempt(delivery)
+        except Exception as exc:  # a bug must not lose the delivery: defer it
+            log.exception("delivery crashed", extra={"id": delivery.id, "seq": delivery.seq})
+            report = self._report(delivery, DEFERRED, f"451 4.3.0 Internal error: {exc!r}", "other")
+        if report is None:
+            return
+        report.time = started
+        await self._publish(report)
+
+    async def _attempt(self, delivery: LeasedDelivery) -> DeliveryReport | None:
+        message = await self.store.get_message(delivery.id)
+        if message is None:
+            log.info("message gone", extra={"id": delivery.id, "seq": delivery.seq, "zone": self.zone_name})
+            return None
+        key = f"{delivery.id}.{delivery.seq}"
+        local = local_address.choose(self.zone.pool, key, ipv6=not self.zone.ignore_ipv6)
+        ehlo_name = local.name if local else self.config.hostname
+        attempt = Attempt(
+            mail_from=delivery.mail_from,
+            recipient=delivery.recipient,
+            ehlo_name=ehlo_name,
+            source_ip=local.address if local else None,
+            connect_timeout=self.zone.connect_timeout,
+            command_timeout=self.zone.command_timeout,
+        )
+        try:
+            targets = await self._targets(delivery.domain)
+            accepted = await deliver(attempt, targets, lambda: self._chunks(message, delivery, ehlo_name))
+        except DeliveryError as exc:
+            status = REJECTED if exc.permanent else DEFERRED
+            return self._report(delivery, status, str(exc), exc.category, local_ip=attempt.source_ip)
+        except ReplyError as exc:
+            verdict = await self._classify(exc)
+            status = REJECTED if verdict.action == "reject" else DEFERRED
+            return self._report(
+                delivery, status, f"{exc.code} {exc.text}", verdict.category, exc.target.host, attempt.source_ip
+            )
+        return self._report(delivery, DELIVERED, accepted.response, "", accepted.target.host, attempt.source_ip)
+
+    async def _targets(self, domain: str) -> list[Target]:
+        if self.zone.smarthost:
+            host, _, port = self.zone.smarthost.rpartition(":")
+            return [Target(host, host.strip("[]"), int(port))]
+        return await self.resolver.targets(domain, self.zone.mx_port, ipv6=not self.zone.ignore_ipv6)
+
+    async def _chunks(self, message: StoredMessage, delivery: LeasedDelivery, ehlo_name: str) -> AsyncIterator[bytes]:
+        received = received_header(
+            message.meta, f"{delivery.id}.{delivery.seq}", delivery.recipient, ehlo_name, self.config.name
+        )
+        async for chunk in wire_chunks(received + message.headers, self.store.iter_body(message.id)):
+            yield chunk
+
+    async def _classify(self, exc: ReplyError) -> Classification:
+        request = ClassifyRequest(code=exc.code, text=exc.text, stage=exc.stage)
+        try:
+            reply = await self.bus.nc.request(
+                CLASSIFY_SUBJECT, request.encode(), timeout=self.config.bounce.classify_timeout
+            )
+            return Classification.decode(reply.data)
+        except Exception as exc2:  # no classifier in time: a retry is always safe
+            log.warning("classifier unavailable", extra={"error": repr(exc2)})
+            return Classification(action="defer", category="other", message="classifier unavailable")
+
+    def _report(
+        self,
+        delivery: LeasedDelivery,
+        status: str,
+        response: str,
+        category: str,
+        mx: str = "",
+        local_ip: str | None = None,
+    ) -> DeliveryReport:
+        return DeliveryReport(
+            id=delivery.id,
+            seq=delivery.seq,
+            zone=self.zone_name,
+            lease_token=delivery.lease_token,
+            status=status,
+            response=response,
+            category=category,
+            mx=mx,
+            local_address=local_ip or "",
+        )
+
+    async def _publish(self, report: DeliveryReport) -> None:
+        """Put the report on the durable stream; keep trying while the lease is ours."""
+        msg_id = f"{report.id}:{report.seq}:{report.lease_token}"
+        delay = 0.2
+        while True:
+            try:
+                await self.bus.js.publish(
+                    reported_subject(self.zone_name), report.encode(), headers={"Nats-Msg-Id": msg_id}
+                )
+                log.info(
+                    report.status,
+                    extra={
+                        "id": report.id,
+                        "seq": report.seq,
+                        "zone": self.zone_name,
+                        "mx": report.mx,
+                        "response": report.response,
+                    },
+                )
+                return
+            except Exception as exc:  # NATS down: the result must not be lost
+                log.warning("report not yet published", extra={"id": report.id, "error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

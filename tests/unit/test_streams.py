@@ -1,0 +1,106 @@
+"""Line-end normalisation, DKIM body hash and dot-stuffing over chunk edges."""
+
+import base64
+import hashlib
+import random
+
+import dkim
+import pytest
+
+from zmta_common.dkim_hash import BodyHasher
+from zmta_common.intake import LineEndNormaliser
+from zmta_sender.outgoing import DotStuffer
+
+BODIES = [
+    b"",
+    b"\r\n",
+    b"\r\n\r\n\r\n",
+    b"hello\r\n",
+    b"hello",
+    b"  lead  and   inner\t\tspace  \r\n\r\n\r\nafter blanks \t\r\n\r\n\r\n",
+    b"line\r\n \r\n\t\r\n",
+    b".dot at start\r\n..two\r\n.\r\nend\r\n",
+    bytes(range(32, 127)) * 50 + b"\r\n" + b"x" * 3000 + b"\r\n",
+]
+
+
+def split_randomly(data: bytes, rng: random.Random) -> list[bytes]:
+    pieces, i = [], 0
+    while i < len(data):
+        n = rng.randint(1, 7)
+        pieces.append(data[i : i + n])
+        i += n
+    return pieces
+
+
+def dkimpy_body_hash(body: bytes, canon: bytes) -> bytes:
+    """The body hash from dkimpy's own canonicalisation of the whole body."""
+    policy = dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/" + canon)
+    return base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
+
+
+@pytest.mark.parametrize("canon", ["relaxed", "simple"])
+@pytest.mark.parametrize("body", BODIES, ids=range(len(BODIES)))
+def test_body_hash_matches_dkimpy_in_any_pieces(body: bytes, canon: str) -> None:
+    expected = dkimpy_body_hash(body, canon.encode()).decode()
+    whole = BodyHasher(canon)
+    whole.update(body)
+    assert whole.b64digest() == expected
+    pieces = BodyHasher(canon)
+    for piece in split_randomly(body, random.Random(len(body))):
+        pieces.update(piece)
+    assert pieces.b64digest() == expected
+
+
+def test_empty_relaxed_body_hash_is_the_known_value() -> None:
+    assert BodyHasher("relaxed").b64digest() == "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\rb\r", b"a\r\nb\r\n"),
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\n.\nb\r\n", b"a\r\n.\r\nb\r\n"),
+        (b"a\r\r\nb", b"a\r\n\r\nb"),
+    ],
+)
+def test_bare_line_ends_become_crlf_across_pieces(raw: bytes, expected: bytes) -> None:
+    for step in (1, 2, 3, len(raw)):
+        n = LineEndNormaliser()
+        out = b"".join(n.feed(raw[i : i + step]) for i in range(0, len(raw), step)) + n.close()
+        assert out == expected, step
+
+
+def unstuff(wire: bytes) -> bytes:
+    """What a receiving server makes of dot-stuffed DATA (up to the end mark)."""
+    assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
+    lines = wire.split(b"\r\n")[:-2]
+    for i, line in enumerate(lines):
+        assert line != b".", "an end-of-data mark inside the data"
+        if line.startswith(b"."):
+            lines[i] = line[1:]
+    return b"\r\n".join(lines) + (b"\r\n" if lines else b"")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b".\r\n",
+        b"..\r\n",
+        b"a\r\n.\r\nb\r\n",
+        b".start\r\nmid.dle\r\n.\r\n.end\r\n",
+        b"x\r\n" * 5 + b"." * 10 + b"\r\n",
+    ],
+)
+def test_dot_stuffing_survives_every_chunk_edge(body: bytes) -> None:
+    for cut in range(1, len(body) + 1):
+        stuffer = DotStuffer()
+        wire = b"".join(stuffer.feed(body[i : i + cut]) for i in range(0, len(body), cut)) + stuffer.end()
+        assert unstuff(wire) == body, cut
+
+
+def test_missing_final_crlf_is_added_before_the_end_mark() -> None:
+    stuffer = DotStuffer()
+    assert stuffer.feed(b"no newline") + stuffer.end() == b"no newline\r\n.\r\n"

