@@ -6,6 +6,7 @@ exist (idempotently) so that no service depends on another having started first.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
@@ -27,8 +28,13 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        """Let pending publishes and callbacks finish (a few seconds at most), then disconnect."""
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), 5)
+        except (TimeoutError, nats.errors.Error):
+            await self.nc.close()
 
 
 async def connect(url: str, name: str) -> Bus:

@@ -32,6 +32,12 @@ class BounceConsumer:
             stream=STREAM_BOUNCES,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60),
         )
+        try:
+            await self._consume(sub, stop)
+        finally:
+            await sub.unsubscribe()
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(50, timeout=1)

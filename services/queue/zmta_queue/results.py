@@ -53,6 +53,12 @@ class ResultApplier:
             stream=STREAM_RESULTS,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_ack_pending=10000),
         )
+        try:
+            await self._consume(sub, stop)
+        finally:
+            await sub.unsubscribe()
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(self.batch, timeout=1)

@@ -3,7 +3,7 @@
 ``make run`` starts one that writes each message into a folder as an ``.eml``
 file, with ``Return-Path`` and ``Delivered-To`` on top as a local delivery would
 add them. Tests use :class:`Sink` in-process to record every message with the
-peer address it came from and how many connections were open at once.
+peer address it came from, and to script the replies some recipients get.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 
@@ -42,6 +45,8 @@ class SinkHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
+            if server.transport is None or server.transport.is_closing():
+                return "421 4.4.2 Client went away"  # not kept: the client never saw a 250
         for rcpt in envelope.rcpt_tos:
             replies = self.scripted.get(rcpt.lower())
             if replies:
@@ -68,50 +73,31 @@ class SinkHandler:
         (self.folder / name).write_bytes(head.encode() + item.data)
 
 
-class CountingSMTP(SMTP):
-    """Counts open connections so tests can check concurrency limits."""
-
-    open_now = 0
-    open_max = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        type(self).open_now += 1
-        type(self).open_max = max(type(self).open_max, type(self).open_now)
-        super().connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        type(self).open_now -= 1
-        super().connection_lost(exc)
-
-
 class Sink:
-    """An SMTP sink on ``host:port`` in the running event loop."""
+    """An SMTP sink on ``host:port``, served from its own thread (aiosmtpd's Controller)."""
 
     def __init__(self, host: str, port: int, folder: Path | None = None) -> None:
         self.host = host
         self.port = port
         self.handler = SinkHandler(folder=folder)
-        self.server: asyncio.Server | None = None
+        self.controller = Controller(
+            self.handler,
+            hostname=host,
+            port=port,
+            server_hostname=f"sink.{host}",
+            enable_SMTPUTF8=True,
+            data_size_limit=None,
+        )
 
     @property
     def messages(self) -> list[Received]:
         return self.handler.messages
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: SMTP(
-                self.handler, hostname=f"sink.{self.host}", enable_SMTPUTF8=True, data_size_limit=None, loop=loop
-            ),
-            self.host,
-            self.port,
-        )
+    def start(self) -> None:
+        self.controller.start()
 
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+    def stop(self) -> None:
+        self.controller.stop()
 
 
 cli = typer.Typer(add_completion=False)
@@ -125,14 +111,14 @@ def main(
 ) -> None:
     """Accept every message and keep it in FOLDER."""
 
-    async def serve() -> None:
-        sink = Sink(host, port, folder)
-        await sink.start()
-        print(f"sink: listening on {host}:{port}, writing to {folder}", flush=True)
-        await asyncio.Event().wait()
-
+    sink = Sink(host, port, folder)
+    sink.start()
+    print(f"sink: listening on {host}:{port}, writing to {folder}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+        stop.wait()
+    sink.stop()
 
 
 if __name__ == "__main__":

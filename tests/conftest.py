@@ -1,0 +1,224 @@
+"""Real servers for the tests: NATS, Redis, PostgreSQL, DNS and SMTP sinks on loopback.
+
+Session-wide: one PostgreSQL cluster, one Redis, one dnsmasq with the test domains
+below, and SMTP sinks on 127.0.0.2-127.0.0.5 that share one port. Each test that
+runs the services gets a :class:`Deployment`: a fresh database, its own NATS
+server, a config file pointing at all of that, and the services as processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import smtplib
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+import yaml
+from redis.asyncio import Redis
+
+from zmta_common.config import Config, load_config
+from zmta_common.store import Store
+from zmta_devtools.servers import Dnsmasq, NatsServer, PostgresCluster, RedisServer, free_port
+from zmta_devtools.sink import Sink
+from zmta_devtools.system import System
+
+# Test domains and the sink address their MX points at.
+MX_HOSTS = {
+    "a.test": "127.0.0.2",
+    "b.test": "127.0.0.3",
+    "slow.test": "127.0.0.4",
+}
+A_ONLY = {"amx.test": "127.0.0.5"}  # no MX record: delivered to its A record
+NULL_MX = ["nullmx.test"]
+
+
+@dataclass
+class Infra:
+    workdir: Path
+    postgres: PostgresCluster
+    redis: RedisServer
+    dns: Dnsmasq
+    sink_port: int
+    sinks: dict[str, Sink] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[Infra]:
+    workdir = Path(tempfile.mkdtemp(prefix="zmta-tests-"))
+    workdir.chmod(0o755)  # PostgreSQL runs as its own user and must reach its data dir
+    postgres = PostgresCluster(workdir / "pg")
+    redis = RedisServer(workdir / "redis")
+    dns = Dnsmasq(workdir / "dns")
+    for domain, ip in MX_HOSTS.items():
+        dns.add_mx(domain, f"mx.{domain}", 10)
+        dns.add_host(f"mx.{domain}", ip)
+    for domain, ip in A_ONLY.items():
+        dns.add_host(domain, ip)
+    for domain in NULL_MX:
+        dns.add_mx(domain, ".", 0)
+    sink_port = free_port()
+    sinks = {ip: Sink(ip, sink_port) for ip in sorted(set(MX_HOSTS.values()) | set(A_ONLY.values()))}
+    started: list[Any] = []
+    try:
+        for server in (postgres, redis, dns, *sinks.values()):
+            server.start()
+            started.append(server)
+        yield Infra(workdir, postgres, redis, dns, sink_port, sinks)
+    finally:
+        for server in reversed(started):
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def sinks(infra: Infra) -> Iterator[dict[str, Sink]]:
+    """The sinks, emptied and with no scripted replies, for one test."""
+    for sink in infra.sinks.values():
+        sink.handler.messages.clear()
+        sink.handler.scripted.clear()
+        sink.handler.data_delay = 0.0
+    yield infra.sinks
+
+
+_db_numbers = itertools.count()
+
+
+@dataclass
+class Deployment:
+    """One isolated installation: its database, NATS, config file and service processes."""
+
+    infra: Infra
+    workdir: Path
+    nats: NatsServer
+    config_path: Path
+    config: Config
+    system: System
+    store: Store
+
+    @property
+    def smtp_port(self) -> int:
+        return self.config.smtp_interfaces["feeder"].port
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.api.port}"
+
+    def smtp_send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> str:
+        """Submit over SMTP with the standard library's client; return the final reply text."""
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail(mail_from)
+            for rcpt in rcpt_to:
+                code, text = client.rcpt(rcpt)
+                assert code == 250, (code, text)
+            code, text = client.data(data)
+            assert code == 250, (code, text)
+            return text.decode()
+
+
+def write_config(path: Path, infra: Infra, nats_url: str, database: str, overrides: dict[str, Any]) -> Config:
+    config: dict[str, Any] = {
+        "hostname": "mta.test",
+        "log_level": "DEBUG",
+        "dbs": {
+            "postgres": f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/{database}",
+            "redis": infra.redis.url,
+            "nats": nats_url,
+            "postgres_pool_size": 10,
+        },
+        "smtp_interfaces": {"feeder": {"port": free_port()}},
+        "api": {"port": free_port()},
+        "dns": {"nameservers": ["127.0.0.1"], "port": infra.dns.port, "timeout": 2},
+        "queue": {"lease_time": 30, "housekeeping_interval": 1},
+        "metrics": {
+            "ingest_port": free_port(),
+            "queue_port": free_port(),
+            "sender_port": free_port(),
+            "bounce_port": free_port(),
+        },
+        "zones": {
+            "default": {"mx_port": infra.sink_port, "connections": 10, "connect_timeout": 5, "command_timeout": 20},
+            "bounces": {"mx_port": infra.sink_port, "connections": 1},
+        },
+    }
+    merge(config, overrides)
+    path.write_text(yaml.safe_dump(config))
+    return load_config(path)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+
+
+async def create_database(infra: Infra) -> str:
+    name = f"zmta_{next(_db_numbers)}"
+    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/postgres")
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return name
+
+
+DeploymentFactory = Callable[..., Any]
+
+
+@pytest_asyncio.fixture
+async def deploy(infra: Infra, tmp_path: Path) -> AsyncIterator[DeploymentFactory]:
+    """``await deploy(overrides, senders={zone: n}, start=True)`` gives a running Deployment."""
+    made: list[Deployment] = []
+
+    async def make(
+        overrides: dict[str, Any] | None = None, senders: dict[str, int] | None = None, start: bool = True
+    ) -> Deployment:
+        workdir = tmp_path / f"deploy{len(made)}"
+        workdir.mkdir()
+        nats = NatsServer(workdir / "nats")
+        nats.start()
+        database = await create_database(infra)
+        config_path = workdir / "zmta.yaml"
+        config = write_config(config_path, infra, nats.url, database, overrides or {})
+        redis = Redis.from_url(infra.redis.url)
+        await redis.flushdb()
+        await redis.aclose()
+        store = await Store.connect(config.dbs.postgres, max_size=4)
+        system = System(config_path, config, workdir / "logs")
+        deployment = Deployment(infra, workdir, nats, config_path, config, system, store)
+        made.append(deployment)
+        if start:
+            await asyncio.to_thread(system.start, senders)
+        return deployment
+
+    yield make
+    for deployment in made:
+        await asyncio.to_thread(deployment.system.stop)
+        await deployment.store.close()
+        deployment.nats.stop()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
+    """Await until ``check()`` (sync or async) returns something true; return it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        await asyncio.sleep(interval)

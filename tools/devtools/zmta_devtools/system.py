@@ -1,0 +1,126 @@
+"""The five services as real processes, started from one config file.
+
+Used by the tests, the benchmark and ``make run``: each service runs as
+``python -m zmta_<name> --config FILE`` in its own process, and is ready when its
+port answers (SMTP and API ports; the others' /metrics port).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zmta_common.config import Config
+
+from .servers import ServerError, free_port, wait_for_port
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    command: list[str]
+    ready_port: int
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log_path.open("ab") if self.log_path else None
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            self.command, stdout=out, stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL, env=env
+        )
+        if out is not None:
+            out.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        try:
+            wait_for_port("127.0.0.1", self.ready_port, timeout, self.proc)
+        except ServerError as exc:
+            raise ServerError(f"{self.name}: {exc}\n{self.tail_log()}") from None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up (crash tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail_log(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class System:
+    """ingest, queue, bounce, api and the senders of the zones, for one config file."""
+
+    config_path: Path
+    config: Config
+    log_dir: Path
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def _spawn(self, name: str, module: str, ready_port: int, *extra: str) -> ServiceProcess:
+        command = [sys.executable, "-m", module, "--config", str(self.config_path), *extra]
+        process = ServiceProcess(name, command, ready_port, self.log_dir / f"{name}.log")
+        process.start()
+        self.processes.append(process)
+        return process
+
+    def start(self, senders: dict[str, int] | None = None, with_api: bool = True) -> None:
+        """Start every service; ``senders`` maps zone -> number of sender processes (default 1 each)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        started = [self._spawn("queue", "zmta_queue", self.config.metrics.queue_port)]
+        started[0].wait_ready()  # the first to connect creates the schema; let it finish alone
+        started.append(self._spawn("bounce", "zmta_bounce", self.config.metrics.bounce_port))
+        counts = senders if senders is not None else {zone: 1 for zone in self.config.zones}
+        for zone, count in counts.items():
+            for _ in range(count):
+                started.append(self.start_sender(zone, wait=False))
+        feeder = next(i for i in self.config.smtp_interfaces.values() if i.enabled)
+        started.append(self._spawn("ingest", "zmta_ingest", feeder.port))
+        if with_api:
+            started.append(self._spawn("api", "zmta_api", self.config.api.port))
+        for process in started:
+            process.wait_ready()
+
+    def start_sender(self, zone: str, wait: bool = True) -> ServiceProcess:
+        port = free_port()
+        index = sum(1 for p in self.processes if p.name.startswith(f"sender-{zone}-"))
+        process = self._spawn(
+            f"sender-{zone}-{index}", "zmta_sender", port, "--zone", zone, "--metrics-port", str(port)
+        )
+        if wait:
+            process.wait_ready()
+        return process
+
+    def get(self, name: str) -> ServiceProcess:
+        return next(p for p in self.processes if p.name == name)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.tail_log()}" for p in self.processes)
