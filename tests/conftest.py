@@ -79,13 +79,13 @@ def infra() -> Iterator[Infra]:
 
 
 @pytest.fixture
-def sinks(infra: Infra) -> Iterator[dict[str, Sink]]:
+def sinks(infra: Infra) -> dict[str, Sink]:
     """The sinks, emptied and with no scripted replies, for one test."""
     for sink in infra.sinks.values():
         sink.handler.messages.clear()
         sink.handler.scripted.clear()
         sink.handler.data_delay = 0.0
-    yield infra.sinks
+    return infra.sinks
 
 
 _db_numbers = itertools.count()
