@@ -173,40 +173,60 @@ async def create_database(infra: Infra) -> str:
     return name
 
 
-DeploymentFactory = Callable[..., Any]
+class Deployer:
+    """Makes deployments under ``workdir`` and tears them all down at the end."""
 
+    def __init__(self, infra: Infra, workdir: Path) -> None:
+        self.infra = infra
+        self.workdir = workdir
+        self.made: list[Deployment] = []
 
-@pytest_asyncio.fixture
-async def deploy(infra: Infra, tmp_path: Path) -> AsyncIterator[DeploymentFactory]:
-    """``await deploy(overrides, senders={zone: n}, start=True)`` gives a running Deployment."""
-    made: list[Deployment] = []
-
-    async def make(
-        overrides: dict[str, Any] | None = None, senders: dict[str, int] | None = None, start: bool = True
+    async def __call__(
+        self, overrides: dict[str, Any] | None = None, senders: dict[str, int] | None = None, start: bool = True
     ) -> Deployment:
-        workdir = tmp_path / f"deploy{len(made)}"
-        workdir.mkdir()
+        """A running deployment; ``senders`` maps zone -> sender processes (default: one per zone)."""
+        workdir = self.workdir / f"deploy{len(self.made)}"
+        workdir.mkdir(parents=True)
         nats = NatsServer(workdir / "nats")
         nats.start()
-        database = await create_database(infra)
+        database = await create_database(self.infra)
         config_path = workdir / "zmta.yaml"
-        config = write_config(config_path, infra, nats.url, database, overrides or {})
-        redis = Redis.from_url(infra.redis.url)
+        config = write_config(config_path, self.infra, nats.url, database, overrides or {})
+        redis = Redis.from_url(self.infra.redis.url)
         await redis.flushdb()
         await redis.aclose()
         store = await Store.connect(config.dbs.postgres, max_size=4)
         system = System(config_path, config, workdir / "logs")
-        deployment = Deployment(infra, workdir, nats, config_path, config, system, store)
-        made.append(deployment)
+        deployment = Deployment(self.infra, workdir, nats, config_path, config, system, store)
+        self.made.append(deployment)
         if start:
             await asyncio.to_thread(system.start, senders)
         return deployment
 
-    yield make
-    for deployment in made:
-        await asyncio.to_thread(deployment.system.stop)
-        await deployment.store.close()
-        deployment.nats.stop()
+    async def close(self) -> None:
+        for deployment in self.made:
+            await asyncio.to_thread(deployment.system.stop)
+            await deployment.store.close()
+            deployment.nats.stop()
+
+
+DeploymentFactory = Deployer
+
+
+@pytest_asyncio.fixture
+async def deploy(infra: Infra, tmp_path: Path) -> AsyncIterator[Deployer]:
+    """``await deploy(overrides, senders={zone: n})`` gives a running Deployment for this test."""
+    deployer = Deployer(infra, tmp_path)
+    yield deployer
+    await deployer.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def module_deploy(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Deployer]:
+    """Like ``deploy``, for a deployment that every test of a module shares."""
+    deployer = Deployer(infra, tmp_path_factory.mktemp("module"))
+    yield deployer
+    await deployer.close()
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
