@@ -14,6 +14,7 @@ noisy: run it a few times and compare ratios, not absolute figures.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -68,8 +69,9 @@ class SmtpSink:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         buffer = b""
-        while chunk := self.proc.stdout.read1(4096):
+        while chunk := os.read(fd, 4096):
             buffer = (buffer + chunk)[-200:]
             found = re.findall(rb"mesg=(\d+)", buffer)
             if found:
