@@ -106,6 +106,14 @@ async def test_smtp_and_http_messages_reach_their_mx(deploy: DeploymentFactory, 
         await eventually(lambda: _gone(api, smtp_id, api_reply["id"]), what="/message 404 for both messages")
     assert await d.store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
 
+    # Each service counts what it did, under the original's metric names.
+    async with httpx.AsyncClient() as http:
+        ingest = (await http.get(f"http://127.0.0.1:{d.config.metrics.ingest_port}/metrics")).text
+        queue = (await http.get(f"http://127.0.0.1:{d.config.metrics.queue_port}/metrics")).text
+    assert 'zonemta_message_push{result="success"} 1.0' in ingest
+    assert 'zonemta_delivery_status{result="delivered",status="delivered",zone="default"} 4.0' in queue
+    assert 'zonemta_queue_size{type="queued",zone="default"}' in queue
+
 
 async def _gone(api: httpx.AsyncClient, *ids: str) -> bool:
     for message_id in ids:
