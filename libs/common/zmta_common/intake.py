@@ -143,10 +143,13 @@ class MessageIntake:
             del self._body[:CHUNK_SIZE]
 
     async def _write(self, chunk: bytes) -> None:
+        self._account(chunk)
+        await self._tx.write_chunk(chunk)
+
+    def _account(self, chunk: bytes) -> None:
         self._hasher.update(chunk)
         self._body_size += len(chunk)
         self._body_ends_crlf = chunk.endswith(b"\r\n")
-        await self._tx.write_chunk(chunk)
 
     def _feed_head(self, data: bytes) -> None:
         self._head += data
@@ -197,13 +200,15 @@ class MessageIntake:
             self._in_head = False
         else:
             self._body += tail
+        if self._body_size and not self._body_ends_crlf and not self._body:
+            self._body += b"\r\n"
+        last_chunk = None
         if self._body:
             if not self._body.endswith(b"\r\n"):
                 self._body += b"\r\n"  # SMTP can only carry a body whose last line is ended
-            await self._write(bytes(self._body))
+            last_chunk = bytes(self._body)
             self._body.clear()
-        elif self._body_size and not self._body_ends_crlf:
-            await self._write(b"\r\n")
+            self._account(last_chunk)
 
         headers = HeaderBlock.parse(bytes(self._head))
         env = self.envelope
@@ -247,7 +252,8 @@ class MessageIntake:
                 body_size=self._body_size,
                 meta=meta,
                 deliveries=deliveries,
-            )
+            ),
+            last_chunk,
         )
         counts: dict[str, int] = {}
         for zone in zones:

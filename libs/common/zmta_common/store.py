@@ -119,6 +119,7 @@ class StoredMessage:
     body_size: int
     meta: dict[str, Any]
     created: datetime
+    chunks: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -154,12 +155,25 @@ class OutcomeBatch:
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
 
 
+_INTAKE_ROWS = """
+    WITH message AS (
+        INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, $2, $3, $4, $5::jsonb)
+    ), chunk AS (
+        INSERT INTO message_chunks (message_id, seq, data) SELECT $1, $6, $7 WHERE $7::bytea IS NOT NULL
+    )
+    INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
+    SELECT $1, t.seq, t.zone, t.recipient, t.domain, coalesce($12::timestamptz, now())
+      FROM unnest($8::text[], $9::text[], $10::text[], $11::text[]) AS t(seq, zone, recipient, domain)
+"""
+
+
 class IntakeTransaction:
     """One message being written: chunks first, then the rows, all committed at once.
 
-    The transaction opens only when the first chunk is written, so a small message
-    costs one short transaction at :meth:`commit`, and a client that never finishes
-    DATA holds no connection.
+    A transaction opens only when a chunk has to be written before the end of the
+    message. A message of one chunk (most mail) is stored by :meth:`commit` in a
+    single statement: last chunk, message row and delivery rows together. A client
+    that never finishes DATA holds no connection until its first full chunk.
     """
 
     def __init__(self, pool: asyncpg.Pool, message_id: str) -> None:
@@ -169,16 +183,13 @@ class IntakeTransaction:
         self._tx: asyncpg.transaction.Transaction | None = None
         self._next_seq = 0
 
-    async def _begin(self) -> asyncpg.pool.PoolConnectionProxy:
+    async def write_chunk(self, data: bytes) -> None:
+        """Write a body chunk that is not the last one."""
         if self._conn is None:
             self._conn = await self._pool.acquire()
             self._tx = self._conn.transaction()
             await self._tx.start()
-        return self._conn
-
-    async def write_chunk(self, data: bytes) -> None:
-        conn = await self._begin()
-        await conn.execute(
+        await self._conn.execute(
             "INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, $2, $3)",
             self.message_id,
             self._next_seq,
@@ -186,22 +197,27 @@ class IntakeTransaction:
         )
         self._next_seq += 1
 
-    async def commit(self, message: NewMessage) -> None:
-        conn = await self._begin()
+    async def commit(self, message: NewMessage, last_chunk: bytes | None) -> None:
+        """Write the last chunk (if any) with the rows, and make it all visible at once."""
+        args = (
+            message.id,
+            message.mail_from,
+            message.headers,
+            message.body_size,
+            json.dumps(message.meta),
+            self._next_seq,
+            last_chunk,
+            [d.seq for d in message.deliveries],
+            [d.zone for d in message.deliveries],
+            [d.recipient for d in message.deliveries],
+            [d.domain for d in message.deliveries],
+            message.not_before,
+        )
         try:
-            await conn.execute(
-                "INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, $2, $3, $4, $5::jsonb)",
-                message.id,
-                message.mail_from,
-                message.headers,
-                message.body_size,
-                json.dumps(message.meta),
-            )
-            await conn.executemany(
-                "INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)"
-                " VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))",
-                [(message.id, d.seq, d.zone, d.recipient, d.domain, message.not_before) for d in message.deliveries],
-            )
+            if self._conn is None:
+                await self._pool.execute(_INTAKE_ROWS, *args)  # one statement: atomic by itself
+                return
+            await self._conn.execute(_INTAKE_ROWS, *args)
             assert self._tx is not None
             await self._tx.commit()
         finally:
@@ -385,10 +401,14 @@ class Store:
 
     # -- reading -------------------------------------------------------------
 
-    async def get_message(self, message_id: str) -> StoredMessage | None:
+    async def get_message(self, message_id: str, prefetch: int = 0) -> StoredMessage | None:
+        """The message row, with its first ``prefetch`` body chunks in ``chunks``."""
         row = await self.pool.fetchrow(
-            "SELECT id, mail_from, headers, body_size, meta, created FROM messages WHERE id = $1",
+            "SELECT m.id, m.mail_from, m.headers, m.body_size, m.meta, m.created,"
+            " ARRAY(SELECT c.data FROM message_chunks c WHERE c.message_id = m.id ORDER BY c.seq LIMIT $2)"
+            " AS chunks FROM messages m WHERE m.id = $1",
             message_id,
+            prefetch,
         )
         if row is None:
             return None
@@ -399,11 +419,12 @@ class Store:
             body_size=row["body_size"],
             meta=json.loads(row["meta"]),
             created=row["created"],
+            chunks=[bytes(c) for c in row["chunks"]],
         )
 
-    async def iter_body(self, message_id: str, batch: int = 4) -> AsyncIterator[bytes]:
-        """Yield the body chunks in order, ``batch`` chunks per query, no connection held between."""
-        next_seq = 0
+    async def iter_body(self, message_id: str, start: int = 0, batch: int = 4) -> AsyncIterator[bytes]:
+        """Yield the body chunks from number ``start`` on, ``batch`` per query, no connection held between."""
+        next_seq = start
         while True:
             rows = await self.pool.fetch(
                 "SELECT seq, data FROM message_chunks WHERE message_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
@@ -416,6 +437,14 @@ class Store:
             if len(rows) < batch:
                 return
             next_seq = rows[-1]["seq"] + 1
+
+    async def body(self, message: StoredMessage, prefetched: int) -> AsyncIterator[bytes]:
+        """The whole body of a message read with ``get_message(id, prefetched)``."""
+        for chunk in message.chunks:
+            yield chunk
+        if len(message.chunks) == prefetched:
+            async for chunk in self.iter_body(message.id, start=prefetched):
+                yield chunk
 
     async def deliveries_of(self, message_id: str) -> list[DeliveryRow]:
         rows = await self.pool.fetch(

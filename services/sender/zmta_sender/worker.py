@@ -47,6 +47,7 @@ from .smtp_client import Attempt, ReplyError, deliver
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 1.0
+PREFETCH_CHUNKS = 4  # read with the message row: 1 MiB at most, all of most messages
 
 
 class Sender:
@@ -116,7 +117,7 @@ class Sender:
         await self._publish(report)
 
     async def _attempt(self, delivery: LeasedDelivery) -> DeliveryReport | None:
-        message = await self.store.get_message(delivery.id)
+        message = await self.store.get_message(delivery.id, prefetch=PREFETCH_CHUNKS)
         if message is None:
             log.info("message gone", extra={"id": delivery.id, "seq": delivery.seq, "zone": self.zone_name})
             return None
@@ -155,7 +156,7 @@ class Sender:
         received = received_header(
             message.meta, f"{delivery.id}.{delivery.seq}", delivery.recipient, ehlo_name, self.config.name
         )
-        async for chunk in wire_chunks(received + message.headers, self.store.iter_body(message.id)):
+        async for chunk in wire_chunks(received + message.headers, self.store.body(message, PREFETCH_CHUNKS)):
             yield chunk
 
     async def _classify(self, exc: ReplyError) -> Classification:

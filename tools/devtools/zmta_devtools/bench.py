@@ -21,10 +21,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import psutil
 import typer
 import yaml
 
@@ -42,6 +43,7 @@ class Result:
     intake_seconds: float
     e2e_seconds: float
     messages: int
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds used
 
     @property
     def intake_rate(self) -> float:
@@ -50,6 +52,18 @@ class Result:
     @property
     def e2e_rate(self) -> float:
         return self.messages / self.e2e_seconds
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _tree_cpu_seconds(postgres: PostgresCluster) -> float:
+    """CPU of the postmaster and all its backends (finished backends are not counted)."""
+    pid = int((postgres.data / "postmaster.pid").read_text().split()[0])
+    root = psutil.Process(pid)
+    return sum(_cpu_seconds(p.pid) for p in [root, *root.children(recursive=True)])
 
 
 class SmtpSink:
@@ -151,7 +165,11 @@ def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: in
         config = load_config(config_path)
         system = System(config_path, config, workdir / "logs")
         system.start({"default": senders}, with_api=False)
-        return measure("zonemta-py", config.smtp_interfaces["feeder"].port, sink, messages, sessions, size)
+        result = measure("zonemta-py", config.smtp_interfaces["feeder"].port, sink, messages, sessions, size)
+        result.cpu = {p.name: _cpu_seconds(p.proc.pid) for p in system.processes if p.proc is not None}
+        result.cpu["postgres"] = _tree_cpu_seconds(postgres)
+        result.cpu["nats"] = _cpu_seconds(nats.proc.pid) if nats.proc else 0.0
+        return result
     finally:
         if system is not None:
             system.stop()
@@ -222,6 +240,8 @@ def main(
     print(f"{'relay':<12} {'intake msg/s':>14} {'end-to-end msg/s':>18}")
     for r in (ours, theirs):
         print(f"{r.name:<12} {r.intake_rate:>14.1f} {r.e2e_rate:>18.1f}")
+    per_k = ", ".join(f"{name} {seconds * 1000 / ours.messages:.2f}" for name, seconds in ours.cpu.items())
+    print(f"our CPU seconds per 1000 messages: {per_k}")
     print(
         f"ratio ours/postfix: intake {ours.intake_rate / theirs.intake_rate:.2f}, "
         f"end-to-end {ours.e2e_rate / theirs.e2e_rate:.2f}"
