@@ -181,3 +181,13 @@ def _mid(data: bytes) -> str:
     match = re.search(rb"Message-ID: (<[^>]+>)", data)
     assert match is not None
     return match.group(1).decode()
+
+
+async def test_a_connection_carries_the_next_message_to_the_same_server(deploy: DeploymentFactory, sinks: dict) -> None:
+    d: Deployment = await deploy()
+    sink = sinks["127.0.0.3"]
+    for n in range(4):
+        await asyncio.to_thread(d.smtp_send, "s@origin.test", [f"r{n}@b.test"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+        await eventually(lambda n=n: len(sink.messages) == n + 1, what=f"delivery {n}")
+    # One after the other, within the idle time: all four over one connection.
+    assert len({m.peer for m in sink.messages}) == 1

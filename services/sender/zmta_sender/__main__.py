@@ -36,7 +36,12 @@ def make_main(zone: str, metrics_port: int | None) -> service.Main:
 
         async def health() -> dict[str, object]:
             await store.pool.fetchval("SELECT 1")
-            return {"zone": zone, "in_flight": len(sender._in_flight), "nats": bus.nc.is_connected}
+            return {
+                "zone": zone,
+                "in_flight": sender.in_flight,
+                "idle_connections": sender.connections.idle,
+                "nats": bus.nc.is_connected,
+            }
 
         port = config.metrics.sender_port if metrics_port is None else metrics_port
         metrics_task = await metrics.serve(config.metrics.host, port, health)

@@ -8,6 +8,7 @@ private ``_response_pending`` flag and ``_drain_helper``.
 The addresses of the recipient's MX hosts are tried in order until one takes the
 transaction. Failing to connect (or a 4xx greeting) moves on to the next address;
 a reply to MAIL, RCPT or DATA ends the attempt, to be classified by the caller.
+Connections are reused through a :class:`~.connections.ConnectionPool`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
+from .connections import Connection, ConnectionPool, PoolKey, close
 from .errors import DeliveryError
 from .mx import Target
 
@@ -35,6 +37,14 @@ class ReplyError(Exception):
         self.text = text
         self.stage = stage
         self.target = target
+
+
+class ConnectionBroken(DeliveryError):
+    """The connection failed (not the server's reply) during ``stage`` of a transaction."""
+
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message, "network")
+        self.stage = stage
 
 
 @dataclass(slots=True)
@@ -57,12 +67,21 @@ class Accepted:
 ChunkSource = Callable[[], AsyncIterator[bytes]]
 
 
-async def deliver(attempt: Attempt, targets: list[Target], chunks: ChunkSource) -> Accepted:
+async def deliver(attempt: Attempt, targets: list[Target], chunks: ChunkSource, pool: ConnectionPool) -> Accepted:
     """Try the targets in order; return how the message was accepted or raise why not."""
     last: Exception | None = None
     for target in targets:
+        key: PoolKey = (attempt.source_ip, attempt.ehlo_name, target.ip, target.port)
+        reused = pool.take(key)
+        if reused is not None:
+            try:
+                return await _send(reused, key, pool, attempt, target, chunks)
+            except ConnectionBroken as exc:
+                if exc.stage != "mail":
+                    raise
+                # The server dropped the parked connection; a fresh one decides.
         try:
-            smtp = await _connect(attempt, target)
+            conn = Connection(await _connect(attempt, target))
         except ReplyError as exc:
             if exc.code >= 500:
                 raise  # a permanent refusal at the greeting is for the classifier
@@ -71,14 +90,24 @@ async def deliver(attempt: Attempt, targets: list[Target], chunks: ChunkSource) 
         except DeliveryError as exc:
             last = exc
             continue
-        try:
-            response = await _transaction(smtp, attempt, target, chunks)
-            return Accepted(target, f"{response.code} {response.message}", _uses_tls(smtp))
-        finally:
-            await _close(smtp)
+        return await _send(conn, key, pool, attempt, target, chunks)
     if last is None:
         raise DeliveryError("no mail server to try", "dns")
     raise last
+
+
+async def _send(
+    conn: Connection, key: PoolKey, pool: ConnectionPool, attempt: Attempt, target: Target, chunks: ChunkSource
+) -> Accepted:
+    """One transaction; the connection goes back to the pool if it succeeded, else it is closed."""
+    try:
+        response = await _transaction(conn.smtp, attempt, target, chunks)
+    except BaseException:
+        await close(conn.smtp)
+        raise
+    accepted = Accepted(target, f"{response.code} {response.message}", _uses_tls(conn.smtp))
+    await pool.give(key, conn)
+    return accepted
 
 
 def _uses_tls(smtp: aiosmtplib.SMTP) -> bool:
@@ -146,7 +175,7 @@ async def _transaction(smtp: aiosmtplib.SMTP, attempt: Attempt, target: Target, 
     except aiosmtplib.SMTPResponseException as exc:
         raise ReplyError(exc.code, exc.message, stage, target) from None
     except (aiosmtplib.SMTPException, OSError) as exc:
-        raise DeliveryError(f"{target.host}[{target.ip}] during {stage}: {exc}", "network") from None
+        raise ConnectionBroken(f"{target.host}[{target.ip}] during {stage}: {exc}", stage) from None
 
 
 def _needs_smtputf8(attempt: Attempt) -> bool:
@@ -168,11 +197,3 @@ async def stream_data(smtp: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeo
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
-
-
-async def _close(smtp: aiosmtplib.SMTP) -> None:
-    try:
-        if smtp.is_connected:
-            await smtp.quit(timeout=5)
-    except (aiosmtplib.SMTPException, OSError):
-        smtp.close()

@@ -39,6 +39,7 @@ from zmta_common.events import (
 from zmta_common.store import Store, StoredMessage
 
 from . import local_address
+from .connections import ConnectionPool
 from .errors import DeliveryError
 from .mx import MxResolver, Target
 from .outgoing import received_header, wire_chunks
@@ -59,14 +60,20 @@ class Sender:
         self.bus = bus
         self.resolver = resolver
         self.name = name
+        self.connections = ConnectionPool()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     async def run(self, stop: asyncio.Event) -> None:
         async def on_queued(_: Msg) -> None:
             self._wake.set()
 
         sub = await self.bus.nc.subscribe(queued_subject(self.zone_name), cb=on_queued)
+        reaper = asyncio.create_task(self.connections.run_reaper(stop), name="connection-reaper")
         try:
             while not stop.is_set():
                 free = self.zone.connections - len(self._in_flight)
@@ -80,6 +87,8 @@ class Sender:
             # Let deliveries in flight finish; their leases would otherwise have to expire.
             if self._in_flight:
                 await asyncio.wait(self._in_flight, timeout=self.zone.command_timeout)
+            await reaper
+            await self.connections.close_all()
 
     async def _wait_for_wake_or_slot(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
@@ -134,7 +143,9 @@ class Sender:
         )
         try:
             targets = await self._targets(delivery.domain)
-            accepted = await deliver(attempt, targets, lambda: self._chunks(message, delivery, ehlo_name))
+            accepted = await deliver(
+                attempt, targets, lambda: self._chunks(message, delivery, ehlo_name), self.connections
+            )
         except DeliveryError as exc:
             status = REJECTED if exc.permanent else DEFERRED
             return self._report(delivery, status, str(exc), exc.category, local_ip=attempt.source_ip)
