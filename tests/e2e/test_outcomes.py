@@ -1,0 +1,120 @@
+"""What happens after the sender tries: defers, rejects, smarthost, pool address, durable results."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+
+from tests.conftest import Deployment, DeploymentFactory, eventually
+
+
+async def queue_metrics(d: Deployment) -> str:
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"http://127.0.0.1:{d.config.metrics.queue_port}/metrics")).text
+
+
+def queued_id(reply: str) -> str:
+    match = re.search(r"queued as ([0-9a-f]+)", reply)
+    assert match, reply
+    return match.group(1)
+
+
+async def test_temporary_failure_is_deferred_and_permanent_one_bounces(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy()
+    sink = sinks["127.0.0.2"]
+    sink.handler.scripted["later@a.test"] = ["451 4.7.1 Greylisted, please try again later"]
+    sink.handler.scripted["gone@a.test"] = ["550 5.1.1 <gone@a.test>: Recipient address rejected: User unknown"]
+    message_id = queued_id(
+        await asyncio.to_thread(
+            d.smtp_send,
+            "s@origin.test",
+            ["later@a.test", "gone@a.test", "ok@a.test"],
+            b"Subject: outcomes\r\n\r\nx\r\n",
+        )
+    )
+    await eventually(lambda: len(sink.messages) == 1, what="the good delivery")
+
+    async def settled() -> list:
+        rows = await d.store.deliveries_of(message_id)
+        return rows if [r.recipient for r in rows] == ["later@a.test"] and rows[0].attempts == 1 else []
+
+    (deferred,) = await eventually(settled, what="one deferred row left")
+    assert deferred.last_response == "451 4.7.1 Greylisted, please try again later"
+    delay = (deferred.next_attempt - deferred.last_deferred).total_seconds()
+    assert 299 <= delay <= 301  # the first step of the retry schedule: 5 minutes
+
+    async with httpx.AsyncClient(base_url=d.api_url) as api:
+        status = (await api.get(f"/message/{message_id}")).json()
+    (row,) = status["messages"]
+    assert row["status"] == "DEFERRED"
+    assert row["deferred"]["count"] == 1
+    assert row["deferred"]["response"].startswith("451 4.7.1")
+    assert row["deferred"]["next"] > row["deferred"]["last"] >= row["deferred"]["first"] > 0
+
+    metrics = await queue_metrics(d)
+    assert 'zonemta_delivery_status{result="rejected",status="rejected",zone="default"} 1.0' in metrics
+    assert 'zonemta_delivery_status{result="deferred",status="deferred",zone="default"} 1.0' in metrics
+    assert "zonemta_bounce_generation 1.0" in metrics
+    bounce_log = (d.system.log_dir / "bounce.log").read_text()
+    assert '"event": "bounce"' in bounce_log
+    assert '"category": "recipient_unknown"' in bounce_log
+
+
+async def test_smarthost_replaces_mx_lookup(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy({"zones": {"default": {"smarthost": f"127.0.0.5:{sinks['127.0.0.5'].port}"}}})
+    await asyncio.to_thread(d.smtp_send, "s@origin.test", ["x@b.test"], b"Subject: relay\r\n\r\nx\r\n")
+    await eventually(lambda: sinks["127.0.0.5"].messages, what="delivery to the smarthost")
+    assert sinks["127.0.0.3"].messages == []  # b.test's own MX never saw it
+
+
+async def test_delivery_leaves_from_the_pool_address_with_its_name(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy({"zones": {"default": {"pool": [{"name": "out9.mta.test", "address": "127.0.0.9"}]}}})
+    await asyncio.to_thread(d.smtp_send, "s@origin.test", ["x@a.test"], b"Subject: pool\r\n\r\nx\r\n")
+    sink = sinks["127.0.0.2"]
+    await eventually(lambda: sink.messages, what="delivery")
+    assert sink.messages[0].peer[0] == "127.0.0.9"
+    assert sink.messages[0].helo == "out9.mta.test"
+    assert b" by out9.mta.test (ZoneMTA) with ESMTP id " in sink.messages[0].data
+
+
+async def test_null_mx_and_unknown_domain_bounce_at_once(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy()
+    message_id = queued_id(
+        await asyncio.to_thread(
+            d.smtp_send, "s@origin.test", ["x@nullmx.test", "y@nowhere.test"], b"Subject: dns\r\n\r\nx\r\n"
+        )
+    )
+    await eventually(lambda: _no_rows(d, message_id), what="both deliveries rejected")
+    log = "".join(p.tail_log(200) for p in d.system.processes if p.name == "queue")
+    assert "accepts no mail (null MX)" in log
+    assert "nowhere.test does not exist" in log
+
+
+async def _no_rows(d: Deployment, message_id: str) -> bool:
+    return not await d.store.deliveries_of(message_id)
+
+
+async def test_results_wait_on_the_stream_while_the_queue_is_down(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy()
+    sink = sinks["127.0.0.4"]
+    sink.handler.data_delay = 2.0
+    message_id = queued_id(
+        await asyncio.to_thread(d.smtp_send, "s@origin.test", ["x@slow.test"], b"Subject: durable\r\n\r\nx\r\n")
+    )
+    await eventually(lambda: _leased(d, message_id), what="the delivery leased")
+    queue = d.system.get("queue")
+    await asyncio.to_thread(queue.stop)  # the sender finishes and reports while no queue runs
+    await eventually(lambda: sink.messages, what="delivery", timeout=10)
+    await asyncio.sleep(0.5)
+    assert await d.store.deliveries_of(message_id)  # nobody applied the report yet
+    await asyncio.to_thread(queue.start)
+    await asyncio.to_thread(queue.wait_ready)
+    await eventually(lambda: _no_rows(d, message_id), what="the report applied after the restart")
+    assert len(sink.messages) == 1
+
+
+async def _leased(d: Deployment, message_id: str) -> bool:
+    rows = await d.store.deliveries_of(message_id)
+    return bool(rows) and rows[0].leased

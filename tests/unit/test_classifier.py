@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+from zmta_bounce.classifier import Classifier, RulesError, load_rules, normalise
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return Classifier(load_rules())
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "action", "category"),
+    [
+        (
+            550,
+            "5.1.1 <x@y.test>: Recipient address rejected: User unknown in virtual mailbox table",
+            "reject",
+            "recipient_unknown",
+        ),
+        (451, "4.7.1 Greylisted, see http://postgrey.schweikert.ch/help/y.test.html", "defer", "greylisted"),
+        (
+            554,
+            "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+            "blacklist",
+            "blacklisted",
+        ),
+        (452, "4.2.2 The email account that you tried to reach is over quota.", "defer", "mailbox_full"),
+        (421, "4.7.0 Try again later, closing connection. (rate limit exceeded)", "defer", "rate_limited"),
+        (
+            550,
+            "5.7.26 This mail has been blocked because the sender is unauthenticated. DMARC policy",
+            "reject",
+            "policy",
+        ),
+        (552, "5.3.4 Message size exceeds fixed limit", "reject", "too_large"),
+        (450, "4.2.0 something odd", "defer", "other"),
+        (554, "5.0.0 something odd", "reject", "other"),
+        (0, "Connection refused", "defer", "network"),
+    ],
+)
+def test_classification(classifier: Classifier, code: int, text: str, action: str, category: str) -> None:
+    verdict = classifier.classify(code, text)
+    assert (verdict.action, verdict.category) == (action, category)
+
+
+def test_enhanced_status_decides_over_the_basic_code(classifier: Classifier) -> None:
+    assert classifier.classify(550, "4.4.1 odd mix").action == "defer"
+    assert classifier.classify(550, "4.4.1 odd mix").status == "4.4.1"
+
+
+def test_multiline_replies_are_normalised() -> None:
+    text = "5.7.0 This message was blocked because its content presents a potential\n552-5.7.0 security issue."
+    assert (
+        normalise(552, text) == "552 5.7.0 This message was blocked because its content presents a potential "
+        "5.7.0 security issue."
+    )
+
+
+def test_bad_rules_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("- {pattern: '(', action: defer, category: x, message: y}\n")
+    with pytest.raises(RulesError, match="rule 1: bad pattern"):
+        load_rules(path)
+    path.write_text("- {pattern: 'x', action: bounce, category: x, message: y}\n")
+    with pytest.raises(RulesError, match="action 'bounce'"):
+        load_rules(path)
