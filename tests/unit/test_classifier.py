@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from zmta_bounce.classifier import Classifier, RulesError, load_rules, normalise
 
 

@@ -1,0 +1,124 @@
+"""zmta_common.store against a real PostgreSQL: migrations, intake, leases, outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.conftest import Infra, create_database
+from zmta_common.ids import new_queue_id, seq_for
+from zmta_common.store import MIGRATIONS, NewDelivery, NewMessage, OutcomeBatch, Store
+
+
+@pytest.fixture
+async def store(infra: Infra) -> AsyncIterator[Store]:
+    name = await create_database(infra)
+    store = await Store.connect(f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/{name}", max_size=6)
+    yield store
+    await store.close()
+
+
+async def add_message(store: Store, recipients: int, zone: str = "default", chunks: int = 1) -> str:
+    message_id = new_queue_id()
+    tx = store.begin_intake(message_id)
+    for n in range(chunks - 1):
+        await tx.write_chunk(f"chunk {n}\r\n".encode())
+    await tx.commit(
+        NewMessage(
+            id=message_id,
+            mail_from="s@origin.test",
+            headers=b"Subject: t\r\n",
+            body_size=10,
+            meta={"id": message_id},
+            deliveries=[NewDelivery(seq_for(i), zone, f"r{i}@a.test", "a.test") for i in range(recipients)],
+        ),
+        b"last\r\n",
+    )
+    return message_id
+
+
+async def test_migrations_are_idempotent_and_safe_in_parallel(infra: Infra) -> None:
+    name = await create_database(infra)
+    dsn = f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/{name}"
+    stores = [await Store.connect(dsn, max_size=2, migrate=False) for _ in range(3)]
+    try:
+        versions = await asyncio.gather(*(s.migrate() for s in stores))
+        assert versions == [len(MIGRATIONS)] * 3
+        assert await stores[0].migrate() == len(MIGRATIONS)
+        rows = await stores[0].pool.fetch("SELECT version FROM schema_version ORDER BY version")
+        assert [r["version"] for r in rows] == list(range(1, len(MIGRATIONS) + 1))
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_intake_is_all_or_nothing(store: Store) -> None:
+    tx = store.begin_intake(new_queue_id())
+    await tx.write_chunk(b"a" * 1000)
+    await tx.write_chunk(b"b" * 1000)
+    await tx.rollback()
+    assert await store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
+    message_id = await add_message(store, 2, chunks=3)
+    assert await store.row_counts() == {"messages": 1, "message_chunks": 3, "deliveries": 2}
+    body = b"".join([c async for c in store.iter_body(message_id)])
+    assert body == b"chunk 0\r\nchunk 1\r\nlast\r\n"
+    message = await store.get_message(message_id, prefetch=2)
+    assert message is not None
+    assert message.chunks == [b"chunk 0\r\n", b"chunk 1\r\n"]
+    assert b"".join([c async for c in store.body(message, 2)]) == body
+
+
+async def test_concurrent_leases_never_share_a_row(store: Store) -> None:
+    for _ in range(10):
+        await add_message(store, 5)
+    batches = await asyncio.gather(*(store.lease("default", 20, 60, f"sender{n}") for n in range(4)))
+    keys = [(lease.id, lease.seq) for batch in batches for lease in batch]
+    assert len(keys) == 50
+    assert len(set(keys)) == 50
+    assert await store.lease("default", 20, 60, "late") == []
+    assert await store.lease("bounces", 20, 60, "other zone") == []
+
+
+async def test_an_expired_lease_is_leased_again(store: Store) -> None:
+    await add_message(store, 1)
+    (first,) = await store.lease("default", 10, 0.2, "crashed")
+    assert await store.lease("default", 10, 60, "other") == []
+    await asyncio.sleep(0.3)
+    (second,) = await store.lease("default", 10, 60, "other")
+    assert (second.id, second.seq) == (first.id, first.seq)
+    assert second.lease_token != first.lease_token
+
+
+async def test_outcomes_respect_lease_tokens_and_remove_finished_messages(store: Store) -> None:
+    message_id = await add_message(store, 3)
+    leases = {lease.seq: lease for lease in await store.lease("default", 10, 60, "s")}
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    stale = "00000000-0000-0000-0000-000000000000"
+    batch = OutcomeBatch(
+        deferred=[
+            (message_id, "001", stale, later, "451 stale"),
+            (message_id, "002", leases["002"].lease_token, later, "451 later"),
+        ],
+        rejected=[(message_id, "003", stale)],
+    )
+    assert await store.apply_outcomes(batch) == []  # the stale rejection removed nothing
+    rows = {r.seq: r for r in await store.deliveries_of(message_id)}
+    assert rows["001"].attempts == 0  # stale token: untouched
+    assert (rows["002"].attempts, rows["002"].last_response, rows["002"].leased) == (1, "451 later", False)
+
+    removed = await store.apply_outcomes(OutcomeBatch(rejected=[(message_id, "003", leases["003"].lease_token)]))
+    assert removed == [(message_id, "003")]
+    await store.apply_outcomes(OutcomeBatch(delivered=[(message_id, "001"), (message_id, "002")]))
+    assert await store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
+
+
+async def test_last_rows_finishing_at_once_still_remove_the_message(store: Store) -> None:
+    ids = [await add_message(store, 2) for _ in range(20)]
+    # Each message's two rows are delivered by two appliers at the same moment.
+    await asyncio.gather(
+        *(store.apply_outcomes(OutcomeBatch(delivered=[(i, seq)])) for i in ids for seq in ("001", "002"))
+    )
+    assert await store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
