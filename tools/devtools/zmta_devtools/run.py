@@ -3,17 +3,19 @@
 Starts NATS, Redis and PostgreSQL only where nothing answers at the configured
 URLs (their data then lives under ``.run/``), creates the database if it is
 missing, starts the catch-all sink that the development zones relay to, and the
-five services: ingest, queue, one sender per zone, bounce and api. Ctrl-C stops
-everything it started, services first.
+five services: ingest, queue, one sender per zone, bounce and api, and says so
+once they all listen. Ctrl-C stops everything it started, services first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +27,9 @@ import typer
 from zmta_common.config import Config, ConfigError, load_config
 
 from .servers import ChildServer, NatsServer, PostgresCluster, RedisServer, port_open
+from .system import ServiceProcess, System
+
+SINK_PORT = 2526  # config/development.yaml relays every zone here
 
 cli = typer.Typer(add_completion=False)
 
@@ -48,11 +53,27 @@ def start_infrastructure(config: Config, state: Path) -> list[ChildServer]:
             continue
         if host not in ("127.0.0.1", "localhost"):
             raise SystemExit(f"run: nothing answers at {host}:{port} and it is not local; start {kind.name} there")
-        server = kind(workdir=state / kind.name, port=port)
+        server = kind(workdir=_workdir(state, kind), port=port)
         print(f"run: starting {kind.name} on {host}:{port} (data in {server.workdir})", flush=True)
         server.start()
         started.append(server)
     return started
+
+
+def _workdir(state: Path, kind: type[ChildServer]) -> Path:
+    """Where a server keeps its data. PostgreSQL runs as its own user when we are root, and
+    that user may not be able to enter the checkout (a home directory of mode 700): then
+    its data goes to a directory of its own under the system's temporary directory."""
+    workdir = state / kind.name
+    if kind is not PostgresCluster or os.geteuid() != 0:
+        return workdir
+    state.mkdir(parents=True, exist_ok=True)
+    reachable = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(state)], check=False)
+    if reachable.returncode == 0:
+        return workdir
+    fallback = Path(tempfile.gettempdir()) / f"zmta-run-{hashlib.sha256(bytes(state)).hexdigest()[:8]}"
+    fallback.mkdir(mode=0o755, exist_ok=True)
+    return fallback / kind.name
 
 
 async def ensure_database(dsn: str) -> None:
@@ -69,21 +90,15 @@ async def ensure_database(dsn: str) -> None:
         await conn.close()
 
 
-def service_commands(config: Config, config_path: Path, mail_dir: Path) -> list[tuple[str, list[str]]]:
-    py = sys.executable
-    cfg = ["--config", str(config_path)]
-    commands = [("sink", [py, "-m", "zmta_devtools.sink", "--folder", str(mail_dir), "--port", "2526"])]
-    commands += [
-        ("queue", [py, "-m", "zmta_queue", *cfg]),
-        ("bounce", [py, "-m", "zmta_bounce", *cfg]),
-    ]
-    for index, zone in enumerate(config.zones):
-        port = config.metrics.sender_port + index * 10
-        commands.append(
-            (f"sender:{zone}", [py, "-m", "zmta_sender", "--zone", zone, "--metrics-port", str(port), *cfg])
-        )
-    commands += [("ingest", [py, "-m", "zmta_ingest", *cfg]), ("api", [py, "-m", "zmta_api", *cfg])]
-    return commands
+def start_sink(mail_dir: Path) -> ServiceProcess:
+    sink = ServiceProcess(
+        "sink",
+        [sys.executable, "-m", "zmta_devtools.sink", "--folder", str(mail_dir), "--port", str(SINK_PORT)],
+        SINK_PORT,
+    )
+    sink.start()
+    sink.wait_ready()
+    return sink
 
 
 @cli.command()
@@ -96,8 +111,6 @@ def main(
         config = load_config(config_path)
     except ConfigError as exc:
         raise SystemExit(f"run: {exc}") from None
-    infrastructure = start_infrastructure(config, state.resolve())
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
 
     def stop(*_: object) -> None:
@@ -106,14 +119,14 @@ def main(
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    infrastructure = start_infrastructure(config, state.resolve())
+    system = System(config_path.resolve(), config, log_dir=None)
+    sink = None
     try:
         asyncio.run(ensure_database(config.dbs.postgres))
         mail_dir = (state / "mail").resolve()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name, cmd in service_commands(config, config_path.resolve(), mail_dir):
-            children.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
-            if name == "queue":
-                time.sleep(1.0)  # lets the first service create the schema alone
+        sink = start_sink(mail_dir)
+        system.start()
         smtp = ", ".join(f"{i.host}:{i.port}" for i in config.smtp_interfaces.values() if i.enabled)
         print(
             f"run: up. SMTP {smtp}, API http://{config.api.host}:{config.api.port}, "
@@ -121,20 +134,14 @@ def main(
             flush=True,
         )
         while not stopping:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    print(f"run: {name} exited with {proc.returncode}; stopping everything", flush=True)
-                    stopping = True
+            if exited := system.check():
+                print(f"run: {exited} exited; stopping everything", flush=True)
+                break
             time.sleep(0.2)
     finally:
-        for _, proc in reversed(children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in reversed(children):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        system.stop()
+        if sink is not None:
+            sink.stop()
         for server in reversed(infrastructure):
             server.stop()
         print("run: stopped", flush=True)

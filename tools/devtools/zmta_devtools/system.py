@@ -77,19 +77,21 @@ class System:
 
     config_path: Path
     config: Config
-    log_dir: Path
+    log_dir: Path | None  # None: the services log to our own stderr
     processes: list[ServiceProcess] = field(default_factory=list)
 
     def _spawn(self, name: str, module: str, ready_port: int, *extra: str) -> ServiceProcess:
         command = [sys.executable, "-m", module, "--config", str(self.config_path), *extra]
-        process = ServiceProcess(name, command, ready_port, self.log_dir / f"{name}.log")
+        log_path = self.log_dir / f"{name}.log" if self.log_dir else None
+        process = ServiceProcess(name, command, ready_port, log_path)
         process.start()
         self.processes.append(process)
         return process
 
     def start(self, senders: dict[str, int] | None = None, with_api: bool = True) -> None:
         """Start every service; ``senders`` maps zone -> number of sender processes (default 1 each)."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         started = [self._spawn("queue", "zmta_queue", self.config.metrics.queue_port)]
         started[0].wait_ready()  # the first to connect creates the schema; let it finish alone
         started.append(self._spawn("bounce", "zmta_bounce", self.config.metrics.bounce_port))
@@ -121,6 +123,10 @@ class System:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+
+    def check(self) -> str | None:
+        """The name of a service that has exited, if any."""
+        return next((p.name for p in self.processes if not p.alive), None)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.tail_log()}" for p in self.processes)
