@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from .events import STREAMS
+
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +75,39 @@ async def ensure_streams(js: JetStreamContext) -> None:
         except BadRequestError:
             # Exists with another config (e.g. an older release): bring it in line.
             await js.update_stream(config)
+
+
+async def consume(
+    js: JetStreamContext,
+    stream: str,
+    durable: str,
+    handle: BatchHandler,
+    stop: asyncio.Event,
+    batch: int = 100,
+    ack_wait: float = 60,
+) -> None:
+    """Feed batches of a stream's messages to ``handle`` until ``stop`` is set.
+
+    A durable pull consumer with explicit acks: ``handle`` acks (or naks) each
+    message once its effect is safe, so a message survives a crash of this process.
+    Replicas using the same ``durable`` share the stream's messages.
+    """
+    sub = await js.pull_subscribe(
+        STREAMS[stream][0],
+        durable=durable,
+        stream=stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_ack_pending=10000),
+    )
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1)
+            except NatsTimeout:
+                continue
+            except Exception as exc:  # NATS reconnecting: try again shortly
+                log.warning("fetch failed", extra={"stream": stream, "error": repr(exc)})
+                await asyncio.sleep(1)
+                continue
+            await handle(msgs)
+    finally:
+        await sub.unsubscribe()

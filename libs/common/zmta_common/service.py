@@ -8,7 +8,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Annotated
 
+import typer
 import uvloop
 
 from . import logging as zlogging
@@ -17,6 +19,20 @@ from .config import Config, ConfigError, load_config
 log = logging.getLogger(__name__)
 
 Main = Callable[[Config, asyncio.Event], Awaitable[None]]
+
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+
+
+def command(service: str, main: Main, help_text: str) -> typer.Typer:
+    """The command line of a service that takes nothing but ``--config``."""
+    app = typer.Typer(add_completion=False)
+
+    @app.command(help=help_text)
+    def start(config: ConfigOption = None) -> None:
+        run(service, main, config)
+
+    return app
 
 
 def run(service: str, main: Main, config_path: Path | None) -> None:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Annotated
 
-import typer
 import uvicorn
 
 from zmta_common import bus as zbus
@@ -19,7 +16,6 @@ from zmta_common.store import Store
 from .app import Services, create_app
 
 log = logging.getLogger("zmta_api")
-cli = typer.Typer(add_completion=False)
 
 
 async def main(config: Config, stop: asyncio.Event) -> None:
@@ -38,11 +34,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     await store.close()
 
 
-@cli.command()
-def run(config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None) -> None:
-    """Run the HTTP API."""
-    service.run("api", main, config)
-
+cli = service.command("api", main, "Run the HTTP API.")
 
 if __name__ == "__main__":
     cli()

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from zmta_common import bus as zbus
 from zmta_common import metrics, service
@@ -18,7 +14,6 @@ from .notifications import BounceConsumer
 from .responder import ClassifyResponder
 
 log = logging.getLogger("zmta_bounce")
-cli = typer.Typer(add_completion=False)
 
 
 async def main(config: Config, stop: asyncio.Event) -> None:
@@ -39,11 +34,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     await bus.close()
 
 
-@cli.command()
-def run(config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None) -> None:
-    """Run the bounce service."""
-    service.run("bounce", main, config)
-
+cli = service.command("bounce", main, "Run the bounce service.")
 
 if __name__ == "__main__":
     cli()

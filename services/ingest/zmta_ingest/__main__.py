@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from zmta_common import bus as zbus
 from zmta_common import metrics, service
@@ -18,7 +14,6 @@ from .handler import IngestHandler
 from .smtp_server import IngestSMTP
 
 log = logging.getLogger("zmta_ingest")
-cli = typer.Typer(add_completion=False)
 
 
 async def main(config: Config, stop: asyncio.Event) -> None:
@@ -61,11 +56,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     await store.close()
 
 
-@cli.command()
-def run(config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None) -> None:
-    """Run the SMTP ingest interfaces."""
-    service.run("ingest", main, config)
-
+cli = service.command("ingest", main, "Run the SMTP ingest interfaces.")
 
 if __name__ == "__main__":
     cli()

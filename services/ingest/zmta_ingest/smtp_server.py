@@ -40,11 +40,15 @@ class PathError(ValueError):
     pass
 
 
-def parse_path(arg: str) -> tuple[str, list[str]]:
-    """Split ``<address> PARAM=...`` into the address and its parameters."""
-    if "\x00" in arg:
+def parse_path(command: str, arg: str | None) -> tuple[str, list[str]]:
+    """Split the argument of MAIL (``FROM:<address> PARAM=...``) or RCPT (``TO:<address>``)."""
+    keyword = "FROM:" if command == "MAIL" else "TO:"
+    text = arg or ""
+    if "\x00" in text:
         raise PathError("501 5.5.2 NUL byte in command")
-    match = _PATH.match(arg.strip())
+    if text[: len(keyword)].upper() != keyword:
+        raise PathError(f"501 5.5.4 Syntax: {command} {keyword}<address>")
+    match = _PATH.match(text[len(keyword) :].strip())
     if match is None:
         raise PathError("501 5.5.4 Syntax: the address must be in angle brackets, as <user@domain>")
     address, params = match.group(1), match.group(2)
@@ -82,12 +86,8 @@ class IngestSMTP(SMTP):
         if self.envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
-        path = self._strip_command_keyword("FROM:", arg or "")
-        if path is None:
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
-            return
         try:
-            address, params = parse_path(path)
+            address, params = parse_path("MAIL", arg)
         except PathError as exc:
             await self.push(str(exc))
             return
@@ -128,12 +128,8 @@ class IngestSMTP(SMTP):
         if self.envelope.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        path = self._strip_command_keyword("TO:", arg or "")
-        if path is None:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
-            return
         try:
-            address, params = parse_path(path)
+            address, params = parse_path("RCPT", arg)
         except PathError as exc:
             await self.push(str(exc))
             return

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from zmta_common import bus as zbus
 from zmta_common import metrics, service
@@ -19,7 +15,6 @@ from .leasing import WorkDesk
 from .results import ResultApplier
 
 log = logging.getLogger("zmta_queue")
-cli = typer.Typer(add_completion=False)
 
 
 async def main(config: Config, stop: asyncio.Event) -> None:
@@ -44,11 +39,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     await store.close()
 
 
-@cli.command()
-def run(config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None) -> None:
-    """Run the queue service."""
-    service.run("queue", main, config)
-
+cli = service.command("queue", main, "Run the queue service.")
 
 if __name__ == "__main__":
     cli()

@@ -16,11 +16,10 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from zmta_common import metrics
+from zmta_common.bus import consume
 from zmta_common.config import Config
 from zmta_common.events import (
     DEFERRED,
@@ -47,28 +46,7 @@ class ResultApplier:
         self.batch = batch
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub = await self.js.pull_subscribe(
-            "zmta.delivery.reported.>",
-            durable=CONSUMER,
-            stream=STREAM_RESULTS,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_ack_pending=10000),
-        )
-        try:
-            await self._consume(sub, stop)
-        finally:
-            await sub.unsubscribe()
-
-    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(self.batch, timeout=1)
-            except NatsTimeout:
-                continue
-            except Exception as exc:  # NATS reconnecting
-                log.warning("fetch failed", extra={"error": repr(exc)})
-                await asyncio.sleep(1)
-                continue
-            await self.apply(msgs)
+        await consume(self.js, STREAM_RESULTS, CONSUMER, self.apply, stop, batch=self.batch)
 
     async def apply(self, msgs: list[Msg]) -> None:
         reports: list[tuple[Msg, DeliveryReport]] = []

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -58,7 +57,7 @@ def make_main(zone: str, metrics_port: int | None) -> service.Main:
 @cli.command()
 def run(
     zone: Annotated[str, typer.Option("--zone", "-z", help="the sending zone to deliver for")] = "default",
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
+    config: service.ConfigOption = None,
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="port for /metrics and /health (0: any free port)")
     ] = None,

@@ -296,19 +296,7 @@ class Dnsmasq(ChildServer):
         args += [f"--host-record={name},{address}" for name, address in self.hosts]
         # Everything else is answered NXDOMAIN instead of being forwarded anywhere.
         args.append("--address=/#/")
-        return args
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        # dnsmasq serves UDP; wait until it answers a query over TCP (it listens on both).
-        try:
-            wait_for_port(self.host, self.port, proc=self.proc)
-        except ServerError as exc:
-            self.stop()
-            raise ServerError(f"{exc}\n{self.tail_log()}") from None
+        return args  # it serves TCP as well as UDP, so start() can wait for the port
 
     def restart(self) -> None:
         self.stop()
