@@ -61,7 +61,6 @@ class Attempt:
 class Accepted:
     target: Target
     response: str
-    tls: bool
 
 
 ChunkSource = Callable[[], AsyncIterator[bytes]]
@@ -105,14 +104,9 @@ async def _send(
     except BaseException:
         await close(conn.smtp)
         raise
-    accepted = Accepted(target, f"{response.code} {response.message}", _uses_tls(conn.smtp))
+    accepted = Accepted(target, f"{response.code} {response.message}")
     await pool.give(key, conn)
     return accepted
-
-
-def _uses_tls(smtp: aiosmtplib.SMTP) -> bool:
-    transport = smtp.transport
-    return bool(transport is not None and transport.get_extra_info("sslcontext"))
 
 
 async def _connect(attempt: Attempt, target: Target) -> aiosmtplib.SMTP:

@@ -87,7 +87,7 @@ class Sender:
             # Let deliveries in flight finish; their leases would otherwise have to expire.
             if self._in_flight:
                 await asyncio.wait(self._in_flight, timeout=self.zone.command_timeout)
-            await reaper
+            reaper.cancel()
             await self.connections.close_all()
 
     async def _wait_for_wake_or_slot(self, stop: asyncio.Event) -> None:
