@@ -150,6 +150,8 @@ def write_config(path: Path, infra: Infra, nats_url: str, database: str, overrid
         },
     }
     merge(config, overrides)
+    for zone in config["zones"].values():
+        zone.setdefault("mx_port", infra.sink_port)  # every test domain's MX is a sink on this port
     path.write_text(yaml.safe_dump(config))
     return load_config(path)
 
