@@ -38,6 +38,9 @@ MX_HOSTS = {
 }
 A_ONLY = {"amx.test": "127.0.0.5"}  # no MX record: delivered to its A record
 NULL_MX = ["nullmx.test"]
+# Many domains with one MX host, for tests that need mail to "many domains".
+MANY_DOMAINS = [f"w{n}.test" for n in range(100)]
+MANY_DOMAINS_MX = "127.0.0.6"
 
 
 @dataclass
@@ -64,8 +67,12 @@ def infra() -> Iterator[Infra]:
         dns.add_host(domain, ip)
     for domain in NULL_MX:
         dns.add_mx(domain, ".", 0)
+    for domain in MANY_DOMAINS:
+        dns.add_mx(domain, "mx.many.test", 10)
+    dns.add_host("mx.many.test", MANY_DOMAINS_MX)
     sink_port = free_port()
-    sinks = {ip: Sink(ip, sink_port) for ip in sorted(set(MX_HOSTS.values()) | set(A_ONLY.values()))}
+    sink_ips = set(MX_HOSTS.values()) | set(A_ONLY.values()) | {MANY_DOMAINS_MX}
+    sinks = {ip: Sink(ip, sink_port) for ip in sorted(sink_ips)}
     started: list[Any] = []
     try:
         for server in (postgres, redis, dns, *sinks.values()):

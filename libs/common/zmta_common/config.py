@@ -233,13 +233,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     if yaml_path is not None and not yaml_path.is_file():
         raise ConfigError(f"config file {yaml_path} does not exist")
     token = _yaml_path.set(yaml_path)
-    # The file's name is not a setting: hide it from the ZMTA_ environment scan.
-    saved = os.environ.pop(CONFIG_FILE_ENV, None)
     try:
         return Config(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     finally:
         _yaml_path.reset(token)
-        if saved is not None:
-            os.environ[CONFIG_FILE_ENV] = saved

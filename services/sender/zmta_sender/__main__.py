@@ -16,22 +16,25 @@ from zmta_common import metrics, service
 from zmta_common.config import Config
 from zmta_common.store import Store
 
+from . import slices
 from .mx import MxResolver
+from .slices import Slice
 from .worker import Sender
 
 log = logging.getLogger("zmta_sender")
 cli = typer.Typer(add_completion=False)
 
 
-def make_main(zone: str, metrics_port: int | None) -> service.Main:
+def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
     async def main(config: Config, stop: asyncio.Event) -> None:
         if zone not in config.zones:
             raise SystemExit(f"sender: zone {zone!r} is not in the config ({', '.join(sorted(config.zones))})")
         store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
         bus = await zbus.connect(config.dbs.nats, f"sender-{zone}")
         redis = Redis.from_url(config.dbs.redis)
-        name = f"{socket.gethostname()}:{os.getpid()}:{zone}"
-        sender = Sender(config, zone, store, bus, MxResolver(config.dns, redis), name)
+        name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
+        pool = part.of(config.zones[zone].pool)
+        sender = Sender(config, zone, store, bus, MxResolver(config.dns, redis), name, pool)
 
         async def health() -> dict[str, object]:
             await store.pool.fetchval("SELECT 1")
@@ -44,7 +47,7 @@ def make_main(zone: str, metrics_port: int | None) -> service.Main:
 
         port = config.metrics.sender_port if metrics_port is None else metrics_port
         metrics_task = await metrics.serve(config.metrics.host, port, health)
-        log.info("running", extra={"zone": zone, "sender": name})
+        log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in pool]})
         await sender.run(stop)
         metrics_task.cancel()
         await bus.close()
@@ -58,12 +61,19 @@ def make_main(zone: str, metrics_port: int | None) -> service.Main:
 def run(
     zone: Annotated[str, typer.Option("--zone", "-z", help="the sending zone to deliver for")] = "default",
     config: service.ConfigOption = None,
+    slice_: Annotated[
+        str | None, typer.Option("--slice", help="N/M: use slice N (from 0) of M of the zone's address pool")
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="port for /metrics and /health (0: any free port)")
     ] = None,
 ) -> None:
     """Deliver the mail of one sending zone."""
-    service.run("sender", make_main(zone, metrics_port), config)
+    try:
+        part = slices.resolve(slice_, os.environ)
+    except slices.SliceError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--slice") from None
+    service.run("sender", make_main(zone, part, metrics_port), config)
 
 
 if __name__ == "__main__":

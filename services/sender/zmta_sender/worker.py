@@ -20,7 +20,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from zmta_common.bus import Bus
-from zmta_common.config import Config, Zone
+from zmta_common.config import Config, PoolAddress, Zone
 from zmta_common.events import (
     CLASSIFY_SUBJECT,
     DEFERRED,
@@ -52,10 +52,20 @@ PREFETCH_CHUNKS = 4  # read with the message row: 1 MiB at most, all of most mes
 
 
 class Sender:
-    def __init__(self, config: Config, zone: str, store: Store, bus: Bus, resolver: MxResolver, name: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        zone: str,
+        store: Store,
+        bus: Bus,
+        resolver: MxResolver,
+        name: str,
+        pool: list[PoolAddress],
+    ) -> None:
         self.config = config
         self.zone_name = zone
         self.zone: Zone = config.zones[zone]
+        self.pool = pool  # this process's slice of the zone's pool
         self.store = store
         self.bus = bus
         self.resolver = resolver
@@ -131,7 +141,7 @@ class Sender:
             log.info("message gone", extra={"id": delivery.id, "seq": delivery.seq, "zone": self.zone_name})
             return None
         key = f"{delivery.id}.{delivery.seq}"
-        local = local_address.choose(self.zone.pool, key, ipv6=not self.zone.ignore_ipv6)
+        local = local_address.choose(self.pool, key, ipv6=not self.zone.ignore_ipv6)
         ehlo_name = local.name if local else self.config.hostname
         attempt = Attempt(
             mail_from=delivery.mail_from,
@@ -218,6 +228,7 @@ class Sender:
                         "seq": report.seq,
                         "zone": self.zone_name,
                         "mx": report.mx,
+                        "local_address": report.local_address,
                         "response": report.response,
                     },
                 )

@@ -106,12 +106,12 @@ class System:
         for process in started:
             process.wait_ready()
 
-    def start_sender(self, zone: str, wait: bool = True) -> ServiceProcess:
+    def start_sender(self, zone: str, wait: bool = True, *extra: str) -> ServiceProcess:
+        """One more sender process for ``zone``; ``extra`` goes on its command line (``--slice 1/2``)."""
         port = free_port()
         index = sum(1 for p in self.processes if p.name.startswith(f"sender-{zone}-"))
-        process = self._spawn(
-            f"sender-{zone}-{index}", "zmta_sender", port, "--zone", zone, "--metrics-port", str(port)
-        )
+        name = f"sender-{zone}-{index}"
+        process = self._spawn(name, "zmta_sender", port, "--zone", zone, "--metrics-port", str(port), *extra)
         if wait:
             process.wait_ready()
         return process
