@@ -11,7 +11,9 @@ Defaults follow the original ZoneMTA: SMTP feeder on 127.0.0.1:2525, HTTP API on
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import socket
 from contextvars import ContextVar
 from ipaddress import ip_address
@@ -76,6 +78,52 @@ class PoolAddress(Section):
         return value
 
 
+_RATE_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``"100/min"`` -> (100, 60.0): that many messages per that many seconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:messages?\s*)?/\s*([a-z]+)\s*", text.lower())
+    if match is None or match.group(2) not in _RATE_UNITS or int(match.group(1)) < 1:
+        raise ValueError("must be N/unit with unit sec, min, hour or day, as 100/min")
+    return int(match.group(1)), float(_RATE_UNITS[match.group(2)])
+
+
+class Limit(Section):
+    """Limits that hold for a whole zone, across all its sender pods."""
+
+    # Open SMTP connections at once (idle ones kept for reuse count too).
+    connections: int | None = Field(default=None, ge=1)
+    # Messages per period, as "100/min" or "10000/hour".
+    rate: str | None = None
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
+
+
+class DomainPolicy(Limit):
+    # Local addresses never used for this recipient domain.
+    disabled_addresses: list[str] = Field(default_factory=list)
+
+
+DEFAULT_DOMAIN_CONNECTIONS = 5
+
+
 class Zone(Section):
     # Parallel deliveries of one sender process for this zone.
     connections: int = Field(default=10, ge=1, le=10000)
@@ -91,6 +139,38 @@ class Zone(Section):
     defer_times: list[float] = Field(default_factory=lambda: list(DEFAULT_DEFER_TIMES))
     connect_timeout: float = Field(default=60.0, gt=0)
     command_timeout: float = Field(default=300.0, gt=0)
+    # Per connection: at most this many messages per period over one connection ("10/min").
+    throttling: str | None = None
+    # Per recipient domain; "*" is the default for every domain without its own entry.
+    domains: dict[str, DomainPolicy] = Field(default_factory=dict)
+    # Per MX host name pattern ("*.mail.protection.outlook.com"): one limit for all the
+    # recipient domains whose best MX host matches, counted together.
+    mx_hosts: dict[str, Limit] = Field(default_factory=dict)
+
+    def domain_policy(self, domain: str) -> DomainPolicy:
+        policy = self.domains.get(domain) or self.domains.get("*")
+        if policy is None:
+            return DomainPolicy(connections=DEFAULT_DOMAIN_CONNECTIONS)
+        if policy.connections is None and domain in self.domains and "*" in self.domains:
+            return policy.model_copy(update={"connections": self.domains["*"].connections})
+        return policy
+
+    def mx_group(self, mx_host: str) -> str | None:
+        """The ``mx_hosts`` pattern that ``mx_host`` falls under, if any."""
+        host = mx_host.lower().rstrip(".")
+        return next((pattern for pattern in self.mx_hosts if fnmatch.fnmatchcase(host, pattern)), None)
+
+    @field_validator("domains", "mx_hosts")
+    @classmethod
+    def _lower_patterns(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {k.strip().lower(): v for k, v in value.items()}
+
+    @field_validator("throttling")
+    @classmethod
+    def _throttling(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
 
     @field_validator("smarthost")
     @classmethod
@@ -145,6 +225,8 @@ class Api(Section):
 class Bounce(Section):
     # How long a sender waits for the classifier before it just defers.
     classify_timeout: float = Field(default=2.0, gt=0)
+    # How long a local address stays unused for a recipient domain that said it is listed.
+    blacklist_ttl: float = Field(default=3600.0, gt=0)
 
 
 class Metrics(Section):

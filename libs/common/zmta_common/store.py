@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -75,6 +75,9 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX suppressions_domain ON suppressions (domain) WHERE domain IS NOT NULL;
     """,
 ]
+
+# Picks which ready (id, seq, domain) candidates to lease: their positions in the list.
+Admit = Callable[[list[tuple[str, str, str]]], Awaitable[list[int]]]
 
 # Any constant: it only has to be the same for every process that migrates.
 _MIGRATION_LOCK = 0x7A6D7461
@@ -272,33 +275,49 @@ class Store:
 
     # -- leasing -------------------------------------------------------------
 
-    async def lease(self, zone: str, limit: int, lease_time: float, owner: str) -> list[Lease]:
-        """Lease up to ``limit`` ready deliveries of ``zone`` for ``lease_time`` seconds."""
+    async def lease(
+        self,
+        zone: str,
+        limit: int,
+        lease_time: float,
+        owner: str,
+        skip_domains: Sequence[str] = (),
+        admit: Admit | None = None,
+    ) -> list[Lease]:
+        """Lease up to ``limit`` ready deliveries of ``zone`` for ``lease_time`` seconds.
+
+        ``skip_domains`` are left out of the query. ``admit``, when given, sees the ready
+        candidates (while they are locked) and returns the positions of those to lease.
+        """
         token = uuid.uuid4()
-        rows = await self.pool.fetch(
-            """
-            WITH ready AS (
-                SELECT id, seq FROM deliveries
-                WHERE zone = $1 AND next_attempt <= now()
-                  AND (lease_expires IS NULL OR lease_expires < now())
-                ORDER BY next_attempt
-                LIMIT $2
-                FOR UPDATE SKIP LOCKED
+        async with self.pool.acquire() as conn, conn.transaction():
+            ready = await conn.fetch(
+                "SELECT id, seq, domain FROM deliveries"
+                " WHERE zone = $1 AND next_attempt <= now()"
+                " AND (lease_expires IS NULL OR lease_expires < now()) AND domain <> ALL($3::text[])"
+                " ORDER BY next_attempt LIMIT $2 FOR UPDATE SKIP LOCKED",
+                zone,
+                limit if admit is None else limit * 4,
+                list(skip_domains),
             )
-            UPDATE deliveries d
-               SET lease_token = $3, lease_owner = $4,
-                   lease_expires = now() + make_interval(secs => $5)
-              FROM ready, messages m
-             WHERE d.id = ready.id AND d.seq = ready.seq AND m.id = d.id
-            RETURNING d.id, d.seq, d.recipient, d.domain, m.mail_from, d.attempts,
-                      d.lease_token, d.lease_expires
-            """,
-            zone,
-            limit,
-            token,
-            owner,
-            lease_time,
-        )
+            if admit is not None and ready:
+                ready = [ready[i] for i in await admit([(r["id"], r["seq"], r["domain"]) for r in ready])]
+            if not ready:
+                return []
+            rows = await conn.fetch(
+                """
+                UPDATE deliveries d
+                   SET lease_token = $3, lease_owner = $4, lease_expires = now() + make_interval(secs => $5)
+                  FROM unnest($1::text[], $2::text[]) AS r(id, seq), messages m
+                 WHERE d.id = r.id AND d.seq = r.seq AND m.id = d.id
+                RETURNING d.id, d.seq, d.recipient, d.domain, m.mail_from, d.attempts, d.lease_token, d.lease_expires
+                """,
+                [r["id"] for r in ready],
+                [r["seq"] for r in ready],
+                token,
+                owner,
+                lease_time,
+            )
         return [
             Lease(
                 id=r["id"],

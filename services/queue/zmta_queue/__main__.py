@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from redis.asyncio import Redis
+
 from zmta_common import bus as zbus
 from zmta_common import metrics, service
 from zmta_common.config import Config
+from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import Store
 
 from .housekeeping import Housekeeping
@@ -20,14 +23,17 @@ log = logging.getLogger("zmta_queue")
 async def main(config: Config, stop: asyncio.Event) -> None:
     store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "queue")
-    await WorkDesk(config, store).start(bus.nc)
+    redis = Redis.from_url(config.dbs.redis)
+    limits = {name: ZoneLimits(redis, name, zone) for name, zone in config.zones.items()}
+    await WorkDesk(config, store, limits).start(bus.nc)
     tasks = [
-        asyncio.create_task(ResultApplier(config, store, bus.js).run(stop), name="results"),
-        asyncio.create_task(Housekeeping(config, store).run(stop), name="housekeeping"),
+        asyncio.create_task(ResultApplier(config, store, bus.js, limits).run(stop), name="results"),
+        asyncio.create_task(Housekeeping(config, store, Blacklist(redis)).run(stop), name="housekeeping"),
     ]
 
     async def health() -> dict[str, object]:
         await store.pool.fetchval("SELECT 1")
+        await redis.ping()
         return {"nats": bus.nc.is_connected}
 
     metrics_task = await metrics.serve(config.metrics.host, config.metrics.queue_port, health)
@@ -36,6 +42,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     metrics_task.cancel()
     await bus.close()
+    await redis.aclose()
     await store.close()
 
 

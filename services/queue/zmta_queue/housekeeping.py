@@ -1,4 +1,4 @@
-"""Periodic chores: expired leases back to the queue, queue-size gauges."""
+"""Periodic chores: expired leases back to the queue, queue-size and blacklist gauges."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import logging
 
 from zmta_common import metrics
 from zmta_common.config import Config
+from zmta_common.limits import Blacklist
 from zmta_common.store import Store
 
 log = logging.getLogger(__name__)
 
 
 class Housekeeping:
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, blacklist: Blacklist) -> None:
         self.config = config
         self.store = store
+        self.blacklist = blacklist
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -36,3 +38,4 @@ class Housekeeping:
             c = counts.get(zone)
             metrics.queue_size.labels(type="queued", zone=zone).set(c.queued if c else 0)
             metrics.queue_size.labels(type="deferred", zone=zone).set(c.deferred if c else 0)
+        metrics.blacklisted.set(await self.blacklist.count())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from nats.aio.msg import Msg
 
@@ -15,15 +16,17 @@ from zmta_common.events import (
     WorkReply,
     WorkRequest,
 )
+from zmta_common.limits import Candidate, ZoneLimits
 from zmta_common.store import Store
 
 log = logging.getLogger(__name__)
 
 
 class WorkDesk:
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, limits: dict[str, ZoneLimits]) -> None:
         self.config = config
         self.store = store
+        self.limits = limits
 
     async def start(self, nc: object) -> None:
         await nc.subscribe(WORK_SUBJECT_ALL, queue=QUEUE_GROUP_QUEUE, cb=self.on_request)  # type: ignore[attr-defined]
@@ -44,11 +47,18 @@ class WorkDesk:
         await msg.respond(WorkReply(deliveries=deliveries).encode())
 
     async def lease(self, request: WorkRequest) -> list[LeasedDelivery]:
+        """Lease ready deliveries that fit the zone's limits (connections in flight, rates)."""
+        limits = self.limits[request.zone]
+        want = min(request.max, self.config.queue.max_batch)
+        lease_time = self.config.queue.lease_time
+
+        async def admit(ready: list[tuple[str, str, str]]) -> list[int]:
+            groups = await limits.group_of(sorted({domain for _, _, domain in ready}))
+            candidates = [Candidate(f"{i}.{seq}", domain, groups[domain]) for i, seq, domain in ready]
+            return await limits.admit(candidates, want, time.time() + lease_time)
+
         leases = await self.store.lease(
-            request.zone,
-            min(request.max, self.config.queue.max_batch),
-            self.config.queue.lease_time,
-            request.sender,
+            request.zone, want, lease_time, request.sender, skip_domains=await limits.skip_domains(), admit=admit
         )
         if leases:
             log.debug("leased", extra={"zone": request.zone, "count": len(leases), "sender": request.sender})

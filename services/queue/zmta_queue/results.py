@@ -31,6 +31,7 @@ from zmta_common.events import (
     SchemaError,
     bounced_subject,
 )
+from zmta_common.limits import ZoneLimits
 from zmta_common.store import OutcomeBatch, Store
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,13 @@ CONSUMER = "zmta-queue"
 
 
 class ResultApplier:
-    def __init__(self, config: Config, store: Store, js: JetStreamContext, batch: int = 200) -> None:
+    def __init__(
+        self, config: Config, store: Store, js: JetStreamContext, limits: dict[str, ZoneLimits], batch: int = 200
+    ) -> None:
         self.config = config
         self.store = store
         self.js = js
+        self.limits = limits
         self.batch = batch
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -90,6 +94,7 @@ class ResultApplier:
             if await self._publish_bounce(report):
                 batch.rejected.append((report.id, report.seq, report.lease_token))
         await self.store.apply_outcomes(batch)
+        await self._release(reports)
         rejected_ids = {id(r) for r in rejected}
         for report in reports:
             status = REJECTED if id(report) in rejected_ids else report.status
@@ -98,6 +103,15 @@ class ResultApplier:
                 status,
                 extra={"id": report.id, "seq": report.seq, "zone": report.zone, "response": report.response},
             )
+
+    async def _release(self, reports: list[DeliveryReport]) -> None:
+        """Finished deliveries no longer count against their domain's in-flight limit."""
+        by_zone: dict[str, list[str]] = {}
+        for report in reports:
+            by_zone.setdefault(report.zone, []).append(f"{report.id}.{report.seq}")
+        for zone, members in by_zone.items():
+            if zone in self.limits:
+                await self.limits[zone].release(members)
 
     def _retry_delay(self, zone: str, attempts: int) -> float | None:
         zone_cfg = self.config.zones.get(zone)

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from zmta_common import bus as zbus
 from zmta_common import metrics, service
 from zmta_common.config import Config
+from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import Store
 
 from . import slices
@@ -34,7 +35,17 @@ def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
         redis = Redis.from_url(config.dbs.redis)
         name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
         pool = part.of(config.zones[zone].pool)
-        sender = Sender(config, zone, store, bus, MxResolver(config.dns, redis), name, pool)
+        sender = Sender(
+            config,
+            zone,
+            store,
+            bus,
+            MxResolver(config.dns, redis),
+            name,
+            pool,
+            ZoneLimits(redis, zone, config.zones[zone]),
+            Blacklist(redis),
+        )
 
         async def health() -> dict[str, object]:
             await store.pool.fetchval("SELECT 1")

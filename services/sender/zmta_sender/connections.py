@@ -1,85 +1,175 @@
-"""Idle SMTP connections kept for the next delivery to the same server.
+"""Open SMTP connections: their zone-wide slots, their reuse, their pace.
 
-As the original's connection cache: after a successful transaction the connection
-is parked for a few seconds (``idle_ttl``) unless it has carried ``max_uses``
-messages; the next delivery from the same local address to the same server takes
-it instead of connecting, greeting and negotiating TLS again. A failed transaction
-closes its connection.
+As the original's connection cache, a connection that carried a message is parked
+for a few seconds (``idle_ttl``) unless it has carried ``max_uses`` messages; the
+next delivery from the same local address to the same recipient domain on the same
+server takes it instead of connecting, greeting and negotiating TLS again. A failed
+transaction closes its connection.
+
+Every open connection, busy or parked, holds a slot of its recipient domain (and MX
+host group) in Redis (:class:`~zmta_common.limits.ZoneLimits`), so a domain's
+connection limit holds for the whole zone. The slots are renewed while the
+connection lives and freed when it closes; parked connections are closed early when
+another sender waits for a slot of theirs. ``throttling`` spaces the messages sent
+over one connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiosmtplib
 
-PoolKey = tuple[str | None, str, str, int]  # local address, EHLO name, server IP, port
+from zmta_common.limits import ZoneLimits
+
+from .errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+PoolKey = tuple[str | None, str, str, int, str]  # local address, EHLO name, server IP, port, recipient domain
+SLOT_TTL = 15.0  # seconds a slot lives without renewal (a crashed sender's slots free themselves)
 
 
 @dataclass(slots=True)
 class Connection:
     smtp: aiosmtplib.SMTP
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    slot_keys: list[str] = field(default_factory=list)
     uses: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    last_sent: float = 0.0
 
 
 class ConnectionPool:
-    def __init__(self, idle_ttl: float = 5.0, max_uses: int = 100) -> None:
+    def __init__(
+        self,
+        limits: ZoneLimits | None = None,
+        interval: float = 0.0,
+        idle_ttl: float = 5.0,
+        max_uses: int = 100,
+        slot_wait: float = 60.0,
+    ) -> None:
+        self.limits = limits
+        self.interval = interval  # seconds between messages on one connection (throttling)
         self.idle_ttl = idle_ttl
         self.max_uses = max_uses
+        self.slot_wait = slot_wait
         self._idle: dict[PoolKey, list[Connection]] = defaultdict(list)
+        self._open: dict[str, Connection] = {}
         self.reuses = 0
 
+    @property
+    def idle(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
     def take(self, key: PoolKey) -> Connection | None:
-        """A parked connection to the same server that is still open, if there is one."""
+        """A parked connection for the same server and domain that is still open, if there is one."""
         parked = self._idle.get(key)
         while parked:
             conn = parked.pop()
             if conn.smtp.is_connected and time.monotonic() - conn.idle_since < self.idle_ttl:
                 self.reuses += 1
                 return conn
+            self._forget(conn)
             conn.smtp.close()
         return None
+
+    async def open(
+        self, domain: str, group: str | None, connect: Callable[[], Awaitable[aiosmtplib.SMTP]]
+    ) -> Connection:
+        """A new connection, once a slot for ``domain`` (and ``group``) is free."""
+        conn_id = uuid.uuid4().hex
+        keys: list[str] = []
+        if self.limits is not None:
+            keys = self.limits.connection_keys(domain, group)[0]
+            deadline = time.monotonic() + self.slot_wait
+            while not await self.limits.acquire_connection(conn_id, domain, group, SLOT_TTL):
+                if time.monotonic() > deadline:
+                    raise DeliveryError(f"no free connection slot for {domain} in {self.slot_wait:.0f}s", "rate")
+                await asyncio.sleep(0.1)
+        try:
+            smtp = await connect()
+        except BaseException:
+            if self.limits is not None:
+                await self.limits.release_connection(conn_id, keys)
+            raise
+        conn = Connection(smtp, id=conn_id, slot_keys=keys)
+        self._open[conn_id] = conn
+        return conn
+
+    async def pace(self, conn: Connection) -> None:
+        """Wait until the connection may carry its next message (``throttling``)."""
+        if self.interval and conn.last_sent:
+            delay = conn.last_sent + self.interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
     async def give(self, key: PoolKey, conn: Connection) -> None:
         """Park a connection after a successful transaction (or QUIT it when it is used up)."""
         conn.uses += 1
+        conn.last_sent = time.monotonic()
         if conn.uses >= self.max_uses or not conn.smtp.is_connected:
-            await close(conn.smtp)
+            await self.discard(conn)
             return
         conn.idle_since = time.monotonic()
         self._idle[key].append(conn)
 
-    @property
-    def idle(self) -> int:
-        return sum(len(v) for v in self._idle.values())
+    async def discard(self, conn: Connection) -> None:
+        """QUIT (or drop) a connection and free its slot."""
+        self._forget(conn)
+        await close(conn.smtp)
+        if self.limits is not None and conn.slot_keys:
+            with contextlib.suppress(Exception):  # Redis down: the slot expires by itself
+                await self.limits.release_connection(conn.id, conn.slot_keys)
 
-    async def reap(self) -> None:
-        """QUIT connections idle for longer than ``idle_ttl``."""
+    def _forget(self, conn: Connection) -> None:
+        self._open.pop(conn.id, None)
+
+    async def maintain(self) -> None:
+        """Renew the slots of open connections; close parked ones that are old or wanted elsewhere."""
         now = time.monotonic()
-        for key in list(self._idle):
-            keep: list[Connection] = []
-            old: list[Connection] = []
-            for conn in self._idle[key]:
-                (keep if now - conn.idle_since < self.idle_ttl else old).append(conn)
-            self._idle[key] = keep
-            if not keep:
-                del self._idle[key]
-            await asyncio.gather(*(close(c.smtp) for c in old))
+        # Take the parked connections out while deciding: a delivery must not take one
+        # that is about to be closed, nor may one in use be parked again.
+        parked, self._idle = self._idle, defaultdict(list)
+        for key, conns in parked.items():
+            for conn in conns:
+                expired = now - conn.idle_since >= self.idle_ttl or not conn.smtp.is_connected
+                if expired or await self._wanted(conn):
+                    await self.discard(conn)
+                else:
+                    self._idle[key].append(conn)
+        if self.limits is not None:
+            await self.limits.renew_connections({c.id: c.slot_keys for c in self._open.values()}, SLOT_TTL)
 
-    async def run_reaper(self, stop: asyncio.Event) -> None:
+    async def _wanted(self, conn: Connection) -> bool:
+        if self.limits is None:
+            return False
+        try:
+            return await self.limits.wanted(conn.slot_keys)
+        except Exception:  # Redis down: keep the connection; its idle time still runs out
+            return False
+
+    async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-            await self.reap()
+                await asyncio.wait_for(stop.wait(), 0.5)
+            try:
+                await self.maintain()
+            except Exception as exc:  # Redis down: slots expire, connections time out
+                log.warning("connection upkeep failed", extra={"error": repr(exc)})
 
     async def close_all(self) -> None:
-        idle, self._idle = self._idle, defaultdict(list)
-        await asyncio.gather(*(close(c.smtp) for conns in idle.values() for c in conns))
+        for conns in list(self._idle.values()):
+            for conn in conns:
+                await self.discard(conn)
+        self._idle.clear()
 
 
 async def close(smtp: aiosmtplib.SMTP) -> None:

@@ -13,6 +13,7 @@ Connections are reused through a :class:`~.connections.ConnectionPool`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
-from .connections import Connection, ConnectionPool, PoolKey, close
+from .connections import Connection, ConnectionPool, PoolKey
 from .errors import DeliveryError
 from .mx import Target
 
@@ -66,11 +67,17 @@ class Accepted:
 ChunkSource = Callable[[], AsyncIterator[bytes]]
 
 
-async def deliver(attempt: Attempt, targets: list[Target], chunks: ChunkSource, pool: ConnectionPool) -> Accepted:
-    """Try the targets in order; return how the message was accepted or raise why not."""
+async def deliver(
+    attempt: Attempt, targets: list[Target], chunks: ChunkSource, pool: ConnectionPool, group: str | None
+) -> Accepted:
+    """Try the targets in order; return how the message was accepted or raise why not.
+
+    ``group`` is the MX host group of the recipient's domain, for connection limits.
+    """
     last: Exception | None = None
+    domain = attempt.recipient.rpartition("@")[2].lower()
     for target in targets:
-        key: PoolKey = (attempt.source_ip, attempt.ehlo_name, target.ip, target.port)
+        key: PoolKey = (attempt.source_ip, attempt.ehlo_name, target.ip, target.port, domain)
         reused = pool.take(key)
         if reused is not None:
             try:
@@ -80,7 +87,7 @@ async def deliver(attempt: Attempt, targets: list[Target], chunks: ChunkSource, 
                     raise
                 # The server dropped the parked connection; a fresh one decides.
         try:
-            conn = Connection(await _connect(attempt, target))
+            conn = await pool.open(domain, group, functools.partial(_connect, attempt, target))
         except ReplyError as exc:
             if exc.code >= 500:
                 raise  # a permanent refusal at the greeting is for the classifier
@@ -88,6 +95,8 @@ async def deliver(attempt: Attempt, targets: list[Target], chunks: ChunkSource, 
             continue
         except DeliveryError as exc:
             last = exc
+            if exc.category == "rate":
+                break  # no slot: another server of the same domain has none either
             continue
         return await _send(conn, key, pool, attempt, target, chunks)
     if last is None:
@@ -100,13 +109,13 @@ async def _send(
 ) -> Accepted:
     """One transaction; the connection goes back to the pool if it succeeded, else it is closed."""
     try:
+        await pool.pace(conn)
         response = await _transaction(conn.smtp, attempt, target, chunks)
     except BaseException:
-        await close(conn.smtp)
+        await pool.discard(conn)
         raise
-    accepted = Accepted(target, f"{response.code} {response.message}")
     await pool.give(key, conn)
-    return accepted
+    return Accepted(target, f"{response.code} {response.message}")
 
 
 async def _connect(attempt: Attempt, target: Target) -> aiosmtplib.SMTP:

@@ -11,6 +11,7 @@ deliveries become ready again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from zmta_common.bus import Bus
-from zmta_common.config import Config, PoolAddress, Zone
+from zmta_common.config import Config, PoolAddress, Zone, parse_rate
 from zmta_common.events import (
     CLASSIFY_SUBJECT,
     DEFERRED,
@@ -36,6 +37,7 @@ from zmta_common.events import (
     reported_subject,
     work_subject,
 )
+from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import Store, StoredMessage
 
 from . import local_address
@@ -61,16 +63,24 @@ class Sender:
         resolver: MxResolver,
         name: str,
         pool: list[PoolAddress],
+        limits: ZoneLimits,
+        blacklist: Blacklist,
     ) -> None:
         self.config = config
         self.zone_name = zone
         self.zone: Zone = config.zones[zone]
         self.pool = pool  # this process's slice of the zone's pool
+        self.limits = limits
+        self.blacklist = blacklist
         self.store = store
         self.bus = bus
         self.resolver = resolver
         self.name = name
-        self.connections = ConnectionPool()
+        interval = 0.0
+        if self.zone.throttling:
+            count, period = parse_rate(self.zone.throttling)
+            interval = period / count
+        self.connections = ConnectionPool(limits, interval)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
 
@@ -83,7 +93,7 @@ class Sender:
             self._wake.set()
 
         sub = await self.bus.nc.subscribe(queued_subject(self.zone_name), cb=on_queued)
-        reaper = asyncio.create_task(self.connections.run_reaper(stop), name="connection-reaper")
+        upkeep = asyncio.create_task(self.connections.run(stop), name="connection-upkeep")
         try:
             while not stop.is_set():
                 free = self.zone.connections - len(self._in_flight)
@@ -97,7 +107,7 @@ class Sender:
             # Let deliveries in flight finish; their leases would otherwise have to expire.
             if self._in_flight:
                 await asyncio.wait(self._in_flight, timeout=self.zone.command_timeout)
-            reaper.cancel()
+            upkeep.cancel()
             await self.connections.close_all()
 
     async def _wait_for_wake_or_slot(self, stop: asyncio.Event) -> None:
@@ -140,8 +150,14 @@ class Sender:
         if message is None:
             log.info("message gone", extra={"id": delivery.id, "seq": delivery.seq, "zone": self.zone_name})
             return None
-        key = f"{delivery.id}.{delivery.seq}"
-        local = local_address.choose(self.pool, key, ipv6=not self.zone.ignore_ipv6)
+        local = await self._local_address(delivery)
+        if self.pool and local is None:
+            return self._report(
+                delivery,
+                DEFERRED,
+                f"451 4.7.1 Every local address of this sender is blacklisted or disabled for {delivery.domain}",
+                "blacklisted",
+            )
         ehlo_name = local.name if local else self.config.hostname
         attempt = Attempt(
             mail_from=delivery.mail_from,
@@ -153,19 +169,40 @@ class Sender:
         )
         try:
             targets = await self._targets(delivery.domain)
-            accepted = await deliver(
-                attempt, targets, lambda: self._chunks(message, delivery, ehlo_name), self.connections
-            )
+            group = None if self.zone.smarthost else self.zone.mx_group(targets[0].host)
+            chunks = functools.partial(self._chunks, message, delivery, ehlo_name)
+            accepted = await deliver(attempt, targets, chunks, self.connections, group)
         except DeliveryError as exc:
             status = REJECTED if exc.permanent else DEFERRED
             return self._report(delivery, status, str(exc), exc.category, local_ip=attempt.source_ip)
         except ReplyError as exc:
             verdict = await self._classify(exc)
+            if verdict.action == "blacklist" and attempt.source_ip:
+                await self.blacklist.mark(delivery.domain, attempt.source_ip, self.config.bounce.blacklist_ttl)
+                log.warning(
+                    "local address blacklisted",
+                    extra={
+                        "id": delivery.id,
+                        "seq": delivery.seq,
+                        "zone": self.zone_name,
+                        "domain": delivery.domain,
+                        "local_address": attempt.source_ip,
+                        "response": str(exc),
+                    },
+                )
             status = REJECTED if verdict.action == "reject" else DEFERRED
             return self._report(
                 delivery, status, f"{exc.code} {exc.text}", verdict.category, exc.target.host, attempt.source_ip
             )
         return self._report(delivery, DELIVERED, accepted.response, "", accepted.target.host, attempt.source_ip)
+
+    async def _local_address(self, delivery: LeasedDelivery) -> PoolAddress | None:
+        """This sender's pool address for the delivery, leaving out those disabled or listed for its domain."""
+        policy = self.zone.domain_policy(delivery.domain)
+        excluded = set(policy.disabled_addresses)
+        excluded |= await self.blacklist.listed(delivery.domain, [a.address for a in self.pool])
+        usable = [a for a in self.pool if a.address not in excluded]
+        return local_address.choose(usable, f"{delivery.id}.{delivery.seq}", ipv6=not self.zone.ignore_ipv6)
 
     async def _targets(self, domain: str) -> list[Target]:
         if self.zone.smarthost:

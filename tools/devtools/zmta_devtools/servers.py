@@ -287,7 +287,7 @@ class Dnsmasq(ChildServer):
             f"--port={self.port}",
             "--pid-file=",
             "--log-facility=-",
-            "--local-ttl=1",
+            "--local-ttl=30",
             "--auth-ttl=1",
         ]
         if os.geteuid() == 0:

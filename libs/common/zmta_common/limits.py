@@ -1,0 +1,272 @@
+"""Limits that hold for a sending zone as a whole, across all its sender pods, in Redis.
+
+Three kinds, each counted per recipient domain and per MX host group (the
+``mx_hosts`` pattern a domain's best MX host falls under):
+
+* **in flight** (the queue, when it leases): a delivery leased for a domain takes a
+  place in a sorted set scored with its lease expiry; no more than ``connections``
+  are leased at once. A report frees the place; a lost one frees itself at expiry.
+* **rate** (the queue, when it leases): GCRA, one theoretical-arrival-time key per
+  domain or group, so "60/min" admits a delivery every second with a burst of one.
+* **open connections** (the senders): every open SMTP connection, busy or idle in the
+  reuse pool, holds a slot with an expiry its sender keeps renewing. A sender that
+  finds no free slot raises a short-lived *want* flag, and senders holding idle
+  connections for that domain close them.
+
+A domain that is at a limit goes on the zone's skip list (a sorted set scored with
+the time it may have room again), which the queue leaves out of its next queries,
+as the original's skipDomains. Blacklisted local addresses live here too.
+
+Every check-and-take is one Lua script, so pods and queue replicas cannot race.
+Key names are built inside the scripts, so this needs one Redis, not a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from .config import Zone, parse_rate
+
+PREFIX = "zmta:"
+
+# ARGV: prefix, zone, now, lease_expiry, want, then 9 per candidate:
+# member, domain, group ("" for none), domain connections, domain rate count, domain rate period,
+# group connections, group rate count, group rate period (0 for no limit).
+_ADMIT = """
+local prefix, zone = ARGV[1], ARGV[2]
+local now, expiry, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local skip_key = prefix .. 'skip:' .. zone
+local admitted = {}
+
+local function room(kind, name, connections)
+    if connections <= 0 then return true end
+    local key = prefix .. 'inflight:' .. zone .. ':' .. kind .. ':' .. name
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    return redis.call('ZCARD', key) < connections
+end
+
+local function next_tat(kind, name, count, period)
+    -- GCRA: nil when over the rate, else the new theoretical arrival time
+    if count <= 0 then return 0 end
+    local interval = period / count
+    local tat = tonumber(redis.call('GET', prefix .. 'rate:' .. zone .. ':' .. kind .. ':' .. name) or now)
+    if tat - now > interval then return nil, tat - interval end
+    return math.max(tat, now) + interval
+end
+
+local function take(kind, name, member, connections, tat, period)
+    if connections > 0 then
+        redis.call('ZADD', prefix .. 'inflight:' .. zone .. ':' .. kind .. ':' .. name, expiry, member)
+    end
+    if tat > 0 then
+        local key = prefix .. 'rate:' .. zone .. ':' .. kind .. ':' .. name
+        redis.call('SET', key, tostring(tat), 'PX', math.ceil((tat - now + period) * 1000))
+    end
+end
+
+local i = 6
+while i + 8 <= #ARGV and #admitted < want do
+    local member, domain, group = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local dconn, dcount, dperiod = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+    local gconn, gcount, gperiod = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
+    local free_at = nil
+    if not room('d', domain, dconn) or (group ~= '' and not room('m', group, gconn)) then
+        free_at = now + 1
+    end
+    local dtat, gtat = 0, 0
+    if not free_at then
+        local wait
+        dtat, wait = next_tat('d', domain, dcount, dperiod)
+        if not dtat then free_at = wait end
+    end
+    if not free_at and group ~= '' then
+        local wait
+        gtat, wait = next_tat('m', group, gcount, gperiod)
+        if not gtat then free_at = wait end
+    end
+    if free_at then
+        redis.call('ZADD', skip_key, 'GT', free_at, domain)
+    else
+        take('d', domain, member, dconn, dtat, dperiod)
+        if group ~= '' then take('m', group, member, gconn, gtat, gperiod) end
+        redis.call('SET', prefix .. 'lease:' .. zone .. ':' .. member, domain .. '\\t' .. group,
+                   'PX', math.ceil((expiry - now) * 1000) + 60000)
+        table.insert(admitted, (i - 6) / 9)
+    end
+    i = i + 9
+end
+return admitted
+"""
+
+# ARGV: prefix, zone, then members
+_RELEASE = """
+local prefix, zone = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+    local lease_key = prefix .. 'lease:' .. zone .. ':' .. ARGV[i]
+    local where = redis.call('GET', lease_key)
+    if where then
+        local tab = string.find(where, '\\t', 1, true)
+        local domain, group = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
+        redis.call('ZREM', prefix .. 'inflight:' .. zone .. ':d:' .. domain, ARGV[i])
+        if group ~= '' then redis.call('ZREM', prefix .. 'inflight:' .. zone .. ':m:' .. group, ARGV[i]) end
+        redis.call('DEL', lease_key)
+    end
+end
+return 0
+"""
+
+# KEYS: connection sets (domain, group); ARGV: now, expiry, connection id, limits (0: none), want keys
+_ACQUIRE = """
+local now, expiry, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+for i = 1, #KEYS do
+    local limit = tonumber(ARGV[3 + i])
+    if limit > 0 then
+        redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+        if redis.call('ZSCORE', KEYS[i], id) == false and redis.call('ZCARD', KEYS[i]) >= limit then
+            redis.call('SET', ARGV[3 + #KEYS + i], '1', 'PX', 2000)
+            return 0
+        end
+    end
+end
+for i = 1, #KEYS do
+    if tonumber(ARGV[3 + i]) > 0 then redis.call('ZADD', KEYS[i], expiry, id) end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A ready delivery the queue would like to lease."""
+
+    member: str  # "<id>.<seq>"
+    domain: str
+    group: str | None  # the mx_hosts pattern of the domain's best MX host
+
+
+def _rate(text: str | None) -> tuple[int, float]:
+    return parse_rate(text) if text else (0, 0.0)
+
+
+class ZoneLimits:
+    def __init__(self, redis: Redis, zone_name: str, zone: Zone) -> None:
+        self.redis = redis
+        self.zone_name = zone_name
+        self.zone = zone
+        self._admit = redis.register_script(_ADMIT)
+        self._release = redis.register_script(_RELEASE)
+        self._acquire = redis.register_script(_ACQUIRE)
+
+    # -- the queue -----------------------------------------------------------
+
+    async def skip_domains(self) -> list[str]:
+        """Domains at a limit right now; the queue leaves them out of its query."""
+        key = f"{PREFIX}skip:{self.zone_name}"
+        now = time.time()
+        await self.redis.zremrangebyscore(key, "-inf", now)
+        return [_text(d) for d in await self.redis.zrangebyscore(key, now, "+inf")]
+
+    async def admit(self, candidates: list[Candidate], want: int, lease_expiry: float) -> list[int]:
+        """Indices of the candidates (in order, at most ``want``) that fit every limit; takes their places."""
+        args: list[str | float | int] = [PREFIX, self.zone_name, time.time(), lease_expiry, want]
+        for c in candidates:
+            policy = self.zone.domain_policy(c.domain)
+            group = self.zone.mx_hosts.get(c.group) if c.group else None
+            args += [c.member, c.domain, c.group or "", policy.connections or 0, *_rate(policy.rate)]
+            args += [(group.connections or 0) if group else 0, *(_rate(group.rate) if group else (0, 0.0))]
+        admitted = await self._admit(args=args)
+        return [int(i) for i in admitted]
+
+    async def release(self, members: list[str]) -> None:
+        """Free the in-flight places of finished deliveries."""
+        if members:
+            await self._release(args=[PREFIX, self.zone_name, *members])
+
+    async def group_of(self, domains: list[str]) -> dict[str, str | None]:
+        """Each domain's MX host group, from the MX answers the senders cached in Redis."""
+        if not self.zone.mx_hosts or not domains:
+            return dict.fromkeys(domains)
+        cached = await self.redis.mget([f"{PREFIX}dns:{d}" for d in domains])
+        groups: dict[str, str | None] = {}
+        for domain, raw in zip(domains, cached, strict=True):
+            first_host = _first_mx(raw)
+            groups[domain] = self.zone.mx_group(first_host) if first_host else None
+        return groups
+
+    # -- the senders ---------------------------------------------------------
+
+    def connection_keys(self, domain: str, group: str | None) -> tuple[list[str], list[int]]:
+        keys = [f"{PREFIX}conn:{self.zone_name}:d:{domain}"]
+        limits = [self.zone.domain_policy(domain).connections or 0]
+        if group is not None:
+            keys.append(f"{PREFIX}conn:{self.zone_name}:m:{group}")
+            limits.append(self.zone.mx_hosts[group].connections or 0)
+        return keys, limits
+
+    async def acquire_connection(self, conn_id: str, domain: str, group: str | None, ttl: float) -> bool:
+        """Take a connection slot for ``domain`` (and its MX group) if one is free."""
+        keys, limits = self.connection_keys(domain, group)
+        now = time.time()
+        wants = [k.replace(f"{PREFIX}conn:", f"{PREFIX}want:", 1) for k in keys]
+        return bool(await self._acquire(keys=keys, args=[now, now + ttl, conn_id, *limits, *wants]))
+
+    async def renew_connections(self, held: dict[str, list[str]], ttl: float) -> None:
+        """Push the expiry of every slot in ``held`` (connection id -> its keys) forward."""
+        if not held:
+            return
+        expiry = time.time() + ttl
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for conn_id, keys in held.items():
+                for key in keys:
+                    pipe.zadd(key, {conn_id: expiry}, xx=True)
+            await pipe.execute()
+
+    async def release_connection(self, conn_id: str, keys: list[str]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zrem(key, conn_id)
+            await pipe.execute()
+
+    async def wanted(self, keys: list[str]) -> bool:
+        """Does another sender wait for a slot under any of these connection keys?"""
+        wants = [k.replace(f"{PREFIX}conn:", f"{PREFIX}want:", 1) for k in keys]
+        return bool(wants) and bool(await self.redis.exists(*wants))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _first_mx(raw: bytes | str | None) -> str | None:
+    if not raw:
+        return None
+    hosts = json.loads(raw)
+    return str(hosts[0][0]) if hosts else None
+
+
+class Blacklist:
+    """(recipient domain, local address) pairs that a server said are listed, until they expire."""
+
+    KEY = f"{PREFIX}blacklist"
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def mark(self, domain: str, address: str, ttl: float) -> None:
+        await self.redis.zadd(self.KEY, {f"{domain}|{address}": time.time() + ttl})
+
+    async def listed(self, domain: str, addresses: list[str]) -> set[str]:
+        if not addresses:
+            return set()
+        scores = await self.redis.zmscore(self.KEY, [f"{domain}|{a}" for a in addresses])
+        now = time.time()
+        return {a for a, score in zip(addresses, scores, strict=True) if score is not None and score > now}
+
+    async def count(self) -> int:
+        now = time.time()
+        await self.redis.zremrangebyscore(self.KEY, "-inf", now)
+        return int(await self.redis.zcard(self.KEY))
