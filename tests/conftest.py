@@ -92,6 +92,7 @@ def sinks(infra: Infra) -> dict[str, Sink]:
         sink.handler.messages.clear()
         sink.handler.scripted.clear()
         sink.handler.data_delay = 0.0
+        sink.handler.open_max = sink.handler.open_now
     return infra.sinks
 
 

@@ -40,6 +40,8 @@ class SinkHandler:
     # Per recipient: a list of replies to give at DATA, used up one by one (then 250).
     scripted: dict[str, list[str]] = field(default_factory=dict)
     data_delay: float = 0.0
+    open_now: int = 0  # connections open at this moment
+    open_max: int = 0  # the most that were ever open at once
     _counter: Any = field(default_factory=itertools.count)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -73,6 +75,26 @@ class SinkHandler:
         (self.folder / name).write_bytes(head.encode() + item.data)
 
 
+class CountingSMTP(SMTP):
+    """aiosmtpd's server, counting the connections open at once in its handler."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        handler: SinkHandler = self.event_handler
+        handler.open_now += 1
+        handler.open_max = max(handler.open_max, handler.open_now)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        handler: SinkHandler = self.event_handler
+        handler.open_now -= 1
+        super().connection_lost(exc)
+
+
+class CountingController(Controller):
+    def factory(self) -> SMTP:
+        return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class Sink:
     """An SMTP sink on ``host:port``, served from its own thread (aiosmtpd's Controller)."""
 
@@ -80,7 +102,7 @@ class Sink:
         self.host = host
         self.port = port
         self.handler = SinkHandler(folder=folder)
-        self.controller = Controller(
+        self.controller = CountingController(
             self.handler,
             hostname=host,
             port=port,

@@ -1,0 +1,80 @@
+"""Limits that hold for a zone across all its sender pods, and blacklist back-off."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
+
+
+def send(d: Deployment, rcpts: list[str]) -> None:
+    d.smtp_send("s@origin.test", rcpts, b"Subject: limits\r\n\r\nbody\r\n")
+
+
+async def test_domain_connection_limit_holds_across_three_pods(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy({"zones": {"default": {"domains": {"slow.test": {"connections": 2}}}}}, senders={"default": 3})
+    sink = sinks["127.0.0.4"]
+    sink.handler.data_delay = 0.3
+    await asyncio.to_thread(send, d, [f"r{n}@slow.test" for n in range(24)])
+    await eventually(lambda: len(sink.messages) == 24, timeout=60, what="24 deliveries")
+    assert sink.handler.open_max == 2  # the limit was reached, never passed
+
+
+async def test_mx_host_limit_counts_all_its_domains_together(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy({"zones": {"default": {"mx_hosts": {"mx.many.test": {"connections": 2}}}}}, senders={"default": 3})
+    sink = sinks[MANY_DOMAINS_MX]
+    sink.handler.data_delay = 0.2
+    await asyncio.to_thread(send, d, [f"r{n}@{MANY_DOMAINS[n]}" for n in range(20)])  # 20 domains, one MX
+    await eventually(lambda: len(sink.messages) == 20, timeout=60, what="20 deliveries")
+    assert sink.handler.open_max == 2
+
+
+@pytest.mark.slow
+async def test_domain_rate_limit_holds_across_three_pods(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy({"zones": {"default": {"domains": {"b.test": {"rate": "60/min"}}}}}, senders={"default": 3})
+    sink = sinks["127.0.0.3"]
+    await asyncio.to_thread(send, d, [f"r{n}@b.test" for n in range(45)])
+    await eventually(lambda: sink.messages, what="the first delivery")
+    start = sink.messages[0].time
+    await asyncio.sleep(max(0.0, start + 30.5 - time.time()))
+    in_window = sum(1 for m in sink.messages if m.time < start + 30)
+    assert 27 <= in_window <= 33, in_window  # 60/min is 30 in 30 s, within 10%
+
+
+async def test_a_blacklisted_address_is_left_for_another(deploy: DeploymentFactory, sinks: dict) -> None:
+    pool = [{"name": "out21.mta.test", "address": "127.0.0.21"}, {"name": "out22.mta.test", "address": "127.0.0.22"}]
+    d = await deploy({"zones": {"default": {"pool": pool, "defer_times": [1, 1, 1, 1, 1, 60]}}})
+    listed = "554 5.7.1 Service unavailable; Client host blocked using zen.spamhaus.org"
+    sinks["127.0.0.2"].handler.scripted["once@a.test"] = [listed]
+    sinks["127.0.0.3"].handler.scripted["twice@b.test"] = [listed, listed]
+    await asyncio.to_thread(send, d, ["once@a.test", "twice@b.test"])
+
+    # once@a.test: listed from one address, delivered from the other at the next attempt.
+    await eventually(lambda: sinks["127.0.0.2"].messages, what="delivery from the other address")
+    redis = Redis.from_url(d.config.dbs.redis)
+    try:
+        marks = {m.decode() for m in await redis.zrange("zmta:blacklist", 0, -1)}
+    finally:
+        await redis.aclose()
+    (first,) = [m for m in marks if m.startswith("a.test|")]
+    assert sinks["127.0.0.2"].messages[0].peer[0] != first.split("|")[1]
+
+    # twice@b.test: both addresses listed, so the delivery waits in the queue, not bounced.
+    async def waiting() -> bool:
+        rows = await d.store.pool.fetch("SELECT attempts, last_response FROM deliveries")
+        return bool(rows) and "Every local address" in (rows[0]["last_response"] or "")
+
+    await eventually(waiting, what="a deferral with no address left")
+    assert sinks["127.0.0.3"].messages == []
+    async with httpx.AsyncClient() as http:
+        await eventually(lambda: _gauge(http, d), what="zonemta_blacklisted 3.0 on the queue's metrics")
+
+
+async def _gauge(http: httpx.AsyncClient, d: Deployment) -> bool:
+    text = (await http.get(f"http://127.0.0.1:{d.config.metrics.queue_port}/metrics")).text
+    return "zonemta_blacklisted 3.0" in text

@@ -1,0 +1,112 @@
+"""zmta_common.limits against a real Redis: admission, rates, skip list, connection slots, blacklist."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import Infra
+from zmta_common.config import Zone
+from zmta_common.limits import Blacklist, Candidate, ZoneLimits
+
+
+@pytest.fixture
+async def redis(infra: Infra) -> AsyncIterator[Redis]:
+    client = Redis.from_url(infra.redis.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+def zone(**kwargs: object) -> Zone:
+    return Zone.model_validate(kwargs)
+
+
+def candidates(domain: str, n: int, group: str | None = None, start: int = 0) -> list[Candidate]:
+    return [Candidate(f"m{domain}.{i:03x}", domain, group) for i in range(start, start + n)]
+
+
+async def test_in_flight_limit_and_release(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(domains={"*": {"connections": 3}}))
+    expiry = time.time() + 60
+    assert await limits.admit(candidates("a.test", 5), want=10, lease_expiry=expiry) == [0, 1, 2]
+    assert await limits.skip_domains() == ["a.test"]
+    assert await limits.admit(candidates("b.test", 2), want=10, lease_expiry=expiry) == [0, 1]
+    assert await limits.admit(candidates("a.test", 1, start=9), want=10, lease_expiry=expiry) == []
+    await limits.release(["ma.test.000"])
+    assert await limits.admit(candidates("a.test", 2, start=9), want=10, lease_expiry=expiry) == [0]
+
+
+async def test_want_caps_the_batch(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone())
+    assert await limits.admit(candidates("a.test", 5) + candidates("b.test", 5), 4, time.time() + 60) == [0, 1, 2, 3]
+
+
+async def test_expired_leases_free_their_place(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(domains={"*": {"connections": 1}}))
+    assert await limits.admit(candidates("a.test", 1), 10, time.time() + 0.3) == [0]
+    assert await limits.admit(candidates("a.test", 1, start=1), 10, time.time() + 60) == []
+    await asyncio.sleep(0.4)
+    assert await limits.admit(candidates("a.test", 1, start=1), 10, time.time() + 60) == [0]
+
+
+async def test_rate_spaces_admissions(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"rate": "4/sec", "connections": 100}}))
+    admitted_at = []
+    deadline = time.monotonic() + 1.6
+    n = 0
+    while time.monotonic() < deadline:
+        if await limits.admit(candidates("a.test", 1, start=n), 10, time.time() + 60):
+            admitted_at.append(time.monotonic())
+            n += 1
+        await asyncio.sleep(0.01)
+    # a burst of 2, then one every 0.25 s: 2 + 1.6 / 0.25 = 8, give or take one
+    assert 7 <= len(admitted_at) <= 9, admitted_at
+    gaps = [b - a for a, b in itertools.pairwise(admitted_at[2:])]
+    assert min(gaps) > 0.2
+
+
+async def test_mx_group_limit_spans_domains(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(mx_hosts={"*.outlook.test": {"connections": 2}}))
+    group = "*.outlook.test"
+    mixed = candidates("a.test", 2, group) + candidates("b.test", 2, group) + candidates("c.test", 2)
+    assert await limits.admit(mixed, 10, time.time() + 60) == [0, 1, 4, 5]
+    assert await limits.skip_domains() == ["b.test"]  # found at the limit; a.test will be at its next try
+
+
+async def test_group_of_reads_the_senders_dns_cache(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(mx_hosts={"*.outlook.test": {"connections": 2}}))
+    await redis.set("zmta:dns:a.test", '[["a-test.mail.outlook.test", ["192.0.2.1"]], ["backup.test", []]]')
+    assert await limits.group_of(["a.test", "unknown.test"]) == {"a.test": "*.outlook.test", "unknown.test": None}
+
+
+async def test_connection_slots(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 2}}))
+    assert await limits.acquire_connection("c1", "a.test", None, ttl=10)
+    assert await limits.acquire_connection("c2", "a.test", None, ttl=0.3)
+    assert not await limits.acquire_connection("c3", "a.test", None, ttl=10)
+    keys, _ = limits.connection_keys("a.test", None)
+    assert await limits.wanted(keys)  # c3's failed try asks holders to let go of idle connections
+    await limits.release_connection("c1", keys)
+    assert await limits.acquire_connection("c3", "a.test", None, ttl=10)
+    await asyncio.sleep(0.4)  # c2 was never renewed: its slot expires
+    assert await limits.acquire_connection("c4", "a.test", None, ttl=10)
+    await limits.renew_connections({"c3": keys, "c4": keys}, ttl=10)
+    assert not await limits.acquire_connection("c5", "a.test", None, ttl=10)
+
+
+async def test_blacklist_marks_expire(redis: Redis) -> None:
+    blacklist = Blacklist(redis)
+    await blacklist.mark("a.test", "192.0.2.1", ttl=0.3)
+    await blacklist.mark("a.test", "192.0.2.2", ttl=60)
+    await blacklist.mark("b.test", "192.0.2.1", ttl=60)
+    assert await blacklist.listed("a.test", ["192.0.2.1", "192.0.2.2", "192.0.2.3"]) == {"192.0.2.1", "192.0.2.2"}
+    assert await blacklist.count() == 3
+    await asyncio.sleep(0.4)
+    assert await blacklist.listed("a.test", ["192.0.2.1", "192.0.2.2"]) == {"192.0.2.2"}
+    assert await blacklist.count() == 2
