@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
+from zmta_common import local_address, slices
 from zmta_common.config import PoolAddress
-from zmta_sender import local_address, slices
 
 POOL = [
     PoolAddress(name="a.example", address="192.0.2.1"),

@@ -125,11 +125,17 @@ class MessageQueued(Payload):
 
 @dataclass(slots=True)
 class WorkRequest(Payload):
-    """A sender asks the queue for up to ``max`` ready deliveries of its zone."""
+    """A sender asks the queue for up to ``max`` ready deliveries of its zone.
+
+    It is pod ``slice_index`` of ``slice_count``: it gets the deliveries whose local
+    address is in its slice of the zone's pool.
+    """
 
     zone: str
     sender: str
     max: int
+    slice_index: int = 0
+    slice_count: int = 1
 
 
 @dataclass(slots=True)
@@ -144,6 +150,9 @@ class LeasedDelivery(Payload):
     lease_token: str
     lease_expires: float
     attempts: int
+    # The pool address to send from, chosen by the queue ("" when the zone has no pool,
+    # or when every address is blacklisted or disabled for the domain).
+    local_address: str = ""
 
 
 @dataclass(slots=True)

@@ -283,11 +283,13 @@ class Store:
         owner: str,
         skip_domains: Sequence[str] = (),
         admit: Admit | None = None,
+        scan: int | None = None,
     ) -> list[Lease]:
         """Lease up to ``limit`` ready deliveries of ``zone`` for ``lease_time`` seconds.
 
-        ``skip_domains`` are left out of the query. ``admit``, when given, sees the ready
-        candidates (while they are locked) and returns the positions of those to lease.
+        ``skip_domains`` are left out of the query. ``admit``, when given, sees up to
+        ``scan`` ready candidates (while they are locked) and returns the positions of
+        those to lease.
         """
         token = uuid.uuid4()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -297,7 +299,7 @@ class Store:
                 " AND (lease_expires IS NULL OR lease_expires < now()) AND domain <> ALL($3::text[])"
                 " ORDER BY next_attempt LIMIT $2 FOR UPDATE SKIP LOCKED",
                 zone,
-                limit if admit is None else limit * 4,
+                limit if admit is None else max(limit, scan or limit * 4),
                 list(skip_domains),
             )
             if admit is not None and ready:

@@ -25,7 +25,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     bus = await zbus.connect(config.dbs.nats, "queue")
     redis = Redis.from_url(config.dbs.redis)
     limits = {name: ZoneLimits(redis, name, zone) for name, zone in config.zones.items()}
-    await WorkDesk(config, store, limits).start(bus.nc)
+    await WorkDesk(config, store, redis, limits).start(bus.nc)
     tasks = [
         asyncio.create_task(ResultApplier(config, store, bus.js, limits).run(stop), name="results"),
         asyncio.create_task(Housekeeping(config, store, Blacklist(redis)).run(stop), name="housekeeping"),

@@ -1,11 +1,13 @@
-"""Answers senders' work requests with deliveries leased from the store."""
+"""Answers senders' work requests with deliveries leased from the store, within the zone's limits."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from redis.asyncio import Redis
 
 from zmta_common.config import Config
 from zmta_common.events import (
@@ -16,49 +18,73 @@ from zmta_common.events import (
     WorkReply,
     WorkRequest,
 )
-from zmta_common.limits import Candidate, ZoneLimits
+from zmta_common.limits import Blacklist, Candidate, ZoneLimits
+from zmta_common.slices import Slice
 from zmta_common.store import Store
+
+from .assignment import Assignment
 
 log = logging.getLogger(__name__)
 
 
 class WorkDesk:
-    def __init__(self, config: Config, store: Store, limits: dict[str, ZoneLimits]) -> None:
+    def __init__(self, config: Config, store: Store, redis: Redis, limits: dict[str, ZoneLimits]) -> None:
         self.config = config
         self.store = store
         self.limits = limits
+        self.blacklist = Blacklist(redis)
+        self.assignments = {
+            name: Assignment(redis, name, zone.pool, ipv6=not zone.ignore_ipv6) for name, zone in config.zones.items()
+        }
 
-    async def start(self, nc: object) -> None:
-        await nc.subscribe(WORK_SUBJECT_ALL, queue=QUEUE_GROUP_QUEUE, cb=self.on_request)  # type: ignore[attr-defined]
+    async def start(self, nc: NATS) -> None:
+        await nc.subscribe(WORK_SUBJECT_ALL, queue=QUEUE_GROUP_QUEUE, cb=self.on_request)
 
     async def on_request(self, msg: Msg) -> None:
         try:
             request = WorkRequest.decode(msg.data)
-        except SchemaError as exc:
+            requester = Slice(request.slice_index, request.slice_count)
+        except (SchemaError, ValueError) as exc:
             log.warning("bad work request", extra={"error": str(exc)})
             await msg.respond(WorkReply().encode())
             return
         deliveries: list[LeasedDelivery] = []
         if request.zone in self.config.zones and request.max > 0:
             try:
-                deliveries = await self.lease(request)
-            except Exception as exc:  # the store is down: the sender asks again later
+                deliveries = await self.lease(request, requester)
+            except Exception as exc:  # the store or Redis is down: the sender asks again later
                 log.warning("lease failed", extra={"zone": request.zone, "error": repr(exc)})
         await msg.respond(WorkReply(deliveries=deliveries).encode())
 
-    async def lease(self, request: WorkRequest) -> list[LeasedDelivery]:
-        """Lease ready deliveries that fit the zone's limits (connections in flight, rates)."""
+    async def lease(self, request: WorkRequest, requester: Slice) -> list[LeasedDelivery]:
+        """Lease ready deliveries of the requester's slice that fit the zone's limits."""
         limits = self.limits[request.zone]
+        assignment = self.assignments[request.zone]
         want = min(request.max, self.config.queue.max_batch)
         lease_time = self.config.queue.lease_time
+        alive = await assignment.seen(requester)
+        addresses: dict[tuple[str, str], str] = {}
 
         async def admit(ready: list[tuple[str, str, str]]) -> list[int]:
-            groups = await limits.group_of(sorted({domain for _, _, domain in ready}))
-            candidates = [Candidate(f"{i}.{seq}", domain, groups[domain]) for i, seq, domain in ready]
-            return await limits.admit(candidates, want, time.time() + lease_time)
+            excluded = await self._excluded(request.zone, {domain for _, _, domain in ready})
+            mine = []
+            for index, (message_id, seq, domain) in enumerate(ready):
+                take, address = assignment.assign(f"{message_id}.{seq}", excluded[domain], requester, alive)
+                if take:
+                    mine.append(index)
+                    addresses[(message_id, seq)] = address.address if address else ""
+            groups = await limits.group_of(sorted({ready[i][2] for i in mine}))
+            candidates = [Candidate(f"{ready[i][0]}.{ready[i][1]}", ready[i][2], groups[ready[i][2]]) for i in mine]
+            return [mine[j] for j in await limits.admit(candidates, want, time.time() + lease_time)]
 
         leases = await self.store.lease(
-            request.zone, want, lease_time, request.sender, skip_domains=await limits.skip_domains(), admit=admit
+            request.zone,
+            want,
+            lease_time,
+            request.sender,
+            skip_domains=await limits.skip_domains(),
+            admit=admit,
+            scan=min(1000, want * 4 * requester.count),
         )
         if leases:
             log.debug("leased", extra={"zone": request.zone, "count": len(leases), "sender": request.sender})
@@ -72,6 +98,17 @@ class WorkDesk:
                 lease_token=lease.lease_token,
                 lease_expires=lease.lease_expires.timestamp(),
                 attempts=lease.attempts,
+                local_address=addresses.get((lease.id, lease.seq), ""),
             )
             for lease in leases
         ]
+
+    async def _excluded(self, zone_name: str, domains: set[str]) -> dict[str, set[str]]:
+        """Per domain: the pool addresses disabled for it in the config or blacklisted by it."""
+        zone = self.config.zones[zone_name]
+        pool = [a.address for a in zone.pool]
+        excluded = {}
+        for domain in domains:
+            listed = await self.blacklist.listed(domain, pool) if pool else set()
+            excluded[domain] = listed | set(zone.domain_policy(domain).disabled_addresses)
+        return excluded

@@ -12,14 +12,13 @@ import typer
 from redis.asyncio import Redis
 
 from zmta_common import bus as zbus
-from zmta_common import metrics, service
+from zmta_common import metrics, service, slices
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
+from zmta_common.slices import Slice
 from zmta_common.store import Store
 
-from . import slices
 from .mx import MxResolver
-from .slices import Slice
 from .worker import Sender
 
 log = logging.getLogger("zmta_sender")
@@ -34,7 +33,6 @@ def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
         bus = await zbus.connect(config.dbs.nats, f"sender-{zone}")
         redis = Redis.from_url(config.dbs.redis)
         name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
-        pool = part.of(config.zones[zone].pool)
         sender = Sender(
             config,
             zone,
@@ -42,7 +40,7 @@ def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
             bus,
             MxResolver(config.dns, redis),
             name,
-            pool,
+            part,
             ZoneLimits(redis, zone, config.zones[zone]),
             Blacklist(redis),
         )
@@ -58,7 +56,7 @@ def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
 
         port = config.metrics.sender_port if metrics_port is None else metrics_port
         metrics_task = await metrics.serve(config.metrics.host, port, health)
-        log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in pool]})
+        log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in sender.pool]})
         await sender.run(stop)
         metrics_task.cancel()
         await bus.close()

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from zmta_common import local_address
 from zmta_common.bus import Bus
 from zmta_common.config import Config, PoolAddress, Zone, parse_rate
 from zmta_common.events import (
@@ -38,9 +39,9 @@ from zmta_common.events import (
     work_subject,
 )
 from zmta_common.limits import Blacklist, ZoneLimits
+from zmta_common.slices import Slice
 from zmta_common.store import Store, StoredMessage
 
-from . import local_address
 from .connections import ConnectionPool
 from .errors import DeliveryError
 from .mx import MxResolver, Target
@@ -62,14 +63,15 @@ class Sender:
         bus: Bus,
         resolver: MxResolver,
         name: str,
-        pool: list[PoolAddress],
+        part: Slice,
         limits: ZoneLimits,
         blacklist: Blacklist,
     ) -> None:
         self.config = config
         self.zone_name = zone
         self.zone: Zone = config.zones[zone]
-        self.pool = pool  # this process's slice of the zone's pool
+        self.part = part
+        self.pool = part.of(self.zone.pool)  # this process's slice of the zone's pool
         self.limits = limits
         self.blacklist = blacklist
         self.store = store
@@ -118,7 +120,9 @@ class Sender:
             waiter.cancel()
 
     async def _take_work(self, free: int) -> int:
-        request = WorkRequest(zone=self.zone_name, sender=self.name, max=free)
+        request = WorkRequest(
+            zone=self.zone_name, sender=self.name, max=free, slice_index=self.part.index, slice_count=self.part.count
+        )
         try:
             reply = await self.bus.nc.request(work_subject(self.zone_name), request.encode(), timeout=5)
         except (NatsTimeout, NoRespondersError):
@@ -158,51 +162,74 @@ class Sender:
                 f"451 4.7.1 Every local address of this sender is blacklisted or disabled for {delivery.domain}",
                 "blacklisted",
             )
-        ehlo_name = local.name if local else self.config.hostname
-        attempt = Attempt(
-            mail_from=delivery.mail_from,
-            recipient=delivery.recipient,
-            ehlo_name=ehlo_name,
-            source_ip=local.address if local else None,
-            connect_timeout=self.zone.connect_timeout,
-            command_timeout=self.zone.command_timeout,
-        )
         try:
             targets = await self._targets(delivery.domain)
+            local, targets = self._same_family(local, targets, delivery)
+            ehlo_name = local.name if local else self.config.hostname
+            attempt = Attempt(
+                mail_from=delivery.mail_from,
+                recipient=delivery.recipient,
+                ehlo_name=ehlo_name,
+                source_ip=local.address if local else None,
+                connect_timeout=self.zone.connect_timeout,
+                command_timeout=self.zone.command_timeout,
+            )
             group = None if self.zone.smarthost else self.zone.mx_group(targets[0].host)
             chunks = functools.partial(self._chunks, message, delivery, ehlo_name)
             accepted = await deliver(attempt, targets, chunks, self.connections, group)
         except DeliveryError as exc:
             status = REJECTED if exc.permanent else DEFERRED
-            return self._report(delivery, status, str(exc), exc.category, local_ip=attempt.source_ip)
+            return self._report(delivery, status, str(exc), exc.category, local_ip=local.address if local else None)
         except ReplyError as exc:
-            verdict = await self._classify(exc)
-            if verdict.action == "blacklist" and attempt.source_ip:
-                await self.blacklist.mark(delivery.domain, attempt.source_ip, self.config.bounce.blacklist_ttl)
-                log.warning(
-                    "local address blacklisted",
-                    extra={
-                        "id": delivery.id,
-                        "seq": delivery.seq,
-                        "zone": self.zone_name,
-                        "domain": delivery.domain,
-                        "local_address": attempt.source_ip,
-                        "response": str(exc),
-                    },
-                )
-            status = REJECTED if verdict.action == "reject" else DEFERRED
-            return self._report(
-                delivery, status, f"{exc.code} {exc.text}", verdict.category, exc.target.host, attempt.source_ip
-            )
+            return await self._refused(delivery, exc, attempt.source_ip)
         return self._report(delivery, DELIVERED, accepted.response, "", accepted.target.host, attempt.source_ip)
 
+    async def _refused(self, delivery: LeasedDelivery, exc: ReplyError, source_ip: str | None) -> DeliveryReport:
+        """A server's refusal: classified; a listed local address is left alone for a while."""
+        verdict = await self._classify(exc)
+        if verdict.action == "blacklist" and source_ip:
+            await self.blacklist.mark(delivery.domain, source_ip, self.config.bounce.blacklist_ttl)
+            log.warning(
+                "local address blacklisted",
+                extra={
+                    "id": delivery.id,
+                    "seq": delivery.seq,
+                    "zone": self.zone_name,
+                    "domain": delivery.domain,
+                    "local_address": source_ip,
+                    "response": str(exc),
+                },
+            )
+        status = REJECTED if verdict.action == "reject" else DEFERRED
+        return self._report(delivery, status, f"{exc.code} {exc.text}", verdict.category, exc.target.host, source_ip)
+
     async def _local_address(self, delivery: LeasedDelivery) -> PoolAddress | None:
-        """This sender's pool address for the delivery, leaving out those disabled or listed for its domain."""
+        """The address the queue assigned, if it is ours; else one of our slice that the domain takes."""
+        assigned = next((a for a in self.pool if a.address == delivery.local_address), None)
+        if assigned is not None or not self.pool:
+            return assigned
         policy = self.zone.domain_policy(delivery.domain)
         excluded = set(policy.disabled_addresses)
         excluded |= await self.blacklist.listed(delivery.domain, [a.address for a in self.pool])
         usable = [a for a in self.pool if a.address not in excluded]
         return local_address.choose(usable, f"{delivery.id}.{delivery.seq}", ipv6=not self.zone.ignore_ipv6)
+
+    def _same_family(
+        self, local: PoolAddress | None, targets: list[Target], delivery: LeasedDelivery
+    ) -> tuple[PoolAddress | None, list[Target]]:
+        """Targets of the local address's IP version; another address of ours if that version has none."""
+        if local is None:
+            return local, targets
+        v6 = ":" in local.address
+        same = [t for t in targets if (":" in t.ip) == v6]
+        if same:
+            return local, same
+        others = [a for a in self.pool if (":" in a.address) != v6]
+        other = local_address.choose(others, f"{delivery.id}.{delivery.seq}", ipv6=True)
+        if other is None:
+            version = "IPv6" if not v6 else "IPv4"
+            raise DeliveryError(f"the mail servers of {delivery.domain} have only {version} addresses", "network")
+        return other, [t for t in targets if (":" in t.ip) != v6]
 
     async def _targets(self, domain: str) -> list[Target]:
         if self.zone.smarthost:

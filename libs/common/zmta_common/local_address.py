@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 
-from zmta_common.config import PoolAddress
+from .config import PoolAddress
 
 
 def _unit(key: str, address: str) -> float:

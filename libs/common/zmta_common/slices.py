@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from zmta_common.config import PoolAddress
+from .config import PoolAddress
 
 
 class SliceError(ValueError):
@@ -28,6 +28,12 @@ class Slice:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+    def owners(self, position: int, pool_size: int) -> set[int]:
+        """The slices (of this slice's count) that hold the pool address at ``position``."""
+        if self.count <= pool_size:
+            return {position % self.count}
+        return {i for i in range(self.count) if i % pool_size == position}
 
     def of(self, pool: list[PoolAddress]) -> list[PoolAddress]:
         if not pool:
