@@ -41,6 +41,7 @@ NULL_MX = ["nullmx.test"]
 # Many domains with one MX host, for tests that need mail to "many domains".
 MANY_DOMAINS = [f"w{n}.test" for n in range(100)]
 MANY_DOMAINS_MX = "127.0.0.6"
+IPV6_ONLY = {"v6.test": "::1"}  # MX host with an AAAA record only
 
 
 @dataclass
@@ -70,8 +71,11 @@ def infra() -> Iterator[Infra]:
     for domain in MANY_DOMAINS:
         dns.add_mx(domain, "mx.many.test", 10)
     dns.add_host("mx.many.test", MANY_DOMAINS_MX)
+    for domain, ip in IPV6_ONLY.items():
+        dns.add_mx(domain, f"mx.{domain}", 10)
+        dns.add_host(f"mx.{domain}", ip)
     sink_port = free_port()
-    sink_ips = set(MX_HOSTS.values()) | set(A_ONLY.values()) | {MANY_DOMAINS_MX}
+    sink_ips = set(MX_HOSTS.values()) | set(A_ONLY.values()) | {MANY_DOMAINS_MX} | set(IPV6_ONLY.values())
     sinks = {ip: Sink(ip, sink_port) for ip in sorted(sink_ips)}
     started: list[Any] = []
     try:

@@ -212,6 +212,9 @@ class Queue(Section):
     # How long a sender owns leased deliveries; an expired lease makes them ready again.
     lease_time: float = Field(default=300.0, gt=0)
     max_batch: int = Field(default=100, ge=1, le=1000)
+    # A slice of a zone's pool whose sender pod has not asked for work for this long has
+    # its deliveries handed to the zone's other pods.
+    sender_timeout: float = Field(default=30.0, gt=0)
     housekeeping_interval: float = Field(default=10.0, gt=0)
 
 

@@ -19,15 +19,14 @@ from zmta_common.limits import PREFIX
 from zmta_common.local_address import choose
 from zmta_common.slices import Slice
 
-POD_TIMEOUT = 30.0  # seconds without a work request after which a slice counts as unattended
-
 
 class Assignment:
-    def __init__(self, redis: Redis, zone: str, pool: list[PoolAddress], ipv6: bool) -> None:
+    def __init__(self, redis: Redis, zone: str, pool: list[PoolAddress], ipv6: bool, timeout: float) -> None:
         self.redis = redis
         self.zone = zone
         self.pool = pool
         self.ipv6 = ipv6
+        self.timeout = timeout  # seconds without a work request after which a slice counts as unattended
         self._key = f"{PREFIX}pods:{zone}"
 
     async def seen(self, requester: Slice) -> set[int]:
@@ -37,7 +36,7 @@ class Assignment:
         alive = set()
         for field, stamp in (await self.redis.hgetall(self._key)).items():
             index, _, count = (field.decode() if isinstance(field, bytes) else str(field)).partition("/")
-            if count == str(requester.count) and now - float(stamp) < POD_TIMEOUT:
+            if count == str(requester.count) and now - float(stamp) < self.timeout:
                 alive.add(int(index))
         return alive
 

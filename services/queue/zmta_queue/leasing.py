@@ -34,7 +34,8 @@ class WorkDesk:
         self.limits = limits
         self.blacklist = Blacklist(redis)
         self.assignments = {
-            name: Assignment(redis, name, zone.pool, ipv6=not zone.ignore_ipv6) for name, zone in config.zones.items()
+            name: Assignment(redis, name, zone.pool, not zone.ignore_ipv6, config.queue.sender_timeout)
+            for name, zone in config.zones.items()
         }
 
     async def start(self, nc: NATS) -> None:
