@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import httpx
@@ -78,3 +79,24 @@ async def test_a_blacklisted_address_is_left_for_another(deploy: DeploymentFacto
 async def _gauge(http: httpx.AsyncClient, d: Deployment) -> bool:
     text = (await http.get(f"http://127.0.0.1:{d.config.metrics.queue_port}/metrics")).text
     return "zonemta_blacklisted 3.0" in text
+
+
+async def test_throttling_spaces_messages_on_one_connection(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy({"zones": {"default": {"throttling": "120/min", "domains": {"b.test": {"connections": 1}}}}})
+    await asyncio.to_thread(send, d, [f"t{n}@b.test" for n in range(4)])
+    sink = sinks["127.0.0.3"]
+    await eventually(lambda: len(sink.messages) == 4, what="4 deliveries")
+    times = sorted(m.time for m in sink.messages)
+    assert len({m.peer for m in sink.messages}) == 1  # one connection carried them all
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.45  # 120/min: one every 0.5 s
+
+
+async def test_disabled_addresses_are_never_used_for_their_domain(deploy: DeploymentFactory, sinks: dict) -> None:
+    pool = [{"name": "out51.mta.test", "address": "127.0.0.51"}, {"name": "out52.mta.test", "address": "127.0.0.52"}]
+    d = await deploy(
+        {"zones": {"default": {"pool": pool, "domains": {"a.test": {"disabled_addresses": ["127.0.0.51"]}}}}}
+    )
+    await asyncio.to_thread(send, d, [f"x{n}@a.test" for n in range(10)] + [f"y{n}@b.test" for n in range(10)])
+    await eventually(lambda: len(sinks["127.0.0.2"].messages) == len(sinks["127.0.0.3"].messages) == 10, what="20")
+    assert {m.peer[0] for m in sinks["127.0.0.2"].messages} == {"127.0.0.52"}
+    assert {m.peer[0] for m in sinks["127.0.0.3"].messages} == {"127.0.0.51", "127.0.0.52"}  # b.test may use both
