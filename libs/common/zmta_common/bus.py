@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -102,7 +101,7 @@ async def consume(
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=1)
-            except NatsTimeout:
+            except TimeoutError:  # nothing pending (nats-py raises its own or asyncio's)
                 continue
             except Exception as exc:  # NATS reconnecting: try again shortly
                 log.warning("fetch failed", extra={"stream": stream, "error": repr(exc)})

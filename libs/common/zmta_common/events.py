@@ -11,6 +11,7 @@ Subjects follow ``zmta.<noun>.<verb>[.<zone>]``:
 subject                            how              payload
 =================================  ===============  =====================================
 zmta.msg.queued.<zone>             core publish     :class:`MessageQueued` (wakes senders)
+zmta.work.ready.<zone>             core publish     :class:`WorkReady` (room freed: wakes senders)
 zmta.work.request.<zone>           request/reply    :class:`WorkRequest` -> :class:`WorkReply`
 zmta.delivery.reported.<zone>      JetStream        :class:`DeliveryReport` (stream RESULTS)
 zmta.delivery.bounced.<zone>       JetStream        :class:`BounceEvent` (stream BOUNCES)
@@ -47,6 +48,10 @@ class SchemaError(ValueError):
 
 def queued_subject(zone: str) -> str:
     return f"zmta.msg.queued.{zone}"
+
+
+def ready_subject(zone: str) -> str:
+    return f"zmta.work.ready.{zone}"
 
 
 def work_subject(zone: str) -> str:
@@ -121,6 +126,14 @@ class MessageQueued(Payload):
     id: str
     zone: str
     deliveries: int
+
+
+@dataclass(slots=True)
+class WorkReady(Payload):
+    """Deliveries of the zone finished, so limits that held work back may have room again."""
+
+    zone: str
+    finished: int
 
 
 @dataclass(slots=True)

@@ -75,7 +75,7 @@ while i + 8 <= #ARGV and #admitted < want do
     local gconn, gcount, gperiod = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
     local free_at = nil
     if not room('d', domain, dconn) or (group ~= '' and not room('m', group, gconn)) then
-        free_at = now + 1
+        free_at = now + 0.5  -- or sooner: a report that frees a place takes it off the list
     end
     local dtat, gtat = 0, 0
     if not free_at then
@@ -114,6 +114,8 @@ for i = 3, #ARGV do
         redis.call('ZREM', prefix .. 'inflight:' .. zone .. ':d:' .. domain, ARGV[i])
         if group ~= '' then redis.call('ZREM', prefix .. 'inflight:' .. zone .. ':m:' .. group, ARGV[i]) end
         redis.call('DEL', lease_key)
+        -- a place is free again: the domain may be leased at once (a rate wait keeps its own key)
+        redis.call('ZREM', prefix .. 'skip:' .. zone, domain)
     end
 end
 return 0

@@ -27,7 +27,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     limits = {name: ZoneLimits(redis, name, zone) for name, zone in config.zones.items()}
     await WorkDesk(config, store, redis, limits).start(bus.nc)
     tasks = [
-        asyncio.create_task(ResultApplier(config, store, bus.js, limits).run(stop), name="results"),
+        asyncio.create_task(ResultApplier(config, store, bus, limits).run(stop), name="results"),
         asyncio.create_task(Housekeeping(config, store, Blacklist(redis)).run(stop), name="housekeeping"),
     ]
 

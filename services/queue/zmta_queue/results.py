@@ -16,10 +16,9 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from zmta_common import metrics
-from zmta_common.bus import consume
+from zmta_common.bus import Bus, consume
 from zmta_common.config import Config
 from zmta_common.events import (
     DEFERRED,
@@ -29,7 +28,9 @@ from zmta_common.events import (
     BounceEvent,
     DeliveryReport,
     SchemaError,
+    WorkReady,
     bounced_subject,
+    ready_subject,
 )
 from zmta_common.limits import ZoneLimits
 from zmta_common.store import OutcomeBatch, Store
@@ -40,12 +41,11 @@ CONSUMER = "zmta-queue"
 
 
 class ResultApplier:
-    def __init__(
-        self, config: Config, store: Store, js: JetStreamContext, limits: dict[str, ZoneLimits], batch: int = 200
-    ) -> None:
+    def __init__(self, config: Config, store: Store, bus: Bus, limits: dict[str, ZoneLimits], batch: int = 200) -> None:
         self.config = config
         self.store = store
-        self.js = js
+        self.bus = bus
+        self.js = bus.js
         self.limits = limits
         self.batch = batch
 
@@ -112,6 +112,8 @@ class ResultApplier:
         for zone, members in by_zone.items():
             if zone in self.limits:
                 await self.limits[zone].release(members)
+                # Senders waiting for room under a limit may ask again now.
+                await self.bus.nc.publish(ready_subject(zone), WorkReady(zone=zone, finished=len(members)).encode())
 
     def _retry_delay(self, zone: str, attempts: int) -> float | None:
         zone_cfg = self.config.zones.get(zone)

@@ -35,6 +35,7 @@ from zmta_common.events import (
     WorkReply,
     WorkRequest,
     queued_subject,
+    ready_subject,
     reported_subject,
     work_subject,
 )
@@ -94,7 +95,10 @@ class Sender:
         async def on_queued(_: Msg) -> None:
             self._wake.set()
 
-        sub = await self.bus.nc.subscribe(queued_subject(self.zone_name), cb=on_queued)
+        subs = [
+            await self.bus.nc.subscribe(queued_subject(self.zone_name), cb=on_queued),
+            await self.bus.nc.subscribe(ready_subject(self.zone_name), cb=on_queued),
+        ]
         upkeep = asyncio.create_task(self.connections.run(stop), name="connection-upkeep")
         try:
             while not stop.is_set():
@@ -105,7 +109,8 @@ class Sender:
                 self._wake.clear()
                 await self._wait_for_wake_or_slot(stop)
         finally:
-            await sub.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()
             # Let deliveries in flight finish; their leases would otherwise have to expire.
             if self._in_flight:
                 await asyncio.wait(self._in_flight, timeout=self.zone.command_timeout)

@@ -148,7 +148,7 @@ def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: in
         config_path.write_text(
             yaml.safe_dump(
                 {
-                    "log_level": "WARNING",
+                    "log_level": os.environ.get("ZMTA_BENCH_LOG_LEVEL", "WARNING"),
                     "dbs": {"postgres": postgres.url, "redis": redis.url, "nats": nats.url, "postgres_pool_size": 30},
                     "smtp_interfaces": {"feeder": {"port": free_port()}},
                     "api": {"port": free_port()},
@@ -158,7 +158,15 @@ def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: in
                         "sender_port": free_port(),
                         "bounce_port": free_port(),
                     },
-                    "zones": {"default": {"smarthost": f"127.0.0.1:{sink.port}", "connections": 20}, "bounces": {}},
+                    # 20 parallel deliveries to the one destination: Postfix's default_destination_concurrency_limit
+                    "zones": {
+                        "default": {
+                            "smarthost": f"127.0.0.1:{sink.port}",
+                            "connections": 20,
+                            "domains": {"*": {"connections": 20}},
+                        },
+                        "bounces": {},
+                    },
                 }
             )
         )
@@ -235,7 +243,8 @@ def main(
         ours = run_ours(workdir / "ours", messages, sessions, size, senders)
         theirs = run_postfix(workdir, messages, sessions, size)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not os.environ.get("ZMTA_BENCH_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)
     print(f"load: {messages} messages of {size} bytes over {sessions} sessions (smtp-source -> relay -> smtp-sink)")
     print(f"{'relay':<12} {'intake msg/s':>14} {'end-to-end msg/s':>18}")
     for r in (ours, theirs):
