@@ -110,3 +110,12 @@ async def test_blacklist_marks_expire(redis: Redis) -> None:
     await asyncio.sleep(0.4)
     assert await blacklist.listed("a.test", ["192.0.2.1", "192.0.2.2"]) == {"192.0.2.2"}
     assert await blacklist.count() == 2
+
+
+async def test_mx_group_rate_spans_domains(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(mx_hosts={"mx.shared.test": {"rate": "1/min"}}))
+    group = "mx.shared.test"
+    batch = candidates("a.test", 1, group) + candidates("b.test", 1, group) + candidates("c.test", 1)
+    # the group's rate allows one and a burst of one; the unrelated domain goes regardless
+    assert await limits.admit(batch, 10, time.time() + 60) == [0, 1, 2]
+    assert await limits.admit(candidates("b.test", 1, group, start=5), 10, time.time() + 60) == []

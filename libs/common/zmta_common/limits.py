@@ -54,7 +54,7 @@ local function next_tat(kind, name, count, period)
     if count <= 0 then return 0 end
     local interval = period / count
     local tat = tonumber(redis.call('GET', prefix .. 'rate:' .. zone .. ':' .. kind .. ':' .. name) or now)
-    if tat - now > interval then return nil, tat - interval end
+    if tat - now > interval + 0.001 then return nil, tat - interval end  -- 1 ms for rounding
     return math.max(tat, now) + interval
 end
 
@@ -64,7 +64,8 @@ local function take(kind, name, member, connections, tat, period)
     end
     if tat > 0 then
         local key = prefix .. 'rate:' .. zone .. ':' .. kind .. ':' .. name
-        redis.call('SET', key, tostring(tat), 'PX', math.ceil((tat - now + period) * 1000))
+        -- tostring() would keep 14 digits only: too few for a Unix time with microseconds
+        redis.call('SET', key, string.format('%.6f', tat), 'PX', math.ceil((tat - now + period) * 1000))
     end
 end
 
