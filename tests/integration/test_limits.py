@@ -107,6 +107,8 @@ async def test_blacklist_marks_expire(redis: Redis) -> None:
     await blacklist.mark("b.test", "192.0.2.1", ttl=60)
     assert await blacklist.listed("a.test", ["192.0.2.1", "192.0.2.2", "192.0.2.3"]) == {"192.0.2.1", "192.0.2.2"}
     assert await blacklist.count() == 3
+    by_domain = await blacklist.listed_by_domain(["a.test", "b.test", "c.test"], ["192.0.2.1", "192.0.2.2"])
+    assert by_domain == {"a.test": {"192.0.2.1", "192.0.2.2"}, "b.test": {"192.0.2.1"}, "c.test": set()}
     await asyncio.sleep(0.4)
     assert await blacklist.listed("a.test", ["192.0.2.1", "192.0.2.2"]) == {"192.0.2.2"}
     assert await blacklist.count() == 2

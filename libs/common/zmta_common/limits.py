@@ -269,6 +269,20 @@ class Blacklist:
         now = time.time()
         return {a for a, score in zip(addresses, scores, strict=True) if score is not None and score > now}
 
+    async def listed_by_domain(self, domains: list[str], addresses: list[str]) -> dict[str, set[str]]:
+        """``listed`` for many domains in one round trip."""
+        if not domains or not addresses:
+            return {d: set() for d in domains}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for domain in domains:
+                pipe.zmscore(self.KEY, [f"{domain}|{a}" for a in addresses])
+            results = await pipe.execute()
+        now = time.time()
+        return {
+            domain: {a for a, score in zip(addresses, scores, strict=True) if score is not None and score > now}
+            for domain, scores in zip(domains, results, strict=True)
+        }
+
     async def count(self) -> int:
         now = time.time()
         await self.redis.zremrangebyscore(self.KEY, "-inf", now)

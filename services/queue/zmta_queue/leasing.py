@@ -107,9 +107,6 @@ class WorkDesk:
     async def _excluded(self, zone_name: str, domains: set[str]) -> dict[str, set[str]]:
         """Per domain: the pool addresses disabled for it in the config or blacklisted by it."""
         zone = self.config.zones[zone_name]
-        pool = [a.address for a in zone.pool]
-        excluded = {}
-        for domain in domains:
-            listed = await self.blacklist.listed(domain, pool) if pool else set()
-            excluded[domain] = listed | set(zone.domain_policy(domain).disabled_addresses)
-        return excluded
+        ordered = sorted(domains)
+        listed = await self.blacklist.listed_by_domain(ordered, [a.address for a in zone.pool])
+        return {d: listed[d] | set(zone.domain_policy(d).disabled_addresses) for d in ordered}
