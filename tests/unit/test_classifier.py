@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,10 +54,34 @@ def test_enhanced_status_decides_over_the_basic_code(classifier: Classifier) -> 
 
 def test_multiline_replies_are_normalised() -> None:
     text = "5.7.0 This message was blocked because its content presents a potential\n552-5.7.0 security issue."
-    assert (
-        normalise(552, text) == "552 5.7.0 This message was blocked because its content presents a potential "
-        "5.7.0 security issue."
+    assert normalise(552, text) == (
+        "552 5.7.0 This message was blocked because its content presents a potential security issue."
     )
+
+
+README_EXAMPLE = (
+    "552-5.7.0 This message was blocked because its content presents a potential\n"
+    "552-5.7.0 security issue. Please visit\n"
+    "552-5.7.0 http://support.google.com/mail/bin/answer.py?answer=6590 to review our\n"
+    "552 5.7.0 message content and attachment content guidelines. cp3si16622595oec.101 - gsmtp\n"
+)
+
+
+def test_check_bounce_prints_what_the_original_prints() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "zmta_bounce.check"], input=README_EXAMPLE, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.splitlines() == [
+        "data     : 552-5.7.0 This message was blocked because its content presents a potential",
+        "           552-5.7.0 security issue. Please visit",
+        "           552-5.7.0 http://support.google.com/mail/bin/answer.py?answer=6590 to review our",
+        "           552 5.7.0 message content and attachment content guidelines. cp3si16622595oec.101 - gsmtp",
+        "action   : reject",
+        "message  : Suspicious attachment",
+        "category : virus",
+        "code     : 552",
+        "status   : 5.7.0",
+    ]
 
 
 def test_bad_rules_file_is_refused(tmp_path: Path) -> None:

@@ -56,10 +56,20 @@ def load_rules(path: Path = DEFAULT_RULES) -> list[Rule]:
 
 
 def normalise(code: int, text: str) -> str:
-    """One line: ``<code> <text>`` with continuation prefixes and runs of whitespace removed."""
-    text = re.sub(r"(^|\n)\d{3}[ -]", r"\1", text.strip())
-    text = " ".join(text.split())
-    return f"{code} {text}" if code else text
+    """One line: ``<code> <text>``, without the reply-code and repeated status prefixes of
+    continuation lines, and with runs of whitespace collapsed."""
+    lines = text.strip().splitlines() or [""]
+    first = re.sub(r"^\d{3}[ -]", "", lines[0])
+    status = _STATUS.match(first)
+    rest = []
+    for line in lines[1:]:
+        line = re.sub(r"^\d{3}[ -]", "", line)
+        if status and line.startswith(status.group(0)):
+            line = line[len(status.group(0)) :]
+        rest.append(line)
+    joined = " ".join([first, *rest])
+    joined = " ".join(joined.split())
+    return f"{code} {joined}" if code else joined
 
 
 class Classifier:
