@@ -65,6 +65,12 @@ class QueuedMessage:
     zones: dict[str, int]  # zone -> number of deliveries
     message_id: str
     size: int
+    suppressed: list[str] = field(default_factory=list)  # recipients dropped by the suppression list
+
+    @property
+    def dropped(self) -> bool:
+        """Every recipient was suppressed: nothing was stored (the client still got its 250)."""
+        return not self.zones
 
 
 class LineEndNormaliser:
@@ -108,6 +114,7 @@ class MessageIntake:
         self.size = 0
         self.too_big = False
         self._failure: IntakeError | None = None  # kept until finish(), so the caller can drain DATA
+        self._store = store
         self._tx = store.begin_intake(self.id)
         self._normaliser = LineEndNormaliser()
         self._hasher = BodyHasher("relaxed", "sha256")
@@ -221,10 +228,17 @@ class MessageIntake:
         parsed_envelope = _parsed_envelope(headers)
         message_id = self._complete_headers(headers)
         now = datetime.now(UTC)
+        suppressed = await self._store.suppressed(env.recipients)
         deliveries = [
             NewDelivery(seq=seq_for(i), zone=zone, recipient=rcpt, domain=domain_of(rcpt))
             for i, (rcpt, zone) in enumerate(zip(env.recipients, zones, strict=True))
+            if rcpt not in suppressed
         ]
+        if not deliveries:  # all suppressed: dropped silently, as the original does
+            await self._tx.rollback()
+            return QueuedMessage(
+                id=self.id, zones={}, message_id=message_id, size=self.size, suppressed=sorted(suppressed)
+            )
         meta: dict[str, object] = {
             "id": self.id,
             "interface": env.interface,
@@ -256,9 +270,11 @@ class MessageIntake:
             last_chunk,
         )
         counts: dict[str, int] = {}
-        for zone in zones:
-            counts[zone] = counts.get(zone, 0) + 1
-        return QueuedMessage(id=self.id, zones=counts, message_id=message_id, size=self.size)
+        for delivery in deliveries:
+            counts[delivery.zone] = counts.get(delivery.zone, 0) + 1
+        return QueuedMessage(
+            id=self.id, zones=counts, message_id=message_id, size=self.size, suppressed=sorted(suppressed)
+        )
 
     def _complete_headers(self, headers: HeaderBlock) -> str:
         """Drop routing-only fields; add Message-ID and Date when missing. Returns the Message-ID."""

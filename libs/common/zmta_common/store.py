@@ -25,6 +25,8 @@ from typing import Any
 
 import asyncpg
 
+from .ids import new_object_id
+
 # Each entry migrates from version i to i + 1. Append only; never edit a shipped one.
 MIGRATIONS: list[str] = [
     """
@@ -496,12 +498,62 @@ class Store:
         )
         return [(r["zone"], r["domain"], r["queued"], r["deferred"]) for r in rows]
 
+    # -- suppression list ----------------------------------------------------
+
+    async def add_suppression(self, *, address: str | None = None, domain: str | None = None) -> dict[str, Any]:
+        """Suppress an address or a whole domain (lower-cased); adding one twice returns the first entry."""
+        row = await self.pool.fetchrow(
+            "INSERT INTO suppressions (id, address, domain) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING RETURNING id, address, domain, created",
+            new_object_id(),
+            address.lower() if address else None,
+            domain.lower() if domain else None,
+        )
+        if row is None:
+            row = await self.pool.fetchrow(
+                "SELECT id, address, domain, created FROM suppressions WHERE address = $1 OR domain = $2",
+                address.lower() if address else None,
+                domain.lower() if domain else None,
+            )
+        assert row is not None
+        return _suppression(row)
+
+    async def list_suppressions(self) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch("SELECT id, address, domain, created FROM suppressions ORDER BY created DESC, id")
+        return [_suppression(r) for r in rows]
+
+    async def delete_suppression(self, entry_id: str) -> bool:
+        return (await self.pool.execute("DELETE FROM suppressions WHERE id = $1", entry_id)) != "DELETE 0"
+
+    async def suppressed(self, recipients: Sequence[str]) -> set[str]:
+        """The recipients (as given) whose address or domain is on the suppression list."""
+        if not recipients:
+            return set()
+        rows = await self.pool.fetch(
+            "SELECT address, domain FROM suppressions WHERE address = ANY($1::text[]) OR domain = ANY($2::text[])",
+            [r.lower() for r in recipients],
+            [r.rpartition("@")[2].lower() for r in recipients],
+        )
+        addresses = {r["address"] for r in rows if r["address"]}
+        domains = {r["domain"] for r in rows if r["domain"]}
+        return {r for r in recipients if r.lower() in addresses or r.rpartition("@")[2].lower() in domains}
+
     async def row_counts(self) -> dict[str, int]:
         """How many rows each table holds (for tests and diagnostics)."""
         out = {}
         for table in ("messages", "message_chunks", "deliveries"):
             out[table] = await self.pool.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
         return out
+
+
+def _suppression(row: asyncpg.Record) -> dict[str, Any]:
+    """An entry in the original's shape: id, created and either address or domain."""
+    entry: dict[str, Any] = {"id": row["id"], "created": row["created"].isoformat()}
+    if row["address"]:
+        entry["address"] = row["address"]
+    else:
+        entry["domain"] = row["domain"]
+    return entry
 
 
 def utcnow() -> datetime:

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from zmta_common import metrics
+from zmta_common.addresses import address_error
 from zmta_common.bus import Bus
 from zmta_common.config import Config
 from zmta_common.events import MessageQueued, queued_subject
@@ -28,6 +29,10 @@ from .models import (
     QueuedDelivery,
     SendRequest,
     SendResponse,
+    SuppressionAdded,
+    SuppressionDeleted,
+    SuppressionList,
+    SuppressionRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,10 @@ def create_app(services: Services) -> FastAPI:
             metrics.message_push.inc(result="fail")
             log.warning("store failed", extra={"id": intake.id, "error": repr(exc)})
             raise ApiError(503, "temporary failure while storing the message, try again later") from None
+        if queued.dropped:
+            metrics.message_drop.inc()
+            log.info("dropped", extra={"id": queued.id, "suppressed": queued.suppressed})
+            return queued
         metrics.message_push.inc(result="success")
         for zone, count in queued.zones.items():
             try:
@@ -186,6 +195,47 @@ def create_app(services: Services) -> FastAPI:
     async def counter_zone(zone: str) -> CounterResponse:
         """Queued (active) and deferred rows of one zone, per recipient domain."""
         return await counters(zone)
+
+    @app.get("/suppressionlist", response_model=SuppressionList)
+    async def suppression_list() -> SuppressionList:
+        """Suppressed addresses and domains, newest first: mail to them is dropped silently."""
+        return SuppressionList(suppressed=await store.list_suppressions())
+
+    @app.post("/suppressionlist", response_model=SuppressionAdded, responses={400: {"model": ErrorResponse}})
+    async def suppress(entry: SuppressionRequest) -> SuppressionAdded:
+        """Suppress an address (``{"address": ...}``) or a whole domain (``{"domain": ...}``)."""
+        if (entry.address is None) == (entry.domain is None):
+            raise ApiError(400, "give either an address or a domain", "address")
+        if entry.address is not None:
+            if reason := address_error(entry.address):
+                raise ApiError(400, f"{entry.address!r} is not a valid address: {reason}", "address")
+            added = await store.add_suppression(address=entry.address)
+        else:
+            domain = (entry.domain or "").strip().lower()
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ApiError(400, f"{entry.domain!r} is not a valid domain", "domain") from None
+            if not domain or " " in domain or "@" in domain:
+                raise ApiError(400, f"{entry.domain!r} is not a valid domain", "domain")
+            added = await store.add_suppression(domain=domain)
+        added.pop("created", None)
+        return SuppressionAdded(suppressed=added)
+
+    @app.delete("/suppressionlist", response_model=SuppressionDeleted, responses={404: {"model": ErrorResponse}})
+    async def unsuppress(request: Request, id: str | None = None) -> SuppressionDeleted:
+        """Remove an entry by its id, given as ``?id=`` or in a JSON body ``{"id": ...}``."""
+        entry_id = id
+        if entry_id is None and await request.body():
+            try:
+                entry_id = (await request.json()).get("id")
+            except ValueError:
+                raise ApiError(400, "the body is not JSON", "id") from None
+        if not isinstance(entry_id, str) or not entry_id:
+            raise ApiError(400, "the id of the entry to delete is missing", "id")
+        if not await store.delete_suppression(entry_id):
+            raise ApiError(404, f"no suppression entry {entry_id}", "id")
+        return SuppressionDeleted(deleted=entry_id)
 
     @app.get("/health")
     async def health() -> dict[str, object]:

@@ -76,3 +76,21 @@ class QueuedDelivery(BaseModel):
 class MessageResponse(BaseModel):
     meta: dict[str, Any]
     messages: list[QueuedDelivery]
+
+
+class SuppressionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = None
+    domain: str | None = None
+
+
+class SuppressionList(BaseModel):
+    suppressed: list[dict[str, Any]]
+
+
+class SuppressionAdded(BaseModel):
+    suppressed: dict[str, Any]
+
+
+class SuppressionDeleted(BaseModel):
+    deleted: str

@@ -1,6 +1,6 @@
 """``check-bounce``: classify an SMTP reply read from stdin, as the original's utility does.
 
-    $ echo "550 5.1.1 <x@example.com>: Recipient address rejected: User unknown" | check-bounce
+$ echo "550 5.1.1 <x@example.com>: Recipient address rejected: User unknown" | check-bounce
 """
 
 from __future__ import annotations

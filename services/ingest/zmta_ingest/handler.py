@@ -75,10 +75,20 @@ class IngestHandler:
             return exc.reply
         except Exception as exc:  # the store is down or failed: the client must retry
             return self.store_failure(intake, exc)
+        if queued.dropped:
+            metrics.message_drop.inc()
+            log.info("dropped", extra={"id": queued.id, "suppressed": queued.suppressed, "interface": self.name})
+            return f"250 2.0.0 Message queued as {queued.id}"  # suppressed: dropped without a word
         metrics.message_push.inc(result="success")
         log.info(
             "queued",
-            extra={"id": queued.id, "zones": queued.zones, "size": queued.size, "interface": self.name},
+            extra={
+                "id": queued.id,
+                "zones": queued.zones,
+                "size": queued.size,
+                "interface": self.name,
+                "suppressed": queued.suppressed,
+            },
         )
         await self._announce(queued.id, queued.zones)
         return f"250 2.0.0 Message queued as {queued.id}"
