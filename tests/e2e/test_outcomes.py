@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import re
 
 import httpx
@@ -118,3 +120,50 @@ async def test_results_wait_on_the_stream_while_the_queue_is_down(deploy: Deploy
 async def _leased(d: Deployment, message_id: str) -> bool:
     rows = await d.store.deliveries_of(message_id)
     return bool(rows) and rows[0].leased
+
+
+async def test_a_rejected_delivery_sends_a_dsn_to_the_sender(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy()
+    sinks["127.0.0.2"].handler.scripted["nobody@a.test"] = ["550 5.1.1 <nobody@a.test>: User unknown"]
+    original = (
+        b"From: Sender <sender@b.test>\r\nTo: nobody@a.test\r\nSubject: hello\r\n"
+        b"Message-ID: <orig-1@b.test>\r\n\r\nbody\r\n"
+    )
+    message_id = queued_id(await asyncio.to_thread(d.smtp_send, "sender@b.test", ["nobody@a.test"], original))
+    sink = sinks["127.0.0.3"]  # b.test's MX: where the sender's mail goes
+    await eventually(lambda: sink.messages, what="the DSN at the sender's MX")
+    (dsn,) = sink.messages
+    assert dsn.mail_from in ("", "<>")  # the null sender (the test sink records MAIL FROM:<> as "<>")
+    assert dsn.rcpt_tos == ["sender@b.test"]
+    report = email.message_from_bytes(dsn.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    assert report["Subject"] == "Delivery Status Notification (Failure: nobody@a.test)"
+    assert report["In-Reply-To"] == "<orig-1@b.test>"
+    assert report["Auto-Submitted"] == "auto-replied"
+    assert "X-Sending-Zone" not in report
+    parts = [part.get_content_type() for part in report.iter_parts()]
+    assert parts == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    status = dsn.data.decode()
+    assert "Final-Recipient: rfc822; nobody@a.test" in status
+    assert "Action: failed" in status
+    assert "Status: 5.1.1" in status
+    assert "Diagnostic-Code: smtp; 550 5.1.1 <nobody@a.test>: User unknown" in status
+    assert "Remote-MTA: dns; mx.a.test" in status
+    assert f"X-ZoneMTA-Queue-ID: {message_id}" in status
+    assert "Message-ID: <orig-1@b.test>" in status  # the original's headers come back
+    # The DSN went through the bounces zone.
+    bounces_log = "".join(p.tail_log(500) for p in d.system.processes if p.name.startswith("sender-bounces"))
+    assert '"event": "delivered"' in bounces_log
+
+
+async def test_no_dsn_for_null_senders_or_automatic_mail(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy()
+    for rcpt in ("n1@a.test", "n2@a.test", "n3@a.test"):
+        sinks["127.0.0.2"].handler.scripted[rcpt] = ["550 5.1.1 User unknown"]
+    await asyncio.to_thread(d.smtp_send, "", ["n1@a.test"], b"Subject: bounce of a bounce\r\n\r\nx\r\n")
+    await asyncio.to_thread(d.smtp_send, "s@b.test", ["n2@a.test"], b"Auto-Submitted: auto-replied\r\n\r\nx\r\n")
+    await asyncio.to_thread(d.smtp_send, "s@b.test", ["n3@a.test"], b"Precedence: bulk\r\n\r\nx\r\n")
+    await eventually(lambda: (d.system.log_dir / "bounce.log").read_text().count('"no dsn"') == 3, what="3 skips")
+    await asyncio.sleep(1.0)
+    assert sinks["127.0.0.3"].messages == []

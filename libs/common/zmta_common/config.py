@@ -230,6 +230,10 @@ class Bounce(Section):
     classify_timeout: float = Field(default=2.0, gt=0)
     # How long a local address stays unused for a recipient domain that said it is listed.
     blacklist_ttl: float = Field(default=3600.0, gt=0)
+    # Send a delivery status notification to the sender of a message that bounced.
+    dsn: bool = True
+    # The zone that carries DSNs.
+    zone: str = "bounces"
 
 
 class Metrics(Section):
@@ -276,12 +280,10 @@ class Config(BaseSettings):
         return level
 
     @model_validator(mode="after")
-    def _default_zone_exists(self) -> Config:
-        if self.queue.default_zone not in self.zones:
-            raise ValueError(
-                f"queue.default_zone {self.queue.default_zone!r} is not one of the zones "
-                f"({', '.join(sorted(self.zones))})"
-            )
+    def _named_zones_exist(self) -> Config:
+        for key, zone in (("queue.default_zone", self.queue.default_zone), ("bounce.zone", self.bounce.zone)):
+            if zone not in self.zones:
+                raise ValueError(f"{key} {zone!r} is not one of the zones ({', '.join(sorted(self.zones))})")
         return self
 
     @classmethod

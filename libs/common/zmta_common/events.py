@@ -215,6 +215,8 @@ class BounceEvent(Payload):
     category: str
     time: float
     headers: bytes = b""
+    mx: str = ""  # the server that refused, when one did
+    arrival: float = 0.0  # when the message was queued (unix seconds)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ import logging
 from zmta_common import bus as zbus
 from zmta_common import metrics, service
 from zmta_common.config import Config
+from zmta_common.store import Store
 
 from .classifier import Classifier, load_rules
 from .notifications import BounceConsumer
@@ -18,9 +19,10 @@ log = logging.getLogger("zmta_bounce")
 
 async def main(config: Config, stop: asyncio.Event) -> None:
     classifier = Classifier(load_rules())
+    store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "bounce")
     await ClassifyResponder(classifier).start(bus.nc)
-    consumer = BounceConsumer(bus.js)
+    consumer = BounceConsumer(config, store, bus)
     task = asyncio.create_task(consumer.run(stop), name="bounces")
 
     async def health() -> dict[str, object]:
@@ -32,6 +34,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     await asyncio.gather(task, return_exceptions=True)
     metrics_task.cancel()
     await bus.close()
+    await store.close()
 
 
 cli = service.command("bounce", main, "Run the bounce service.")

@@ -1,7 +1,8 @@
-"""Consumes bounce events from the durable BOUNCES stream.
+"""Consumes bounce events from the durable BOUNCES stream and sends the DSNs.
 
-For now every bounce is logged and counted; DSN mails, HTTP notifications and
-suppression are built on this consumer.
+Each event is acknowledged only after its DSN is committed to the queue (or after
+deciding that none is due), so a crash or a store failure leaves it on the stream to
+be handled again: a DSN may go out twice, never not at all.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ import asyncio
 import logging
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
-from zmta_common.bus import consume
-from zmta_common.events import STREAM_BOUNCES, BounceEvent, SchemaError
+from zmta_common.bus import Bus, consume
+from zmta_common.config import Config
+from zmta_common.events import STREAM_BOUNCES, BounceEvent, MessageQueued, SchemaError, queued_subject
+from zmta_common.headers import HeaderBlock
+from zmta_common.intake import Envelope, MessageIntake
+from zmta_common.store import Store
+
+from . import dsn
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +27,14 @@ CONSUMER = "zmta-bounce"
 
 
 class BounceConsumer:
-    def __init__(self, js: JetStreamContext) -> None:
-        self.js = js
+    def __init__(self, config: Config, store: Store, bus: Bus) -> None:
+        self.config = config
+        self.store = store
+        self.bus = bus
         self.handled = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await consume(self.js, STREAM_BOUNCES, CONSUMER, self.handle, stop, batch=50)
+        await consume(self.bus.js, STREAM_BOUNCES, CONSUMER, self.handle, stop, batch=50)
 
     async def handle(self, msgs: list[Msg]) -> None:
         for msg in msgs:
@@ -36,17 +44,50 @@ class BounceConsumer:
                 log.error("unreadable bounce event dropped", extra={"error": str(exc)})
                 await msg.term()
                 continue
-            log.info(
-                "bounce",
-                extra={
-                    "id": event.id,
-                    "seq": event.seq,
-                    "zone": event.zone,
-                    "to": event.recipient,
-                    "returnPath": event.mail_from,
-                    "category": event.category,
-                    "response": event.response,
-                },
-            )
+            try:
+                await self.notify(event)
+            except Exception as exc:  # the store is down: the event stays on the stream
+                log.warning("bounce not handled yet", extra={"id": event.id, "seq": event.seq, "error": repr(exc)})
+                await msg.nak(delay=5)
+                continue
             self.handled += 1
             await msg.ack()
+
+    async def notify(self, event: BounceEvent) -> None:
+        log.info(
+            "bounce",
+            extra={
+                "id": event.id,
+                "seq": event.seq,
+                "zone": event.zone,
+                "to": event.recipient,
+                "returnPath": event.mail_from,
+                "category": event.category,
+                "response": event.response,
+            },
+        )
+        if not self.config.bounce.dsn:
+            return
+        reason = dsn.skip_reason(event, HeaderBlock.parse(event.headers))
+        if reason is not None:
+            log.info("no dsn", extra={"id": event.id, "seq": event.seq, "reason": reason})
+            return
+        await self._queue_dsn(event)
+
+    async def _queue_dsn(self, event: BounceEvent) -> None:
+        raw, recipient = dsn.build(event, self.config.hostname, self.config.bounce.zone)
+        envelope = Envelope(
+            mail_from="",
+            recipients=[recipient],
+            interface="bounce",
+            transtype="HTTP",
+            allow_routing_headers=True,
+        )
+        intake = MessageIntake(self.store, self.config, envelope, max_size=len(raw) + 1)
+        intake.feed(raw)
+        queued = await intake.finish()
+        log.info("dsn queued", extra={"id": queued.id, "for": f"{event.id}.{event.seq}", "to": recipient})
+        for zone, count in queued.zones.items():
+            await self.bus.nc.publish(
+                queued_subject(zone), MessageQueued(id=queued.id, zone=zone, deliveries=count).encode()
+            )

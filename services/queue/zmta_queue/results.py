@@ -137,6 +137,8 @@ class ResultApplier:
             category=report.category,
             time=report.time or time.time(),
             headers=message.headers if message else b"",
+            mx=report.mx,
+            arrival=message.created.timestamp() if message else 0.0,
         )
         await self.js.publish(
             bounced_subject(report.zone),

@@ -1,0 +1,99 @@
+"""Delivery status notifications (RFC 3464) for rejected deliveries.
+
+A DSN goes from the null sender to the envelope sender of the failed message, as
+``multipart/report; report-type=delivery-status`` with a readable part, the
+machine-readable ``message/delivery-status`` part and the original's headers
+(``text/rfc822-headers``). None is sent for mail from the null sender, nor for
+automatic mail (``Auto-Submitted`` other than ``no``, ``Precedence: bulk``,
+``list`` or ``junk``), nor for a report itself: never a bounce of a bounce.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.charset import QP, Charset
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+
+from zmta_common.events import BounceEvent
+from zmta_common.headers import HeaderBlock
+
+MAILER_DAEMON = "Mail Delivery Subsystem"
+
+
+def skip_reason(event: BounceEvent, headers: HeaderBlock) -> str | None:
+    """Why no DSN may be sent for this bounce, or None when one should be."""
+    if not event.mail_from or event.mail_from.lower().startswith("mailer-daemon@"):
+        return "null or mailer-daemon sender"
+    auto = (headers.get("auto-submitted") or "no").strip().lower()
+    if auto != "no":
+        return f"Auto-Submitted: {auto}"
+    if (headers.get("precedence") or "").strip().lower() in ("bulk", "list", "junk"):
+        return "Precedence: " + (headers.get("precedence") or "")
+    if (headers.get("content-type") or "").lower().startswith("multipart/report"):
+        return "the message is a report itself"
+    if "all" in (headers.get("x-auto-response-suppress") or "").lower():
+        return "X-Auto-Response-Suppress: All"
+    return None
+
+
+def _text(text: str, subtype: str) -> MIMEText:
+    """A text part that stays readable: plain ASCII, else quoted-printable UTF-8."""
+    if text.isascii():
+        return MIMEText(text, subtype, "us-ascii")
+    utf8 = Charset("utf-8")
+    utf8.body_encoding = QP
+    return MIMEText(text, subtype, utf8)  # type: ignore[arg-type]
+
+
+def _status(response: str) -> str:
+    """The enhanced status of the reply when it has one, else the class of its code."""
+    parts = response.split()
+    if len(parts) > 1 and parts[1].count(".") == 2 and parts[1][0] in "45":
+        return parts[1]
+    return "5.0.0" if response[:1] != "4" else "4.0.0"
+
+
+def build(event: BounceEvent, reporting_mta: str, zone: str) -> tuple[bytes, str]:
+    """The DSN message and its envelope recipient (the failed message's sender)."""
+    headers = HeaderBlock.parse(event.headers)
+    arrival = datetime.fromtimestamp(event.arrival or event.time, UTC)
+    notice = _text(
+        f"This is the mail system at host {reporting_mta}.\n\n"
+        "Your message could not be delivered to one or more recipients.\n\n"
+        f"<{event.recipient}>: {event.response}\n",
+        "plain",
+    )
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    per_message["X-ZoneMTA-Queue-ID"] = event.id
+    per_message["X-ZoneMTA-Sender"] = f"rfc822; {event.mail_from}"
+    per_message["Arrival-Date"] = format_datetime(arrival)
+    per_recipient = Message()
+    per_recipient["Final-Recipient"] = f"rfc822; {event.recipient}"
+    per_recipient["Action"] = "failed"
+    per_recipient["Status"] = _status(event.response)
+    if event.mx:
+        per_recipient["Remote-MTA"] = f"dns; {event.mx}"
+    per_recipient["Diagnostic-Code"] = f"smtp; {event.response}"
+    status = MIMEBase("message", "delivery-status")
+    status.attach(per_message)  # the email package writes each block as a header block
+    status.attach(per_recipient)
+    original = _text(event.headers.decode("utf-8", "replace").replace("\r\n", "\n"), "rfc822-headers")
+    report = MIMEMultipart("report", report_type="delivery-status", _subparts=[notice, status, original])
+    report["From"] = f"{MAILER_DAEMON} <mailer-daemon@{reporting_mta}>"
+    report["To"] = event.mail_from
+    report["Subject"] = f"Delivery Status Notification (Failure: {event.recipient})"
+    report["Auto-Submitted"] = "auto-replied"
+    report["X-Failed-Recipients"] = event.recipient
+    report["X-Sending-Zone"] = zone
+    report["Message-ID"] = make_msgid(domain=reporting_mta)
+    report["Date"] = format_datetime(datetime.now(UTC))
+    if message_id := headers.get("message-id"):
+        report["In-Reply-To"] = message_id
+        report["References"] = message_id
+    return report.as_bytes(policy=SMTP), event.mail_from
