@@ -167,3 +167,17 @@ async def test_no_dsn_for_null_senders_or_automatic_mail(deploy: DeploymentFacto
     await eventually(lambda: (d.system.log_dir / "bounce.log").read_text().count('"no dsn"') == 3, what="3 skips")
     await asyncio.sleep(1.0)
     assert sinks["127.0.0.3"].messages == []
+
+
+async def test_a_soft_failure_past_the_maximum_age_bounces(deploy: DeploymentFactory, sinks: dict) -> None:
+    # Ten retries a second apart would be allowed, but the age of 2.5 s runs out first.
+    d = await deploy({"zones": {"default": {"defer_times": [1] * 10, "max_age": 2.5}}, "bounce": {"dsn": False}})
+    sinks["127.0.0.2"].handler.scripted["stuck@a.test"] = ["451 4.3.0 Try later"] * 10
+    message_id = queued_id(
+        await asyncio.to_thread(d.smtp_send, "s@origin.test", ["stuck@a.test"], b"Subject: old\r\n\r\nx\r\n")
+    )
+    await eventually(lambda: _no_rows(d, message_id), timeout=30, what="the bounce after the maximum age")
+    log = (d.system.log_dir / "bounce.log").read_text()
+    assert '"event": "bounce"' in log
+    attempts = int(re.search(r"gave up after (\d+) attempts", log).group(1))  # type: ignore[union-attr]
+    assert 2 <= attempts <= 4  # stopped by the age, not by the end of the schedule

@@ -137,6 +137,8 @@ class Zone(Section):
     recipient_domains: list[str] = Field(default_factory=list)
     # Retry delays in seconds, indexed by the number of earlier deferrals.
     defer_times: list[float] = Field(default_factory=lambda: list(DEFAULT_DEFER_TIMES))
+    # A delivery whose next attempt would come later than this after it was queued bounces instead.
+    max_age: float = Field(default=48 * 3600.0, gt=0)
     connect_timeout: float = Field(default=60.0, gt=0)
     command_timeout: float = Field(default=300.0, gt=0)
     # Per connection: at most this many messages per period over one connection ("10/min").
@@ -212,6 +214,9 @@ class Queue(Section):
     # How long a sender owns leased deliveries; an expired lease makes them ready again.
     lease_time: float = Field(default=300.0, gt=0)
     max_batch: int = Field(default=100, ge=1, le=1000)
+    # A Date header up to this far in the future (and more than 5 minutes ahead) holds the
+    # message until then; 0 turns delayed delivery off (the original's futureDate: false).
+    max_future_date: float = Field(default=0.0, ge=0)
     # A slice of a zone's pool whose sender pod has not asked for work for this long has
     # its deliveries handed to the zone's other pods.
     sender_timeout: float = Field(default=30.0, gt=0)

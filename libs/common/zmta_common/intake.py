@@ -266,6 +266,7 @@ class MessageIntake:
                 body_size=self._body_size,
                 meta=meta,
                 deliveries=deliveries,
+                not_before=self._hold_until(headers, now),
             ),
             last_chunk,
         )
@@ -275,6 +276,14 @@ class MessageIntake:
         return QueuedMessage(
             id=self.id, zones=counts, message_id=message_id, size=self.size, suppressed=sorted(suppressed)
         )
+
+    def _hold_until(self, headers: HeaderBlock, now: datetime) -> datetime | None:
+        """Delayed delivery: the Date of a message dated in the future, within the configured limit."""
+        limit = self.config.queue.max_future_date
+        date = _parse_date(headers.get("date")) if limit else None
+        if date is None or date <= now + timedelta(minutes=5):
+            return None
+        return min(date, now + timedelta(seconds=limit))
 
     def _complete_headers(self, headers: HeaderBlock) -> str:
         """Drop routing-only fields; add Message-ID and Date when missing. Returns the Message-ID."""
@@ -308,16 +317,19 @@ def _envelope_from_headers(env: Envelope, headers: HeaderBlock) -> None:
             raise IntakeError(f"553 5.1.3 <{address}> is not a valid address: {reason}", 400)
 
 
-def _valid_date(value: str | None) -> bool:
+def _parse_date(value: str | None) -> datetime | None:
     if not value:
-        return False
+        return None
     try:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
-        return False
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed > datetime(1970, 1, 2, tzinfo=UTC) - timedelta(days=1)
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def _valid_date(value: str | None) -> bool:
+    parsed = _parse_date(value)
+    return parsed is not None and parsed > datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _parsed_envelope(headers: HeaderBlock) -> dict[str, object]:

@@ -413,14 +413,15 @@ class Store:
             )
         return removed_rejects
 
-    async def delivery_attempts(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    async def delivery_attempts(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, datetime]]:
+        """(earlier deferrals, when the delivery was queued) of each (id, seq) still in the queue."""
         rows = await self.pool.fetch(
-            "SELECT d.id, d.seq, d.attempts FROM deliveries d"
+            "SELECT d.id, d.seq, d.attempts, d.created FROM deliveries d"
             " JOIN unnest($1::text[], $2::text[]) AS r(id, seq) ON d.id = r.id AND d.seq = r.seq",
             [k[0] for k in keys],
             [k[1] for k in keys],
         )
-        return {(r["id"], r["seq"]): r["attempts"] for r in rows}
+        return {(r["id"], r["seq"]): (r["attempts"], r["created"]) for r in rows}
 
     # -- reading -------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from zmta_common import metrics
 from zmta_common.bus import Bus, consume
-from zmta_common.config import Config
+from zmta_common.config import Config, Zone
 from zmta_common.events import (
     DEFERRED,
     DELIVERED,
@@ -82,9 +82,11 @@ class ResultApplier:
             elif report.status == REJECTED:
                 rejected.append(report)
             else:
-                delay = self._retry_delay(report.zone, attempts.get((report.id, report.seq), 0))
-                if delay is None:  # out of retries: a soft failure becomes a bounce
-                    report.response = f"{report.response} (gave up after too many attempts)"
+                count, queued_at = attempts.get((report.id, report.seq), (0, now))
+                delay = self._retry_delay(report.zone, count)
+                if delay is None or now + timedelta(seconds=delay) - queued_at > self._max_age(report.zone):
+                    # out of retries or too old: a soft failure becomes a bounce
+                    report.response = f"{report.response} (gave up after {count + 1} attempts)"
                     rejected.append(report)
                 else:
                     batch.deferred.append(
@@ -115,10 +117,15 @@ class ResultApplier:
                 # Senders waiting for room under a limit may ask again now.
                 await self.bus.nc.publish(ready_subject(zone), WorkReady(zone=zone, finished=len(members)).encode())
 
+    def _zone(self, zone: str) -> Zone:
+        return self.config.zones.get(zone) or self.config.zones[self.config.queue.default_zone]
+
     def _retry_delay(self, zone: str, attempts: int) -> float | None:
-        zone_cfg = self.config.zones.get(zone)
-        times = zone_cfg.defer_times if zone_cfg else self.config.zones[self.config.queue.default_zone].defer_times
+        times = self._zone(zone).defer_times
         return times[attempts] if attempts < len(times) else None
+
+    def _max_age(self, zone: str) -> timedelta:
+        return timedelta(seconds=self._zone(zone).max_age)
 
     async def _publish_bounce(self, report: DeliveryReport) -> bool:
         """Publish the bounce event of a rejection that still holds its lease."""
