@@ -75,3 +75,10 @@ def test_smarthost_needs_a_port(tmp_path: Path) -> None:
     path = write(tmp_path, "zones:\n  default:\n    smarthost: relay.example\n")
     with pytest.raises(ConfigError, match=r"zones\.default\.smarthost"):
         load_config(path)
+
+
+def test_dsn_zone_defaults_to_bounces_then_the_default_zone(tmp_path: Path) -> None:
+    assert load_config(None).dsn_zone == "bounces"
+    assert load_config(write(tmp_path, "zones:\n  default: {}\n")).dsn_zone == "default"
+    with pytest.raises(ConfigError, match=r"bounce\.zone 'nowhere'"):
+        load_config(write(tmp_path, "bounce:\n  zone: nowhere\n"))

@@ -237,8 +237,8 @@ class Bounce(Section):
     blacklist_ttl: float = Field(default=3600.0, gt=0)
     # Send a delivery status notification to the sender of a message that bounced.
     dsn: bool = True
-    # The zone that carries DSNs.
-    zone: str = "bounces"
+    # The zone that carries DSNs; by default "bounces" if there is one, else the default zone.
+    zone: str | None = None
 
 
 class Metrics(Section):
@@ -287,9 +287,15 @@ class Config(BaseSettings):
     @model_validator(mode="after")
     def _named_zones_exist(self) -> Config:
         for key, zone in (("queue.default_zone", self.queue.default_zone), ("bounce.zone", self.bounce.zone)):
-            if zone not in self.zones:
+            if zone is not None and zone not in self.zones:
                 raise ValueError(f"{key} {zone!r} is not one of the zones ({', '.join(sorted(self.zones))})")
         return self
+
+    @property
+    def dsn_zone(self) -> str:
+        if self.bounce.zone is not None:
+            return self.bounce.zone
+        return "bounces" if "bounces" in self.zones else self.queue.default_zone
 
     @classmethod
     def settings_customise_sources(

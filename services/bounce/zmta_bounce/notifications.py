@@ -75,7 +75,7 @@ class BounceConsumer:
         await self._queue_dsn(event)
 
     async def _queue_dsn(self, event: BounceEvent) -> None:
-        raw, recipient = dsn.build(event, self.config.hostname, self.config.bounce.zone)
+        raw, recipient = dsn.build(event, self.config.hostname, self.config.dsn_zone)
         envelope = Envelope(
             mail_from="",
             recipients=[recipient],
