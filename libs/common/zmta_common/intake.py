@@ -114,7 +114,6 @@ class MessageIntake:
         self.size = 0
         self.too_big = False
         self._failure: IntakeError | None = None  # kept until finish(), so the caller can drain DATA
-        self._store = store
         self._tx = store.begin_intake(self.id)
         self._normaliser = LineEndNormaliser()
         self._hasher = BodyHasher("relaxed", "sha256")
@@ -228,17 +227,10 @@ class MessageIntake:
         parsed_envelope = _parsed_envelope(headers)
         message_id = self._complete_headers(headers)
         now = datetime.now(UTC)
-        suppressed = await self._store.suppressed(env.recipients)
         deliveries = [
             NewDelivery(seq=seq_for(i), zone=zone, recipient=rcpt, domain=domain_of(rcpt))
             for i, (rcpt, zone) in enumerate(zip(env.recipients, zones, strict=True))
-            if rcpt not in suppressed
         ]
-        if not deliveries:  # all suppressed: dropped silently, as the original does
-            await self._tx.rollback()
-            return QueuedMessage(
-                id=self.id, zones={}, message_id=message_id, size=self.size, suppressed=sorted(suppressed)
-            )
         meta: dict[str, object] = {
             "id": self.id,
             "interface": env.interface,
@@ -258,7 +250,7 @@ class MessageIntake:
             "created": int(now.timestamp() * 1000),
             **env.extra,
         }
-        await self._tx.commit(
+        kept = await self._tx.commit(
             NewMessage(
                 id=self.id,
                 mail_from=env.mail_from,
@@ -272,10 +264,11 @@ class MessageIntake:
         )
         counts: dict[str, int] = {}
         for delivery in deliveries:
-            counts[delivery.zone] = counts.get(delivery.zone, 0) + 1
-        return QueuedMessage(
-            id=self.id, zones=counts, message_id=message_id, size=self.size, suppressed=sorted(suppressed)
-        )
+            if delivery.seq in kept:
+                counts[delivery.zone] = counts.get(delivery.zone, 0) + 1
+        # Suppressed recipients got no row: their mail is dropped silently, as the original does.
+        suppressed = sorted(d.recipient for d in deliveries if d.seq not in kept)
+        return QueuedMessage(id=self.id, zones=counts, message_id=message_id, size=self.size, suppressed=suppressed)
 
     def _hold_until(self, headers: HeaderBlock, now: datetime) -> datetime | None:
         """Delayed delivery: the Date of a message dated in the future, within the configured limit."""

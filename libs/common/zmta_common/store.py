@@ -169,6 +169,9 @@ _INTAKE_ROWS = """
     INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
     SELECT $1, t.seq, t.zone, t.recipient, t.domain, coalesce($12::timestamptz, now())
       FROM unnest($8::text[], $9::text[], $10::text[], $11::text[]) AS t(seq, zone, recipient, domain)
+     WHERE NOT EXISTS (  -- the suppression list, checked in the same statement
+           SELECT 1 FROM suppressions s WHERE s.address = lower(t.recipient) OR s.domain = lower(t.domain))
+    RETURNING seq
 """
 
 
@@ -202,8 +205,12 @@ class IntakeTransaction:
         )
         self._next_seq += 1
 
-    async def commit(self, message: NewMessage, last_chunk: bytes | None) -> None:
-        """Write the last chunk (if any) with the rows, and make it all visible at once."""
+    async def commit(self, message: NewMessage, last_chunk: bytes | None) -> set[str]:
+        """Write the last chunk (if any) with the rows, and make it all visible at once.
+
+        Recipients on the suppression list get no delivery row; returns the seqs that got
+        one. When none did, nothing of the message is kept.
+        """
         args = (
             message.id,
             message.mail_from,
@@ -220,11 +227,17 @@ class IntakeTransaction:
         )
         try:
             if self._conn is None:
-                await self._pool.execute(_INTAKE_ROWS, *args)  # one statement: atomic by itself
-                return
-            await self._conn.execute(_INTAKE_ROWS, *args)
+                rows = await self._pool.fetch(_INTAKE_ROWS, *args)  # one statement: atomic by itself
+                if not rows:  # every recipient suppressed (rare): take the message back out
+                    await self._pool.execute("DELETE FROM messages WHERE id = $1", message.id)
+                return {r["seq"] for r in rows}
+            rows = await self._conn.fetch(_INTAKE_ROWS, *args)
             assert self._tx is not None
-            await self._tx.commit()
+            if rows:
+                await self._tx.commit()
+            else:
+                await self._tx.rollback()
+            return {r["seq"] for r in rows}
         finally:
             await self._release()
 
@@ -525,19 +538,6 @@ class Store:
 
     async def delete_suppression(self, entry_id: str) -> bool:
         return (await self.pool.execute("DELETE FROM suppressions WHERE id = $1", entry_id)) != "DELETE 0"
-
-    async def suppressed(self, recipients: Sequence[str]) -> set[str]:
-        """The recipients (as given) whose address or domain is on the suppression list."""
-        if not recipients:
-            return set()
-        rows = await self.pool.fetch(
-            "SELECT address, domain FROM suppressions WHERE address = ANY($1::text[]) OR domain = ANY($2::text[])",
-            [r.lower() for r in recipients],
-            [r.rpartition("@")[2].lower() for r in recipients],
-        )
-        addresses = {r["address"] for r in rows if r["address"]}
-        domains = {r["domain"] for r in rows if r["domain"]}
-        return {r for r in recipients if r.lower() in addresses or r.rpartition("@")[2].lower() in domains}
 
     async def row_counts(self) -> dict[str, int]:
         """How many rows each table holds (for tests and diagnostics)."""
