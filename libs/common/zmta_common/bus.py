@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from .events import STREAMS
+from .events import STREAMS, MessageQueued, queued_subject
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
@@ -110,3 +110,14 @@ async def consume(
             await handle(msgs)
     finally:
         await sub.unsubscribe()
+
+
+async def announce_queued(bus: Bus, message_id: str, zones: dict[str, int]) -> None:
+    """Wake the senders of each zone a new message was queued for. Best effort: they poll too."""
+    for zone, count in zones.items():
+        try:
+            await bus.nc.publish(
+                queued_subject(zone), MessageQueued(id=message_id, zone=zone, deliveries=count).encode()
+            )
+        except Exception as exc:  # NATS down: the message is stored, the senders will find it
+            log.warning("announce failed", extra={"id": message_id, "zone": zone, "error": repr(exc)})

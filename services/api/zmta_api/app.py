@@ -12,9 +12,8 @@ from fastapi.responses import JSONResponse, Response
 
 from zmta_common import metrics
 from zmta_common.addresses import address_error
-from zmta_common.bus import Bus
+from zmta_common.bus import Bus, announce_queued
 from zmta_common.config import Config
-from zmta_common.events import MessageQueued, queued_subject
 from zmta_common.headers import HeaderBlock
 from zmta_common.intake import Envelope, IntakeError, MessageIntake, QueuedMessage
 from zmta_common.store import DeliveryRow, Store
@@ -106,13 +105,7 @@ def create_app(services: Services) -> FastAPI:
             log.info("dropped", extra={"id": queued.id, "suppressed": queued.suppressed})
             return queued
         metrics.message_push.inc(result="success")
-        for zone, count in queued.zones.items():
-            try:
-                await services.bus.nc.publish(
-                    queued_subject(zone), MessageQueued(id=queued.id, zone=zone, deliveries=count).encode()
-                )
-            except Exception as exc:  # stored already; senders poll
-                log.warning("announce failed", extra={"id": queued.id, "error": repr(exc)})
+        await announce_queued(services.bus, queued.id, queued.zones)
         log.info("queued", extra={"id": queued.id, "zones": queued.zones, "interface": intake.envelope.interface})
         return queued
 

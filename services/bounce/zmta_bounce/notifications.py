@@ -12,9 +12,9 @@ import logging
 
 from nats.aio.msg import Msg
 
-from zmta_common.bus import Bus, consume
+from zmta_common.bus import Bus, announce_queued, consume
 from zmta_common.config import Config
-from zmta_common.events import STREAM_BOUNCES, BounceEvent, MessageQueued, SchemaError, queued_subject
+from zmta_common.events import STREAM_BOUNCES, BounceEvent, SchemaError
 from zmta_common.headers import HeaderBlock
 from zmta_common.intake import Envelope, MessageIntake
 from zmta_common.store import Store
@@ -87,7 +87,4 @@ class BounceConsumer:
         intake.feed(raw)
         queued = await intake.finish()
         log.info("dsn queued", extra={"id": queued.id, "for": f"{event.id}.{event.seq}", "to": recipient})
-        for zone, count in queued.zones.items():
-            await self.bus.nc.publish(
-                queued_subject(zone), MessageQueued(id=queued.id, zone=zone, deliveries=count).encode()
-            )
+        await announce_queued(self.bus, queued.id, queued.zones)

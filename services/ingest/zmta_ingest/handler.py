@@ -9,9 +9,8 @@ from aiosmtpd.smtp import Session
 
 from zmta_common import metrics
 from zmta_common.addresses import address_error
-from zmta_common.bus import Bus
+from zmta_common.bus import Bus, announce_queued
 from zmta_common.config import Config, SmtpInterface
-from zmta_common.events import MessageQueued, queued_subject
 from zmta_common.intake import Envelope, IntakeError, MessageIntake
 from zmta_common.store import Store
 
@@ -90,7 +89,7 @@ class IngestHandler:
                 "suppressed": queued.suppressed,
             },
         )
-        await self._announce(queued.id, queued.zones)
+        await announce_queued(self.bus, queued.id, queued.zones)
         return f"250 2.0.0 Message queued as {queued.id}"
 
     def store_failure(self, intake: MessageIntake, exc: BaseException) -> str:
@@ -98,13 +97,3 @@ class IngestHandler:
         metrics.message_drop.inc()
         log.warning("store failed", extra={"id": intake.id, "error": repr(exc)})
         return "451 4.3.0 Temporary failure while storing the message, try again later"
-
-    async def _announce(self, message_id: str, zones: dict[str, int]) -> None:
-        """Wake the senders of each zone. Best effort: they also poll."""
-        for zone, count in zones.items():
-            try:
-                await self.bus.nc.publish(
-                    queued_subject(zone), MessageQueued(id=message_id, zone=zone, deliveries=count).encode()
-                )
-            except Exception as exc:  # NATS down: the message is stored, senders will poll
-                log.warning("announce failed", extra={"id": message_id, "error": repr(exc)})
