@@ -42,6 +42,7 @@ NULL_MX = ["nullmx.test"]
 MANY_DOMAINS = [f"w{n}.test" for n in range(100)]
 MANY_DOMAINS_MX = "127.0.0.6"
 IPV6_ONLY = {"v6.test": "::1"}  # MX host with an AAAA record only
+REFUSING = {"refused.test": "127.0.0.7"}  # MX host where nothing listens: connection refused
 
 
 @dataclass
@@ -71,7 +72,7 @@ def infra() -> Iterator[Infra]:
     for domain in MANY_DOMAINS:
         dns.add_mx(domain, "mx.many.test", 10)
     dns.add_host("mx.many.test", MANY_DOMAINS_MX)
-    for domain, ip in IPV6_ONLY.items():
+    for domain, ip in (IPV6_ONLY | REFUSING).items():
         dns.add_mx(domain, f"mx.{domain}", 10)
         dns.add_host(f"mx.{domain}", ip)
     sink_port = free_port()
@@ -95,6 +96,9 @@ def sinks(infra: Infra) -> dict[str, Sink]:
     for sink in infra.sinks.values():
         sink.handler.messages.clear()
         sink.handler.scripted.clear()
+        sink.handler.scripted_rcpt.clear()
+        sink.handler.greetings.clear()
+        sink.handler.refused = 0
         sink.handler.data_delay = 0.0
         sink.handler.open_max = sink.handler.open_now
     return infra.sinks

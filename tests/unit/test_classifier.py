@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from zmta_bounce.classifier import Classifier, RulesError, load_rules, normalise
+from zmta_bounce.classifier import Classifier, RulesError, load_all, load_rules, normalise
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,31 @@ def test_bad_rules_file_is_refused(tmp_path: Path) -> None:
     path.write_text("- {pattern: 'x', action: bounce, category: x, message: y}\n")
     with pytest.raises(RulesError, match="action 'bounce'"):
         load_rules(path)
+
+
+def test_operator_rules_come_first_and_4xx_is_never_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "- {pattern: 'acme-quota', action: reject, category: acme, message: ACME quota}\n"
+        "- {pattern: '^5\\d\\d .*user unknown', action: defer, category: mine, message: retry anyway}\n"
+    )
+    classifier = Classifier(load_all([path]))
+    assert len(classifier.rules) == len(load_rules()) + 2
+    assert classifier.classify(550, "5.1.1 user unknown").category == "mine"  # before the built-in rule
+    permanent = classifier.classify(554, "5.7.1 acme-quota reached")
+    assert (permanent.action, permanent.category) == ("reject", "acme")
+    temporary = classifier.classify(452, "4.2.2 acme-quota reached")
+    assert (temporary.action, temporary.category) == ("defer", "acme")  # the rule says reject, the code says retry
+
+
+def test_check_bounce_takes_extra_rules_and_names_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("- {pattern: 'acme', action: blacklist, category: acme, message: ACME block}\n")
+    command = [sys.executable, "-m", "zmta_bounce.check", "--rules", str(path)]
+    result = subprocess.run(command, input="554 acme says no\n", capture_output=True, text=True, check=True)
+    assert "action   : blacklist" in result.stdout
+    assert "category : acme" in result.stdout
+    missing = [sys.executable, "-m", "zmta_bounce.check", "--rules", str(tmp_path / "nope.yaml")]
+    result = subprocess.run(missing, input="554 x\n", capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "nope.yaml: cannot read the rules" in result.stderr

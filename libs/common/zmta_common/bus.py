@@ -91,12 +91,20 @@ async def consume(
     message once its effect is safe, so a message survives a crash of this process.
     Replicas using the same ``durable`` share the stream's messages.
     """
-    sub = await js.pull_subscribe(
-        STREAMS[stream][0],
-        durable=durable,
-        stream=stream,
-        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_ack_pending=10000),
+    # Created or updated here (the server takes a create request for an existing consumer
+    # as an update), so a release that adds a subject to a stream reaches old consumers.
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_ack_pending=10000,
+            filter_subjects=STREAMS[stream],
+        ),
     )
+    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
     try:
         while not stop.is_set():
             try:

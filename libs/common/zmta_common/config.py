@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -221,6 +222,10 @@ class Queue(Section):
     # its deliveries handed to the zone's other pods.
     sender_timeout: float = Field(default=30.0, gt=0)
     housekeeping_interval: float = Field(default=10.0, gt=0)
+    # Garbage collection: how often, and how old a message without deliveries must be
+    # before its body is removed (a younger one may still be on its way in).
+    gc_interval: float = Field(default=60.0, gt=0)
+    orphan_age: float = Field(default=600.0, gt=0)
 
 
 class Api(Section):
@@ -239,6 +244,39 @@ class Bounce(Section):
     dsn: bool = True
     # The zone that carries DSNs; by default "bounces" if there is one, else the default zone.
     zone: str | None = None
+    # The operator's bounce rule files (YAML, as the built-in rules.yaml), checked in
+    # order before the built-in rules.
+    rules_files: list[str] = Field(default_factory=list)
+    # A "delayed" DSN once a delivery has been failing this long after it was queued
+    # (Postfix's delay_warning_time); off unless delay_warning is on.
+    delay_warning: bool = False
+    delay_warning_after: float = Field(default=3 * 3600.0, gt=0)
+    # Add a recipient to the suppression list when a server refused it for good as unknown.
+    suppress_unknown_recipients: bool = False
+    # HTTP bounce notifications: every bounce is POSTed to each URL (form fields of the
+    # original's http-bounce plugin), retried until the receiver answers 2xx.
+    notify_urls: list[str] = Field(default_factory=list)
+    # Retry delays in seconds, indexed by the number of failed tries; the last repeats.
+    notify_backoff: list[float] = Field(default_factory=lambda: [1.0, 4.0, 9.0, 16.0, 25.0, 36.0, 60.0, 300.0])
+    # A notification still refused this long after the bounce is given up (logged).
+    notify_max_age: float = Field(default=48 * 3600.0, gt=0)
+    notify_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("notify_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parsed = urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return value
+
+    @field_validator("notify_backoff")
+    @classmethod
+    def _backoff(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("must be a non-empty list of positive durations in seconds")
+        return value
 
 
 class Metrics(Section):

@@ -15,6 +15,8 @@ zmta.work.ready.<zone>             core publish     :class:`WorkReady` (room fre
 zmta.work.request.<zone>           request/reply    :class:`WorkRequest` -> :class:`WorkReply`
 zmta.delivery.reported.<zone>      JetStream        :class:`DeliveryReport` (stream RESULTS)
 zmta.delivery.bounced.<zone>       JetStream        :class:`BounceEvent` (stream BOUNCES)
+zmta.delivery.delayed.<zone>       JetStream        :class:`BounceEvent`, kind "delayed" (BOUNCES)
+zmta.bounce.notify                 JetStream        :class:`Notification` (stream NOTIFY)
 zmta.bounce.classify               request/reply    :class:`ClassifyRequest` -> :class:`Classification`
 =================================  ===============  =====================================
 """
@@ -32,9 +34,12 @@ SCHEMA_VERSION = 1
 # JetStream streams: name -> subjects. Work-queue retention: a message is gone once acked.
 STREAM_RESULTS = "ZMTA_RESULTS"
 STREAM_BOUNCES = "ZMTA_BOUNCES"
+STREAM_NOTIFY = "ZMTA_NOTIFY"
+NOTIFY_SUBJECT = "zmta.bounce.notify"
 STREAMS: dict[str, list[str]] = {
     STREAM_RESULTS: ["zmta.delivery.reported.>"],
-    STREAM_BOUNCES: ["zmta.delivery.bounced.>"],
+    STREAM_BOUNCES: ["zmta.delivery.bounced.>", "zmta.delivery.delayed.>"],
+    STREAM_NOTIFY: [NOTIFY_SUBJECT],
 }
 
 # Queue groups, so that several replicas of one service share the work.
@@ -64,6 +69,10 @@ def reported_subject(zone: str) -> str:
 
 def bounced_subject(zone: str) -> str:
     return f"zmta.delivery.bounced.{zone}"
+
+
+def delayed_subject(zone: str) -> str:
+    return f"zmta.delivery.delayed.{zone}"
 
 
 CLASSIFY_SUBJECT = "zmta.bounce.classify"
@@ -202,9 +211,14 @@ class DeliveryReport(Payload):
             raise SchemaError(f"DeliveryReport: unknown status {self.status!r}")
 
 
+FAILED = "failed"
+DELAYED = "delayed"
+
+
 @dataclass(slots=True)
 class BounceEvent(Payload):
-    """A delivery was rejected for good; the bounce service notifies the sender."""
+    """A delivery was rejected for good (kind "failed"), or has been failing for a while
+    and is still being retried (kind "delayed"); the bounce service notifies the sender."""
 
     id: str
     seq: str
@@ -217,6 +231,16 @@ class BounceEvent(Payload):
     headers: bytes = b""
     mx: str = ""  # the server that refused, when one did
     arrival: float = 0.0  # when the message was queued (unix seconds)
+    kind: str = FAILED
+
+
+@dataclass(slots=True)
+class Notification(Payload):
+    """One HTTP bounce notification to POST to ``url`` until it answers 2xx."""
+
+    url: str
+    fields: dict[str, str]
+    created: float  # when the bounce happened: the notification is given up after a while
 
 
 @dataclass(slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -58,3 +59,17 @@ def run(service: str, main: Main, config_path: Path | None) -> None:
         log.exception("service failed")
         raise SystemExit(1) from None
     log.info("stopped")
+
+
+async def every(interval: float, chore: Callable[[], Awaitable[None]], stop: asyncio.Event, what: str) -> None:
+    """Run ``chore`` now and then every ``interval`` seconds until ``stop`` is set.
+
+    A failing round (the store down, say) is logged and tried again next time.
+    """
+    while not stop.is_set():
+        try:
+            await chore()
+        except Exception as exc:
+            log.warning(f"{what} failed", extra={"error": repr(exc)})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

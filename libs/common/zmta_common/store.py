@@ -76,6 +76,8 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX suppressions_address ON suppressions (address) WHERE address IS NOT NULL;
     CREATE UNIQUE INDEX suppressions_domain ON suppressions (domain) WHERE domain IS NOT NULL;
     """,
+    # Garbage collection looks for old messages (and through them, old deliveries).
+    "CREATE INDEX messages_created ON messages (created);",
 ]
 
 # Picks which ready (id, seq, domain) candidates to lease: their positions in the list.
@@ -141,6 +143,13 @@ class DeliveryRow:
     first_deferred: datetime | None
     last_deferred: datetime | None
     last_response: str | None
+
+
+@dataclass(slots=True)
+class AttemptHistory:
+    attempts: int  # earlier deferrals
+    created: datetime  # when the delivery was queued
+    last_deferred: datetime | None  # the previous failed attempt, if any
 
 
 @dataclass(slots=True)
@@ -335,19 +344,7 @@ class Store:
                 owner,
                 lease_time,
             )
-        return [
-            Lease(
-                id=r["id"],
-                seq=r["seq"],
-                recipient=r["recipient"],
-                domain=r["domain"],
-                mail_from=r["mail_from"],
-                attempts=r["attempts"],
-                lease_token=str(r["lease_token"]),
-                lease_expires=r["lease_expires"],
-            )
-            for r in rows
-        ]
+        return [_lease(r) for r in rows]
 
     async def release_expired_leases(self) -> int:
         """Clear leases whose time is up (leasing ignores them anyway; this keeps status honest)."""
@@ -426,15 +423,51 @@ class Store:
             )
         return removed_rejects
 
-    async def delivery_attempts(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, datetime]]:
-        """(earlier deferrals, when the delivery was queued) of each (id, seq) still in the queue."""
+    async def delivery_attempts(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], AttemptHistory]:
+        """How often, and since when, each (id, seq) still in the queue has failed."""
         rows = await self.pool.fetch(
-            "SELECT d.id, d.seq, d.attempts, d.created FROM deliveries d"
+            "SELECT d.id, d.seq, d.attempts, d.created, d.last_deferred FROM deliveries d"
             " JOIN unnest($1::text[], $2::text[]) AS r(id, seq) ON d.id = r.id AND d.seq = r.seq",
             [k[0] for k in keys],
             [k[1] for k in keys],
         )
-        return {(r["id"], r["seq"]): (r["attempts"], r["created"]) for r in rows}
+        return {(r["id"], r["seq"]): AttemptHistory(r["attempts"], r["created"], r["last_deferred"]) for r in rows}
+
+    # -- garbage collection --------------------------------------------------
+
+    async def remove_orphan_messages(self, older_than: float) -> int:
+        """Remove messages (and their bodies) that have no delivery left and are older
+        than ``older_than`` seconds; younger ones may still be on their way in."""
+        result = await self.pool.execute(
+            "DELETE FROM messages m WHERE m.created < now() - make_interval(secs => $1)"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = m.id)",
+            older_than,
+        )
+        return int(result.split()[-1])
+
+    async def lease_expired(self, zone: str, max_age: float, limit: int, owner: str) -> list[Lease]:
+        """Lease deliveries of ``zone`` queued more than ``max_age`` seconds ago that no
+        sender holds, so that they can be reported rejected like any other delivery."""
+        token = uuid.uuid4()
+        rows = await self.pool.fetch(
+            """
+            UPDATE deliveries d
+               SET lease_token = $4, lease_owner = $5, lease_expires = now() + interval '10 minutes'
+              FROM messages m
+             WHERE m.id = d.id AND (d.id, d.seq) IN (
+                   SELECT x.id, x.seq FROM messages o JOIN deliveries x ON x.id = o.id
+                    WHERE o.created < now() - make_interval(secs => $2) AND x.zone = $1
+                      AND (x.lease_expires IS NULL OR x.lease_expires < now())
+                    LIMIT $3 FOR UPDATE OF x SKIP LOCKED)
+            RETURNING d.id, d.seq, d.recipient, d.domain, m.mail_from, d.attempts, d.lease_token, d.lease_expires
+            """,
+            zone,
+            max_age,
+            limit,
+            token,
+            owner,
+        )
+        return [_lease(r) for r in rows]
 
     # -- reading -------------------------------------------------------------
 
@@ -545,6 +578,19 @@ class Store:
         for table in ("messages", "message_chunks", "deliveries"):
             out[table] = await self.pool.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
         return out
+
+
+def _lease(r: asyncpg.Record) -> Lease:
+    return Lease(
+        id=r["id"],
+        seq=r["seq"],
+        recipient=r["recipient"],
+        domain=r["domain"],
+        mail_from=r["mail_from"],
+        attempts=r["attempts"],
+        lease_token=str(r["lease_token"]),
+        lease_expires=r["lease_expires"],
+    )
 
 
 def _suppression(row: asyncpg.Record) -> dict[str, Any]:

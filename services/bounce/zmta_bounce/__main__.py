@@ -1,4 +1,5 @@
-"""``python -m zmta_bounce``: the classifier responder and the bounce event consumer."""
+"""``python -m zmta_bounce``: the classifier responder, the bounce event consumer and the
+HTTP notification sender."""
 
 from __future__ import annotations
 
@@ -10,28 +11,42 @@ from zmta_common import metrics, service
 from zmta_common.config import Config
 from zmta_common.store import Store
 
-from .classifier import Classifier, load_rules
+from .classifier import Classifier, RulesError, load_all
 from .notifications import BounceConsumer
 from .responder import ClassifyResponder
+from .webhooks import WebhookSender
 
 log = logging.getLogger("zmta_bounce")
 
 
 async def main(config: Config, stop: asyncio.Event) -> None:
-    classifier = Classifier(load_rules())
+    try:
+        classifier = Classifier(load_all(config.bounce.rules_files))
+    except RulesError as exc:
+        log.error("bad bounce rules", extra={"error": str(exc)})
+        raise SystemExit(2) from None
     store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "bounce")
     await ClassifyResponder(classifier).start(bus.nc)
     consumer = BounceConsumer(config, store, bus)
-    task = asyncio.create_task(consumer.run(stop), name="bounces")
+    webhook_sender = WebhookSender(config, bus)
+    tasks = [
+        asyncio.create_task(consumer.run(stop), name="bounces"),
+        asyncio.create_task(webhook_sender.run(stop), name="notifications"),
+    ]
 
     async def health() -> dict[str, object]:
-        return {"rules": len(classifier.rules), "nats": bus.nc.is_connected, "bounces": consumer.handled}
+        return {
+            "rules": len(classifier.rules),
+            "nats": bus.nc.is_connected,
+            "bounces": consumer.handled,
+            "notifications": webhook_sender.sent,
+        }
 
     metrics_task = await metrics.serve(config.metrics.host, config.metrics.bounce_port, health)
     log.info("running", extra={"rules": len(classifier.rules)})
     await stop.wait()
-    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     metrics_task.cancel()
     await bus.close()
     await store.close()

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .classifier import DEFAULT_RULES, Classifier, load_rules
+from .classifier import Classifier, RulesError, load_all
 
 cli = typer.Typer(add_completion=False)
 
@@ -37,10 +37,17 @@ def describe(data: str, classifier: Classifier) -> str:
 
 @cli.command()
 def main(
-    rules: Annotated[Path, typer.Option(help="bounce rules file (YAML)")] = DEFAULT_RULES,
+    rules: Annotated[
+        list[Path] | None, typer.Option(help="extra rules file (YAML), checked before the built-in rules")
+    ] = None,
 ) -> None:
     """Read an SMTP reply on stdin and print how ZoneMTA-py classifies it."""
-    print(describe(sys.stdin.read(), Classifier(load_rules(rules))))
+    try:
+        classifier = Classifier(load_all(rules or []))
+    except RulesError as exc:
+        print(f"check-bounce: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(describe(sys.stdin.read(), classifier))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """Turns an SMTP reply into an action (defer, reject, blacklist) and a category.
 
-Rules come from a YAML data file (``rules.yaml`` beside this module by default),
-ordered, first match wins; with no match the RFC 3463 class of the reply decides.
+Rules come from YAML data files: the operator's (``bounce.rules_files``) first, then
+the built-in ``rules.yaml`` beside this module; ordered, first match wins. With no
+match the class of the reply decides (4xx defer, 5xx reject, category "other").
+
+Whatever a rule says, a 4xx reply is never rejected: the server said the failure is
+temporary, so the delivery is retried (and bounces only when its retries or its
+maximum age run out). Mail that can still be delivered must not be bounced.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +45,12 @@ class Verdict:
 
 
 def load_rules(path: Path = DEFAULT_RULES) -> list[Rule]:
-    entries = yaml.safe_load(path.read_text()) or []
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RulesError(f"{path}: cannot read the rules: {exc}") from None
+    if not isinstance(entries, list):
+        raise RulesError(f"{path}: must be a YAML list of rules")
     rules = []
     for index, entry in enumerate(entries, 1):
         where = f"{path}: rule {index}"
@@ -52,6 +63,14 @@ def load_rules(path: Path = DEFAULT_RULES) -> list[Rule]:
         except re.error as exc:
             raise RulesError(f"{where}: bad pattern: {exc}") from None
         rules.append(Rule(pattern, entry["action"], str(entry["category"]), str(entry["message"])))
+    return rules
+
+
+def load_all(extra: Sequence[str | Path] = ()) -> list[Rule]:
+    """The operator's rule files in order, then the built-in rules."""
+    rules: list[Rule] = []
+    for path in [*extra, DEFAULT_RULES]:
+        rules.extend(load_rules(Path(path)))
     return rules
 
 
@@ -82,10 +101,13 @@ class Classifier:
         status = status_match.group(0) if status_match else ""
         if code == 0:
             return Verdict("defer", "network", "Connection or DNS problem", code, status)
+        # Temporary when either the reply code or the enhanced status says so (RFC 3463
+        # wants them to agree; when they do not, retrying is the safe reading).
+        temporary = str(code)[:1] == "4" or status[:1] == "4"
         for rule in self.rules:
             if rule.pattern.search(line):
-                return Verdict(rule.action, rule.category, rule.message, code, status)
-        klass = status[0] if status else str(code)[0]
-        if klass == "4":
+                action = "defer" if rule.action == "reject" and temporary else rule.action
+                return Verdict(action, rule.category, rule.message, code, status)
+        if temporary:
             return Verdict("defer", "other", "Temporary failure", code, status)
         return Verdict("reject", "other", "Permanent failure", code, status)

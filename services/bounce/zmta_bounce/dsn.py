@@ -19,7 +19,7 @@ from email.mime.text import MIMEText
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
-from zmta_common.events import BounceEvent
+from zmta_common.events import DELAYED, BounceEvent
 from zmta_common.headers import HeaderBlock
 
 MAILER_DAEMON = "Mail Delivery Subsystem"
@@ -50,24 +50,30 @@ def _text(text: str, subtype: str) -> MIMEText:
     return MIMEText(text, subtype, utf8)  # type: ignore[arg-type]
 
 
-def _status(response: str) -> str:
-    """The enhanced status of the reply when it has one, else the class of its code."""
+def _status(response: str, delayed: bool) -> str:
+    """The enhanced status of the reply when it has one, else the class of its code.
+
+    A delay report always carries a 4.x.x status (RFC 3464: "delayed" is transient).
+    """
     parts = response.split()
+    status = ""
     if len(parts) > 1 and parts[1].count(".") == 2 and parts[1][0] in "45":
-        return parts[1]
-    return "5.0.0" if response[:1] != "4" else "4.0.0"
+        status = parts[1]
+    if delayed:
+        return "4" + status[1:] if status else "4.0.0"
+    return status or ("5.0.0" if response[:1] != "4" else "4.0.0")
 
 
-def build(event: BounceEvent, reporting_mta: str, zone: str) -> tuple[bytes, str]:
-    """The DSN message and its envelope recipient (the failed message's sender)."""
+def build(event: BounceEvent, reporting_mta: str, zone: str, retry_until: float | None = None) -> tuple[bytes, str]:
+    """The DSN message and its envelope recipient (the failed message's sender).
+
+    A "delayed" event gives a delay warning (``Action: delayed``, with
+    ``Will-Retry-Until`` when ``retry_until`` is known); any other a failure report.
+    """
+    delayed = event.kind == DELAYED
     headers = HeaderBlock.parse(event.headers)
     arrival = datetime.fromtimestamp(event.arrival or event.time, UTC)
-    notice = _text(
-        f"This is the mail system at host {reporting_mta}.\n\n"
-        "Your message could not be delivered to one or more recipients.\n\n"
-        f"<{event.recipient}>: {event.response}\n",
-        "plain",
-    )
+    notice = _text(_notice(event, reporting_mta, retry_until if delayed else None), "plain")
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["X-ZoneMTA-Queue-ID"] = event.id
@@ -75,11 +81,13 @@ def build(event: BounceEvent, reporting_mta: str, zone: str) -> tuple[bytes, str
     per_message["Arrival-Date"] = format_datetime(arrival)
     per_recipient = Message()
     per_recipient["Final-Recipient"] = f"rfc822; {event.recipient}"
-    per_recipient["Action"] = "failed"
-    per_recipient["Status"] = _status(event.response)
+    per_recipient["Action"] = "delayed" if delayed else "failed"
+    per_recipient["Status"] = _status(event.response, delayed)
     if event.mx:
         per_recipient["Remote-MTA"] = f"dns; {event.mx}"
     per_recipient["Diagnostic-Code"] = f"smtp; {event.response}"
+    if delayed and retry_until:
+        per_recipient["Will-Retry-Until"] = format_datetime(datetime.fromtimestamp(retry_until, UTC))
     status = MIMEBase("message", "delivery-status")
     status.attach(per_message)  # the email package writes each block as a header block
     status.attach(per_recipient)
@@ -87,9 +95,11 @@ def build(event: BounceEvent, reporting_mta: str, zone: str) -> tuple[bytes, str
     report = MIMEMultipart("report", report_type="delivery-status", _subparts=[notice, status, original])
     report["From"] = f"{MAILER_DAEMON} <mailer-daemon@{reporting_mta}>"
     report["To"] = event.mail_from
-    report["Subject"] = f"Delivery Status Notification (Failure: {event.recipient})"
+    what = "Delay" if delayed else "Failure"
+    report["Subject"] = f"Delivery Status Notification ({what}: {event.recipient})"
     report["Auto-Submitted"] = "auto-replied"
-    report["X-Failed-Recipients"] = event.recipient
+    if not delayed:
+        report["X-Failed-Recipients"] = event.recipient
     report["X-Sending-Zone"] = zone
     report["Message-ID"] = make_msgid(domain=reporting_mta)
     report["Date"] = format_datetime(datetime.now(UTC))
@@ -97,3 +107,19 @@ def build(event: BounceEvent, reporting_mta: str, zone: str) -> tuple[bytes, str
         report["In-Reply-To"] = message_id
         report["References"] = message_id
     return report.as_bytes(policy=SMTP), event.mail_from
+
+
+def _notice(event: BounceEvent, reporting_mta: str, retry_until: float | None) -> str:
+    head = f"This is the mail system at host {reporting_mta}.\n\n"
+    reply = f"<{event.recipient}>: {event.response}\n"
+    if event.kind != DELAYED:
+        return head + "Your message could not be delivered to one or more recipients.\n\n" + reply
+    until = ""
+    if retry_until:
+        until = f" until {format_datetime(datetime.fromtimestamp(retry_until, UTC))}"
+    return (
+        head
+        + "Your message has not been delivered yet. This is only a warning: you do not need to\n"
+        + f"send it again. Delivery will be retried{until}.\n\n"
+        + reply
+    )

@@ -1,8 +1,10 @@
-"""Consumes bounce events from the durable BOUNCES stream and sends the DSNs.
+"""Consumes bounce and delay events from the durable BOUNCES stream.
 
-Each event is acknowledged only after its DSN is committed to the queue (or after
-deciding that none is due), so a crash or a store failure leaves it on the stream to
-be handled again: a DSN may go out twice, never not at all.
+For a failed delivery: the HTTP notifications are put on their own durable stream
+(one per configured URL, see :mod:`.webhooks`), the recipient may be suppressed, and
+the DSN is queued; for a delayed one only the "delayed" DSN. Each event is
+acknowledged only after all of that is committed, so a crash or a store failure
+leaves it on the stream to be handled again: a DSN may go out twice, never not at all.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from nats.aio.msg import Msg
 
 from zmta_common.bus import Bus, announce_queued, consume
 from zmta_common.config import Config
-from zmta_common.events import STREAM_BOUNCES, BounceEvent, SchemaError
+from zmta_common.events import FAILED, NOTIFY_SUBJECT, STREAM_BOUNCES, BounceEvent, Notification, SchemaError
 from zmta_common.headers import HeaderBlock
 from zmta_common.intake import Envelope, MessageIntake
 from zmta_common.store import Store
 
-from . import dsn
+from . import dsn, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class BounceConsumer:
 
     async def notify(self, event: BounceEvent) -> None:
         log.info(
-            "bounce",
+            "bounce" if event.kind == FAILED else "delay",
             extra={
                 "id": event.id,
                 "seq": event.seq,
@@ -66,16 +68,38 @@ class BounceConsumer:
                 "response": event.response,
             },
         )
+        headers = HeaderBlock.parse(event.headers)
+        if event.kind == FAILED:
+            await self._publish_notifications(event, headers)
+            await self._suppress(event)
         if not self.config.bounce.dsn:
             return
-        reason = dsn.skip_reason(event, HeaderBlock.parse(event.headers))
+        reason = dsn.skip_reason(event, headers)
         if reason is not None:
             log.info("no dsn", extra={"id": event.id, "seq": event.seq, "reason": reason})
             return
         await self._queue_dsn(event)
 
+    async def _publish_notifications(self, event: BounceEvent, headers: HeaderBlock) -> None:
+        """One durable notification per URL (deduplicated, so a redelivered event adds none)."""
+        body = webhooks.fields(event, headers)
+        for index, url in enumerate(self.config.bounce.notify_urls):
+            note = Notification(url=url, fields=body, created=event.time)
+            await self.bus.js.publish(
+                NOTIFY_SUBJECT, note.encode(), headers={"Nats-Msg-Id": f"notify:{event.id}:{event.seq}:{index}"}
+            )
+
+    async def _suppress(self, event: BounceEvent) -> None:
+        """Suppress a recipient a server refused for good as unknown, when so configured."""
+        permanent = event.response[:1] == "5"
+        if self.config.bounce.suppress_unknown_recipients and permanent and event.category == "recipient_unknown":
+            entry = await self.store.add_suppression(address=event.recipient)
+            log.info("recipient suppressed", extra={"id": event.id, "seq": event.seq, "suppression": entry["id"]})
+
     async def _queue_dsn(self, event: BounceEvent) -> None:
-        raw, recipient = dsn.build(event, self.config.hostname, self.config.dsn_zone)
+        zone = self.config.zones.get(event.zone)
+        retry_until = event.arrival + zone.max_age if zone and event.arrival else None
+        raw, recipient = dsn.build(event, self.config.hostname, self.config.dsn_zone, retry_until)
         envelope = Envelope(
             mail_from="",
             recipients=[recipient],

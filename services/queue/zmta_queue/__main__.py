@@ -1,4 +1,4 @@
-"""``python -m zmta_queue``: work leasing, result applying and housekeeping."""
+"""``python -m zmta_queue``: work leasing, result applying, housekeeping and garbage collection."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import Store
 
+from .collector import GarbageCollector
 from .housekeeping import Housekeeping
 from .leasing import WorkDesk
 from .results import ResultApplier
@@ -29,6 +30,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     tasks = [
         asyncio.create_task(ResultApplier(config, store, bus, limits).run(stop), name="results"),
         asyncio.create_task(Housekeeping(config, store, Blacklist(redis)).run(stop), name="housekeeping"),
+        asyncio.create_task(GarbageCollector(config, store, bus).run(stop), name="gc"),
     ]
 
     async def health() -> dict[str, object]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from zmta_common import metrics
+from zmta_common import metrics, service
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist
 from zmta_common.store import Store
@@ -21,13 +20,7 @@ class Housekeeping:
         self.blacklist = blacklist
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except Exception as exc:  # store down: try again next round
-                log.warning("housekeeping failed", extra={"error": repr(exc)})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.queue.housekeeping_interval)
+        await service.every(self.config.queue.housekeeping_interval, self.tick, stop, "housekeeping")
 
     async def tick(self) -> None:
         released = await self.store.release_expired_leases()

@@ -22,7 +22,9 @@ from zmta_common.bus import Bus, consume
 from zmta_common.config import Config, Zone
 from zmta_common.events import (
     DEFERRED,
+    DELAYED,
     DELIVERED,
+    FAILED,
     REJECTED,
     STREAM_RESULTS,
     BounceEvent,
@@ -30,10 +32,11 @@ from zmta_common.events import (
     SchemaError,
     WorkReady,
     bounced_subject,
+    delayed_subject,
     ready_subject,
 )
 from zmta_common.limits import ZoneLimits
-from zmta_common.store import OutcomeBatch, Store
+from zmta_common.store import AttemptHistory, OutcomeBatch, Store
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +76,33 @@ class ResultApplier:
     async def _apply(self, reports: list[DeliveryReport]) -> None:
         batch = OutcomeBatch()
         deferred = [r for r in reports if r.status == DEFERRED]
-        attempts = await self.store.delivery_attempts([(r.id, r.seq) for r in deferred]) if deferred else {}
+        history = await self.store.delivery_attempts([(r.id, r.seq) for r in deferred]) if deferred else {}
         now = datetime.now(UTC)
         rejected: list[DeliveryReport] = []
+        delayed: list[DeliveryReport] = []
         for report in reports:
             if report.status == DELIVERED:
                 batch.delivered.append((report.id, report.seq))
             elif report.status == REJECTED:
                 rejected.append(report)
             else:
-                count, queued_at = attempts.get((report.id, report.seq), (0, now))
-                delay = self._retry_delay(report.zone, count)
-                if delay is None or now + timedelta(seconds=delay) - queued_at > self._max_age(report.zone):
+                past = history.get((report.id, report.seq), AttemptHistory(0, now, None))
+                delay = self._retry_delay(report.zone, past.attempts)
+                if delay is None or now + timedelta(seconds=delay) - past.created > self._max_age(report.zone):
                     # out of retries or too old: a soft failure becomes a bounce
-                    report.response = f"{report.response} (gave up after {count + 1} attempts)"
+                    report.response = f"{report.response} (gave up after {past.attempts + 1} attempts)"
                     rejected.append(report)
-                else:
-                    batch.deferred.append(
-                        (report.id, report.seq, report.lease_token, now + timedelta(seconds=delay), report.response)
-                    )
+                    continue
+                batch.deferred.append(
+                    (report.id, report.seq, report.lease_token, now + timedelta(seconds=delay), report.response)
+                )
+                if self._warning_due(past, now):
+                    delayed.append(report)
         for report in rejected:
-            if await self._publish_bounce(report):
+            if await self._publish_bounce(report, FAILED):
                 batch.rejected.append((report.id, report.seq, report.lease_token))
+        for report in delayed:
+            await self._publish_bounce(report, DELAYED)
         await self.store.apply_outcomes(batch)
         await self._release(reports)
         rejected_ids = {id(r) for r in rejected}
@@ -105,6 +113,17 @@ class ResultApplier:
                 status,
                 extra={"id": report.id, "seq": report.seq, "zone": report.zone, "response": report.response},
             )
+
+    def _warning_due(self, past: AttemptHistory, now: datetime) -> bool:
+        """Whether this failure is the first one ``delay_warning_after`` past queueing.
+
+        Exactly one attempt crosses that line, so the sender hears of the delay once.
+        """
+        if not self.config.bounce.delay_warning:
+            return False
+        after = timedelta(seconds=self.config.bounce.delay_warning_after)
+        previous = past.last_deferred or past.created
+        return previous - past.created < after <= now - past.created
 
     async def _release(self, reports: list[DeliveryReport]) -> None:
         """Finished deliveries no longer count against their domain's in-flight limit."""
@@ -127,8 +146,8 @@ class ResultApplier:
     def _max_age(self, zone: str) -> timedelta:
         return timedelta(seconds=self._zone(zone).max_age)
 
-    async def _publish_bounce(self, report: DeliveryReport) -> bool:
-        """Publish the bounce event of a rejection that still holds its lease."""
+    async def _publish_bounce(self, report: DeliveryReport, kind: str) -> bool:
+        """Publish the bounce (or delay) event of a report that still holds its lease."""
         if not await self.store.holds_lease(report.id, report.seq, report.lease_token):
             return False  # already applied, or the lease passed to another sender
         message = await self.store.get_message(report.id)
@@ -146,11 +165,12 @@ class ResultApplier:
             headers=message.headers if message else b"",
             mx=report.mx,
             arrival=message.created.timestamp() if message else 0.0,
+            kind=kind,
         )
+        subject = bounced_subject(report.zone) if kind == FAILED else delayed_subject(report.zone)
         await self.js.publish(
-            bounced_subject(report.zone),
-            event.encode(),
-            headers={"Nats-Msg-Id": f"bounce:{report.id}:{report.seq}:{report.lease_token}"},
+            subject, event.encode(), headers={"Nats-Msg-Id": f"{kind}:{report.id}:{report.seq}:{report.lease_token}"}
         )
-        metrics.bounce_generation.inc()
+        if kind == FAILED:
+            metrics.bounce_generation.inc()
         return True

@@ -39,10 +39,25 @@ class SinkHandler:
     messages: list[Received] = field(default_factory=list)
     # Per recipient: a list of replies to give at DATA, used up one by one (then 250).
     scripted: dict[str, list[str]] = field(default_factory=dict)
+    # Per recipient: replies to give at RCPT TO, used up one by one (then 250).
+    scripted_rcpt: dict[str, list[str]] = field(default_factory=dict)
+    # Replies to greet new connections with instead of 220 (and hang up), used up one by one.
+    greetings: list[str] = field(default_factory=list)
+    # Connections refused at the greeting so far.
+    refused: int = 0
     data_delay: float = 0.0
     open_now: int = 0  # connections open at this moment
     open_max: int = 0  # the most that were ever open at once
     _counter: Any = field(default_factory=itertools.count)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        replies = self.scripted_rcpt.get(address.lower())
+        if replies:
+            return replies.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_delay:
@@ -88,6 +103,18 @@ class CountingSMTP(SMTP):
         handler: SinkHandler = self.event_handler
         handler.open_now -= 1
         super().connection_lost(exc)
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd has no hook for the greeting, so a scripted refusal replaces the
+        # whole session: say the scripted reply instead of 220 and hang up.
+        handler: SinkHandler = self.event_handler
+        if handler.greetings:
+            handler.refused += 1
+            await self.push(handler.greetings.pop(0))
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
 
 
 class CountingController(Controller):
