@@ -77,7 +77,7 @@ def test_check_bounce_prints_what_the_original_prints() -> None:
         "           552-5.7.0 http://support.google.com/mail/bin/answer.py?answer=6590 to review our",
         "           552 5.7.0 message content and attachment content guidelines. cp3si16622595oec.101 - gsmtp",
         "action   : reject",
-        "message  : Suspicious attachment",
+        "message  : Message blocked as a security risk",
         "category : virus",
         "code     : 552",
         "status   : 5.7.0",
