@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/development.yaml
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-huge images clean
 
 STAMP  := $(VENV)/.setup-done
 SETUP_INPUTS := scripts/setup.sh requirements-dev.txt libs/common/pyproject.toml \
@@ -31,6 +31,29 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m zmta_devtools.bench $(BENCH_ARGS)
+	$(PY) -m zmta_devtools.bench_dkim
+
+# One 1 GiB message through every service, with each service's peak memory (a few minutes).
+bench-huge: $(STAMP)
+	$(PY) -m zmta_devtools.bench_huge $(BENCH_ARGS)
+
+# One image per service (services/<name>/Dockerfile) as $(IMAGE_REPO)/<name>:$(IMAGE_TAG), with the
+# first container engine that works (ENGINE=podman to choose); skipped when none does.
+IMAGE_REPO ?= zonemta-py
+IMAGE_TAG  ?= 0.1.0
+IMAGES     := ingest queue sender bounce api
+images:
+	@engine="$(ENGINE)"; \
+	if [ -z "$$engine" ]; then \
+		for candidate in docker podman; do \
+			if command -v $$candidate >/dev/null 2>&1 && $$candidate info >/dev/null 2>&1; then engine=$$candidate; break; fi; \
+		done; \
+	fi; \
+	if [ -z "$$engine" ]; then echo "images: no working container engine (docker or podman with its daemon running): skipped"; exit 0; fi; \
+	for service in $(IMAGES); do \
+		$$engine build -f services/$$service/Dockerfile -t $(IMAGE_REPO)/$$service:$(IMAGE_TAG) . || exit 1; \
+	done; \
+	for service in $(IMAGES); do $$engine image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE_REPO)/$$service:$(IMAGE_TAG); done
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

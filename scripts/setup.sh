@@ -19,6 +19,10 @@ have dnsmasq || missing+=(dnsmasq-base)
 # postfix brings smtp-source and smtp-sink (benchmark) and the Postfix we compare with.
 have smtp-sink || missing+=(postfix)
 have swaks || missing+=(swaks)
+# rspamd: the real spam checker of the rspamd plugin's tests (they run their own on a free port).
+have rspamd || missing+=(rspamd)
+# Mail::DKIM: the second, independent verifier in the DKIM signer tests.
+perl -MMail::DKIM::Verifier -e1 >/dev/null 2>&1 || missing+=(libmail-dkim-perl)
 "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -22,13 +22,16 @@ import asyncpg
 import pytest
 import pytest_asyncio
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from redis.asyncio import Redis
 
 from zmta_common.config import Config, load_config
 from zmta_common.store import Store
-from zmta_devtools.servers import Dnsmasq, NatsServer, PostgresCluster, RedisServer, free_port
+from zmta_devtools.servers import Dnsmasq, NatsServer, PostgresCluster, RedisServer, free_address, free_port
 from zmta_devtools.sink import Sink
 from zmta_devtools.system import System
+from zmta_sender.dkim_signer import load_key, public_txt
 
 # Test domains and the sink address their MX points at.
 MX_HOSTS = {
@@ -43,6 +46,13 @@ MANY_DOMAINS = [f"w{n}.test" for n in range(100)]
 MANY_DOMAINS_MX = "127.0.0.6"
 IPV6_ONLY = {"v6.test": "::1"}  # MX host with an AAAA record only
 REFUSING = {"refused.test": "127.0.0.7"}  # MX host where nothing listens: connection refused
+# Internationalised domains (published in punycode): one on the SMTPUTF8 sink, one on
+# 127.0.0.5, which tests may turn into a sink without SMTPUTF8.
+IDN = {"уайлддак.орг": "127.0.0.2", "почта.испытание": "127.0.0.5"}
+# Domains with an MTA-STS TXT record (id STS_ID); mta-sts.<domain> is Infra.sts_address,
+# where tests serve the policies over HTTPS on port 443.
+MTA_STS = {"sts.test": "127.0.0.3", "sts-mismatch.test": "127.0.0.3", "sts-testing.test": "127.0.0.3"}
+STS_ID = "20261201T000000"
 
 
 @dataclass
@@ -53,6 +63,32 @@ class Infra:
     dns: Dnsmasq
     sink_port: int
     sinks: dict[str, Sink] = field(default_factory=dict)
+    sts_address: str = ""
+
+
+# DKIM keys made for the test session: (domain, selector, kind). The private keys are
+# written to <workdir>/dkim/<domain>.<selector>.pem (a dkim.key_dir), the public ones
+# published in the test DNS.
+DKIM_KEYS = [("b.test", "rsa", "rsa2048"), ("b.test", "ed", "ed25519"), ("platform.test", "pf", "rsa1024")]
+
+
+def publish_dkim_keys(dns: Dnsmasq, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for domain, selector, kind in DKIM_KEYS:
+        private = (
+            ed25519.Ed25519PrivateKey.generate()
+            if kind == "ed25519"
+            else rsa.generate_private_key(public_exponent=65537, key_size=int(kind[3:]))
+        )
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (folder / f"{domain}.{selector}.pem").write_bytes(pem)
+        record = public_txt(load_key(domain, selector, pem))
+        # A TXT character-string holds 255 octets; dnsmasq splits the record at commas.
+        dns.add_txt(
+            f"{selector}._domainkey.{domain}", ",".join(record[i : i + 250] for i in range(0, len(record), 250))
+        )
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +105,19 @@ def infra() -> Iterator[Infra]:
         dns.add_host(domain, ip)
     for domain in NULL_MX:
         dns.add_mx(domain, ".", 0)
+    publish_dkim_keys(dns, workdir / "dkim")
     for domain in MANY_DOMAINS:
         dns.add_mx(domain, "mx.many.test", 10)
     dns.add_host("mx.many.test", MANY_DOMAINS_MX)
-    for domain, ip in (IPV6_ONLY | REFUSING).items():
+    for domain, ip in (IPV6_ONLY | REFUSING | {d.encode("idna").decode(): ip for d, ip in IDN.items()}).items():
         dns.add_mx(domain, f"mx.{domain}", 10)
         dns.add_host(f"mx.{domain}", ip)
+    sts_address = free_address(443)
+    for domain, ip in MTA_STS.items():
+        dns.add_mx(domain, f"mx.{domain}", 10)
+        dns.add_host(f"mx.{domain}", ip)
+        dns.add_host(f"mta-sts.{domain}", sts_address)
+        dns.add_txt(f"_mta-sts.{domain}", f"v=STSv1; id={STS_ID}")
     sink_port = free_port()
     sink_ips = set(MX_HOSTS.values()) | set(A_ONLY.values()) | {MANY_DOMAINS_MX} | set(IPV6_ONLY.values())
     sinks = {ip: Sink(ip, sink_port) for ip in sorted(sink_ips)}
@@ -83,7 +126,7 @@ def infra() -> Iterator[Infra]:
         for server in (postgres, redis, dns, *sinks.values()):
             server.start()
             started.append(server)
-        yield Infra(workdir, postgres, redis, dns, sink_port, sinks)
+        yield Infra(workdir, postgres, redis, dns, sink_port, sinks, sts_address)
     finally:
         for server in reversed(started):
             server.stop()
@@ -101,6 +144,8 @@ def sinks(infra: Infra) -> dict[str, Sink]:
         sink.handler.refused = 0
         sink.handler.data_delay = 0.0
         sink.handler.open_max = sink.handler.open_now
+        sink.use_tls(None)
+        sink.use_smtputf8(True)
     return infra.sinks
 
 
@@ -151,7 +196,8 @@ def write_config(path: Path, infra: Infra, nats_url: str, database: str, overrid
             "postgres_pool_size": 10,
         },
         "smtp_interfaces": {"feeder": {"port": free_port()}},
-        "api": {"port": free_port()},
+        # Loopback only, so the original's open API; tests of API keys turn it off.
+        "api": {"port": free_port(), "open_access": True},
         "dns": {"nameservers": ["127.0.0.1"], "port": infra.dns.port, "timeout": 2},
         "queue": {"lease_time": 30, "housekeeping_interval": 1},
         "metrics": {

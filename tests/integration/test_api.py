@@ -47,7 +47,7 @@ async def test_send_raw_takes_the_envelope_from_the_headers(api: Deployment) -> 
         ({"from": "not an address", "to": "x@a.test"}, "from"),
         ({"from": "s@origin.test", "to": "bad@@a.test"}, "to"),
         ({"from": "s@origin.test"}, "to"),
-        ({"from": "s@origin.test", "to": "x@a.test", "attachments": []}, "attachments"),
+        ({"from": "s@origin.test", "to": "x@a.test", "attachments": [{"path": "/etc/passwd"}]}, "attachments.0.path"),
         ({"from": "s@origin.test", "to": "x@a.test", "headers": {"X-Bad": "a\r\nBcc: x@y.test"}}, "headers"),
     ],
 )

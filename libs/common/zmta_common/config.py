@@ -16,9 +16,9 @@ import os
 import re
 import socket
 from contextvars import ContextVar
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,6 +65,70 @@ class SmtpInterface(Section):
     allow_routing_headers: bool = False
     # Seconds a client may stay idle, and the time the whole DATA transfer may take.
     socket_timeout: float = Field(default=600.0, gt=0)
+    # TLS: PEM files of the certificate (chain) and its key (tls_key: none if the key is in
+    # the cert file). With them the interface offers STARTTLS; with implicit_tls it speaks
+    # TLS from the first byte instead (port 465). The files are read when ingest starts.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    implicit_tls: bool = False
+    # Clients from these networks may send without AUTH; any other client must authenticate
+    # (where the interface has AUTH) or is refused at MAIL FROM.
+    relay_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # AUTH PLAIN and LOGIN (an MSA), checked against users ({name: argon2 hash, from
+    # `python -m zmta_ingest hash-password`}) or an HTTP endpoint (auth_url). Offered only
+    # over TLS unless auth_without_tls (loopback tests, legacy clients).
+    auth: bool = False
+    auth_without_tls: bool = False
+    users: dict[str, str] = Field(default_factory=dict)
+    auth_url: str | None = None
+    auth_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("relay_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ip_network(network.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network in CIDR notation, as 10.0.0.0/8") from None
+        return [network.strip() for network in value]
+
+    @field_validator("users")
+    @classmethod
+    def _argon2_hashes(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, hashed in value.items():
+            if not user:
+                raise ValueError("a user name is empty")
+            if not hashed.startswith(("$argon2id$", "$argon2i$", "$argon2d$")):
+                raise ValueError(
+                    f"the password of {user!r} is not an argon2 hash"
+                    " (make one with `python -m zmta_ingest hash-password`)"
+                )
+        return value
+
+    @field_validator("auth_url")
+    @classmethod
+    def _auth_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parsed = urlsplit(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_and_auth(self) -> SmtpInterface:
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key is set but tls_cert is not")
+        if self.implicit_tls and self.tls_cert is None:
+            raise ValueError("implicit_tls needs tls_cert (and tls_key)")
+        if (self.users or self.auth_url) and not self.auth:
+            raise ValueError("users and auth_url are only used with auth: true")
+        if self.auth:
+            if bool(self.users) == bool(self.auth_url):
+                raise ValueError("auth: true needs either users or auth_url (not both)")
+            if self.tls_cert is None and not self.auth_without_tls:
+                raise ValueError("auth is offered only over TLS: set tls_cert (and tls_key), or auth_without_tls: true")
+        return self
 
 
 class PoolAddress(Section):
@@ -117,9 +181,27 @@ class Limit(Section):
         return value
 
 
+# Outbound STARTTLS: "opportunistic" (when offered, unverified certificate accepted, plain
+# text if the handshake fails), "required" (offered and verified, else deferred), "none".
+TlsMode = Literal["opportunistic", "required", "none"]
+
+
 class DomainPolicy(Limit):
     # Local addresses never used for this recipient domain.
     disabled_addresses: list[str] = Field(default_factory=list)
+    # Overrides the zone's ``tls`` for this recipient domain.
+    tls: TlsMode | None = None
+    # Deliver this domain's mail by POSTing it to this URL instead of SMTP.
+    http_url: str | None = None
+
+    @field_validator("http_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parsed = urlsplit(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
 
 
 DEFAULT_DOMAIN_CONNECTIONS = 5
@@ -132,6 +214,7 @@ class Zone(Section):
     # "host:port" that replaces MX lookup for every recipient (Postfix's relayhost).
     smarthost: str | None = None
     mx_port: int = Field(default=25, ge=1, le=65535)
+    tls: TlsMode = "opportunistic"
     ignore_ipv6: bool = True
     routing_headers: dict[str, str] = Field(default_factory=dict)
     sender_domains: list[str] = Field(default_factory=list)
@@ -146,6 +229,10 @@ class Zone(Section):
     throttling: str | None = None
     # Per recipient domain; "*" is the default for every domain without its own entry.
     domains: dict[str, DomainPolicy] = Field(default_factory=dict)
+    # DKIM: messages whose From domain has no key are signed for this domain instead,
+    # and every message is signed for dkim_platform_domain as well (the sending platform's).
+    dkim_fallback_domain: str | None = None
+    dkim_platform_domain: str | None = None
     # Per MX host name pattern ("*.mail.protection.outlook.com"): one limit for all the
     # recipient domains whose best MX host matches, counted together.
     mx_hosts: dict[str, Limit] = Field(default_factory=dict)
@@ -157,6 +244,14 @@ class Zone(Section):
         if policy.connections is None and domain in self.domains and "*" in self.domains:
             return policy.model_copy(update={"connections": self.domains["*"].connections})
         return policy
+
+    def tls_mode(self, domain: str) -> TlsMode:
+        """The TLS mode for ``domain``: its own entry's, else the "*" entry's, else the zone's."""
+        for key in (domain, "*"):
+            policy = self.domains.get(key)
+            if policy is not None and policy.tls is not None:
+                return policy.tls
+        return self.tls
 
     def mx_group(self, mx_host: str) -> str | None:
         """The ``mx_hosts`` pattern that ``mx_host`` falls under, if any."""
@@ -210,6 +305,18 @@ class Dns(Section):
     timeout: float = Field(default=5.0, gt=0)
 
 
+class Tls(Section):
+    """Outbound TLS of the senders: certificate checks and MTA-STS (RFC 8461)."""
+
+    # A PEM bundle of CA certificates trusted besides the system's, for MX certificates and
+    # MTA-STS policy hosts; None: the system's CAs only.
+    ca_file: str | None = None
+    # Apply the MTA-STS policies of recipient domains (never for smarthost zones).
+    mta_sts: bool = True
+    # Seconds a policy fetch (https://mta-sts.<domain>/.well-known/mta-sts.txt) may take.
+    mta_sts_timeout: float = Field(default=10.0, gt=0)
+
+
 class Queue(Section):
     default_zone: str = "default"
     # How long a sender owns leased deliveries; an expired lease makes them ready again.
@@ -228,11 +335,50 @@ class Queue(Section):
     orphan_age: float = Field(default=600.0, gt=0)
 
 
+API_SCOPES = ("send", "admin")
+
+
+class ApiKey(Section):
+    name: str = Field(min_length=1)
+    # "sha256:<hex>" of the key (python -m zmta_api new-key prints a key and its hash).
+    hash: str
+    scopes: list[str] = Field(default_factory=lambda: ["send"])
+    # Whether X-Authenticated-User and X-Originating-IP from this key are believed.
+    may_set_user: bool = False
+
+    @field_validator("hash")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        algorithm, _, digest = value.partition(":")
+        if algorithm != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("must be sha256:<64 hex digits> (see python -m zmta_api new-key)")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(API_SCOPES))
+        if unknown or not value:
+            raise ValueError(f"scopes must be some of {', '.join(API_SCOPES)} (got {', '.join(unknown) or 'none'})")
+        return value
+
+
 class Api(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=12080, ge=0, le=65535)
     maildrop: bool = True
     max_body: int = Field(default=30 * MIB, ge=1024)
+    keys: list[ApiKey] = Field(default_factory=list)
+    # More keys from a file (YAML list of the same entries): a mounted Kubernetes Secret.
+    keys_file: str | None = None
+    # The original's API: no key needed. Only for an API that listens on loopback.
+    open_access: bool = False
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> Api:
+        if self.open_access and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"open_access needs the API on loopback, not on {self.host}")
+        return self
 
 
 class Bounce(Section):
@@ -279,6 +425,58 @@ class Bounce(Section):
         return value
 
 
+CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
+
+
+class DkimKey(Section):
+    domain: str = Field(min_length=1)
+    selector: str = Field(min_length=1)
+    # A PEM private key (RSA 1024-4096 bits or Ed25519), or the path of a file holding one.
+    private_key: str = Field(min_length=1)
+
+    @field_validator("domain")
+    @classmethod
+    def _lower_domain(cls, value: str) -> str:
+        return value.strip().lower()
+
+
+class Dkim(Section):
+    """DKIM signing at send time, from the body hash computed at intake."""
+
+    enabled: bool = True
+    # A directory of keys named <domain>.<selector>.pem (a Kubernetes Secret mounted as files).
+    key_dir: str | None = None
+    keys: list[DkimKey] = Field(default_factory=list)
+    # header/body canonicalization of every signature.
+    canonicalization: str = "relaxed/relaxed"
+    # Header fields to sign (those present); empty: the usual set, From over-signed.
+    sign_headers: list[str] = Field(default_factory=list)
+    # Signatures expire (x=) this many seconds after signing; 0: no expiry.
+    expire: float = Field(default=0.0, ge=0)
+
+    @field_validator("canonicalization")
+    @classmethod
+    def _canon(cls, value: str) -> str:
+        if value not in CANONICALIZATIONS:
+            raise ValueError(f"must be one of {', '.join(CANONICALIZATIONS)}")
+        return value
+
+    @property
+    def body_canonicalization(self) -> str:
+        return self.canonicalization.split("/")[1]
+
+
+class Plugin(BaseModel):
+    """One plugin: ``enabled`` and whatever options the plugin itself takes."""
+
+    model_config = ConfigDict(extra="allow")
+    enabled: bool = True
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class Metrics(Section):
     """Where each service serves /metrics and /health (the api serves them on its own port)."""
 
@@ -311,7 +509,11 @@ class Config(BaseSettings):
     queue: Queue = Field(default_factory=Queue)
     zones: dict[str, Zone] = Field(default_factory=_default_zones)
     dns: Dns = Field(default_factory=Dns)
+    tls: Tls = Field(default_factory=Tls)
     bounce: Bounce = Field(default_factory=Bounce)
+    dkim: Dkim = Field(default_factory=Dkim)
+    # Python plugins by import path, in the order they run: {"my_pkg.plugin": {enabled, ...options}}.
+    plugins: dict[str, Plugin] = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=Metrics)
 
     @field_validator("log_level")

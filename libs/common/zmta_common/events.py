@@ -205,6 +205,9 @@ class DeliveryReport(Payload):
     mx: str = ""
     local_address: str = ""
     time: float = 0.0
+    # The SMTP session's TLS: "version=TLSv1.3 cipher=... verified=yes|no", "none" (plain
+    # text), or "" when no session was reached.
+    tls: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -97,6 +97,17 @@ class HeaderBlock:
         else:
             self.fields.append(field)
 
+    def set(self, name: str, value: str) -> None:
+        """Replace the first field named ``name`` where it stands (dropping any others), or add it."""
+        key = name.lower()
+        field = HeaderField(key, f"{name}: {value}\r\n".encode())
+        at = next((i for i, f in enumerate(self.fields) if f.key == key), None)
+        if at is None:
+            self.fields.append(field)
+            return
+        self.fields = [f for i, f in enumerate(self.fields) if f.key != key or i == at]
+        self.fields[at] = field
+
     def to_bytes(self) -> bytes:
         return b"".join(f.raw for f in self.fields)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, getaddresses, parsedate_to_datetime
@@ -22,9 +23,10 @@ from .addresses import address_error
 from .config import Config
 from .dkim_hash import BodyHasher
 from .headers import HeaderBlock, is_continuation, is_field_start
+from .hooks import Hooks, Reject
 from .ids import new_queue_id, seq_for
 from .routing import ZONE_HEADER, UnknownZoneError, domain_of, route
-from .store import NewDelivery, NewMessage, Store
+from .store import IntakeTransaction, NewDelivery, NewMessage, Store
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,23 @@ class IntakeError(Exception):
         super().__init__(reply)
         self.reply = reply
         self.http_status = http_status
+
+
+class StoredBody:
+    """The body of a message being queued, for ``message:store`` plugins: streamed back
+    from the store (inside the intake's transaction), never held whole."""
+
+    def __init__(self, tx: IntakeTransaction, last_chunk: bytes | None, size: int, queue_id: str = "") -> None:
+        self._tx = tx
+        self._last = last_chunk
+        self.size = size
+        self.queue_id = queue_id  # the id the message is being queued under
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._tx.written_chunks():
+            yield chunk
+        if self._last:
+            yield self._last
 
 
 @dataclass(slots=True)
@@ -106,9 +125,12 @@ class LineEndNormaliser:
 class MessageIntake:
     """One message on its way into the store. Use :meth:`feed`, then :meth:`finish` or :meth:`abort`."""
 
-    def __init__(self, store: Store, config: Config, envelope: Envelope, max_size: int) -> None:
+    def __init__(
+        self, store: Store, config: Config, envelope: Envelope, max_size: int, hooks: Hooks | None = None
+    ) -> None:
         self.id = new_queue_id()
         self.config = config
+        self.hooks = hooks or Hooks()
         self.envelope = envelope
         self.max_size = max_size
         self.size = 0
@@ -116,7 +138,7 @@ class MessageIntake:
         self._failure: IntakeError | None = None  # kept until finish(), so the caller can drain DATA
         self._tx = store.begin_intake(self.id)
         self._normaliser = LineEndNormaliser()
-        self._hasher = BodyHasher("relaxed", "sha256")
+        self._hasher = BodyHasher(config.dkim.body_canonicalization, "sha256")
         self._head = bytearray()
         self._head_scanned = 0  # bytes of _head already checked for the end of the header block
         self._in_head = True
@@ -220,10 +242,13 @@ class MessageIntake:
         env = self.envelope
         if env.from_headers:
             _envelope_from_headers(env, headers)
+        await self._run_hook("message:headers", env, headers)
         try:
             zones = route(self.config, headers, env.mail_from, env.recipients, env.allow_routing_headers)
         except UnknownZoneError as exc:
             raise IntakeError(f"550 5.7.1 {exc}", 400) from None
+        zones = await self._plugin_routes(zones)
+        await self._run_hook("message:store", env, headers, StoredBody(self._tx, last_chunk, self._body_size, self.id))
         parsed_envelope = _parsed_envelope(headers)
         message_id = self._complete_headers(headers)
         now = datetime.now(UTC)
@@ -242,7 +267,11 @@ class MessageIntake:
             "transtype": env.transtype,
             "user": env.user,
             "time": int(time.time() * 1000),
-            "dkim": {"hashAlgo": "sha256", "bodyHash": self._hasher.b64digest()},
+            "dkim": {
+                "hashAlgo": "sha256",
+                "bodyHash": self._hasher.b64digest(),
+                "bodyCanon": self._hasher.canonicalization,
+            },
             "messageId": message_id,
             "date": headers.get("date") or "",
             "parsedEnvelope": parsed_envelope,
@@ -269,6 +298,24 @@ class MessageIntake:
         # Suppressed recipients got no row: their mail is dropped silently, as the original does.
         suppressed = sorted(d.recipient for d in deliveries if d.seq not in kept)
         return QueuedMessage(id=self.id, zones=counts, message_id=message_id, size=self.size, suppressed=suppressed)
+
+    async def _run_hook(self, name: str, *args: object) -> None:
+        try:
+            await self.hooks.run(name, *args)
+        except Reject as exc:
+            raise IntakeError(exc.reply, 503 if exc.temporary else 400) from None
+
+    async def _plugin_routes(self, zones: list[str]) -> list[str]:
+        """Zones after the ``queue:route`` plugins had their say (a zone per recipient)."""
+        if not self.hooks.has("queue:route"):
+            return zones
+        routes = dict(zip(self.envelope.recipients, zones, strict=True))
+        await self._run_hook("queue:route", self.envelope, routes)
+        for rcpt, zone in routes.items():
+            if zone not in self.config.zones:
+                log.error("plugin routed to an unknown zone", extra={"recipient": rcpt, "zone": zone})
+                raise IntakeError(f"451 4.3.0 Recipient <{rcpt}> routed to unknown zone {zone!r}", 503)
+        return [routes[rcpt] for rcpt in self.envelope.recipients]
 
     def _hold_until(self, headers: HeaderBlock, now: datetime) -> datetime | None:
         """Delayed delivery: the Date of a message dated in the future, within the configured limit."""

@@ -287,3 +287,14 @@ class Blacklist:
         now = time.time()
         await self.redis.zremrangebyscore(self.KEY, "-inf", now)
         return int(await self.redis.zcard(self.KEY))
+
+    async def entries(self) -> list[tuple[str, str, float]]:
+        """Every mark in force: (recipient domain, local address, expiry as a Unix time)."""
+        now = time.time()
+        await self.redis.zremrangebyscore(self.KEY, "-inf", now)
+        marks = await self.redis.zrangebyscore(self.KEY, now, "+inf", withscores=True)
+        entries = []
+        for mark in marks:  # (member, score) pairs
+            domain, _, address = _text(mark[0]).partition("|")
+            entries.append((domain, address, float(mark[1])))
+        return entries

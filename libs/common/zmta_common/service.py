@@ -16,6 +16,7 @@ import uvloop
 
 from . import logging as zlogging
 from .config import Config, ConfigError, load_config
+from .hooks import PluginError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ def run(service: str, main: Main, config_path: Path | None) -> None:
     try:
         # uvloop: the same asyncio API, a faster loop (libuv) for every service.
         uvloop.run(runner())
+    except PluginError as exc:
+        log.error("bad plugin", extra={"error": str(exc)})
+        print(f"{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception:
         log.exception("service failed")
         raise SystemExit(1) from None

@@ -78,6 +78,15 @@ MIGRATIONS: list[str] = [
     """,
     # Garbage collection looks for old messages (and through them, old deliveries).
     "CREATE INDEX messages_created ON messages (created);",
+    # Paused zones (domain '') and recipient domains within a zone: the queue leases none of them.
+    """
+    CREATE TABLE pauses (
+        zone     text NOT NULL,
+        domain   text NOT NULL DEFAULT '',
+        created  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (zone, domain)
+    );
+    """,
 ]
 
 # Picks which ready (id, seq, domain) candidates to lease: their positions in the list.
@@ -169,6 +178,32 @@ class OutcomeBatch:
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class QueuedRow:
+    """A delivery as the api lists it."""
+
+    id: str
+    seq: str
+    zone: str
+    recipient: str
+    created: datetime
+    next_attempt: datetime
+    attempts: int
+
+
+@dataclass(slots=True)
+class Pause:
+    """A paused zone (``domain`` None) or recipient domain within a zone."""
+
+    zone: str
+    domain: str | None
+    created: datetime
+
+
+# Sort keys of list_queued: the columns ordered by, after the zone filter.
+_QUEUED_SORT = {"id": ("id", "seq"), "created": ("created", "id", "seq"), "queued": ("next_attempt", "id", "seq")}
+
+
 _INTAKE_ROWS = """
     WITH message AS (
         INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, $2, $3, $4, $5::jsonb)
@@ -213,6 +248,15 @@ class IntakeTransaction:
             data,
         )
         self._next_seq += 1
+
+    async def written_chunks(self) -> AsyncIterator[bytes]:
+        """The chunks written so far, read back inside the (uncommitted) transaction."""
+        if self._conn is None:
+            return
+        async for row in self._conn.cursor(
+            "SELECT data FROM message_chunks WHERE message_id = $1 ORDER BY seq", self.message_id, prefetch=4
+        ):
+            yield row["data"]
 
     async def commit(self, message: NewMessage, last_chunk: bytes | None) -> set[str]:
         """Write the last chunk (if any) with the rows, and make it all visible at once.
@@ -351,6 +395,22 @@ class Store:
         result = await self.pool.execute(
             "UPDATE deliveries SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
             " WHERE lease_expires < now()"
+        )
+        return int(result.split()[-1])
+
+    async def release_leases(self, leases: Sequence[tuple[str, str, str]]) -> int:
+        """Give back leases a sender will not finish (it is stopping): the rows are ready
+        again at once, with no attempt counted. Tuples are (id, seq, lease_token); a row
+        whose lease has changed hands since is left alone. Returns the rows released."""
+        if not leases:
+            return 0
+        result = await self.pool.execute(
+            "UPDATE deliveries d SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
+            " FROM unnest($1::text[], $2::text[], $3::uuid[]) AS r(id, seq, token)"
+            " WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token",
+            [lease[0] for lease in leases],
+            [lease[1] for lease in leases],
+            [uuid.UUID(lease[2]) for lease in leases],
         )
         return int(result.split()[-1])
 
@@ -571,6 +631,99 @@ class Store:
 
     async def delete_suppression(self, entry_id: str) -> bool:
         return (await self.pool.execute("DELETE FROM suppressions WHERE id = $1", entry_id)) != "DELETE 0"
+
+    # -- administration (api) ------------------------------------------------
+
+    async def list_queued(
+        self,
+        zone: str,
+        deferred: bool,
+        sort: str = "id",
+        descending: bool = True,
+        offset: int = 0,
+        limit: int = 1000,
+        after: Sequence[Any] | None = None,
+    ) -> list[QueuedRow]:
+        """Deliveries of ``zone`` that are ready (or, with ``deferred``, waiting for a later
+        attempt), ordered by ``sort`` (id, created or queued; then id and seq). ``after`` is
+        the sort key of the last row of the previous page (keyset pagination)."""
+        columns = _QUEUED_SORT[sort]
+        direction = "DESC" if descending else "ASC"
+        where = "zone = $1 AND next_attempt " + ("> now()" if deferred else "<= now()")
+        args: list[Any] = [zone, offset, limit]
+        if after is not None:
+            if len(after) != len(columns):
+                raise ValueError("the key does not fit the sort")
+            marks = ", ".join(f"${4 + i}" for i in range(len(columns)))
+            where += f" AND ({', '.join(columns)}) {'<' if descending else '>'} ({marks})"
+            args += list(after)
+        order = ", ".join(f"{c} {direction}" for c in columns)
+        rows = await self.pool.fetch(
+            "SELECT id, seq, zone, recipient, created, next_attempt, attempts FROM deliveries"  # noqa: S608
+            f" WHERE {where} ORDER BY {order} OFFSET $2 LIMIT $3",
+            *args,
+        )
+        return [QueuedRow(**dict(r)) for r in rows]
+
+    async def retry_now(self, message_id: str, seq: str) -> tuple[str, str | None]:
+        """Make a delivery ready at once (the original's "send now"), unless a sender holds it.
+
+        Returns ("ready", zone), ("leased", zone) or ("missing", None)."""
+        zone = await self.pool.fetchval(
+            "UPDATE deliveries SET next_attempt = now() WHERE id = $1 AND seq = $2"
+            " AND (lease_expires IS NULL OR lease_expires <= now()) RETURNING zone",
+            message_id,
+            seq,
+        )
+        if zone is not None:
+            return "ready", zone
+        zone = await self.pool.fetchval("SELECT zone FROM deliveries WHERE id = $1 AND seq = $2", message_id, seq)
+        return ("leased", zone) if zone is not None else ("missing", None)
+
+    async def drop_deliveries(self, message_id: str, seq: str | None = None) -> tuple[list[tuple[str, str]], int]:
+        """Delete the deliveries of a message (all, or the one ``seq``) that no sender holds;
+        the message and its body go with its last row. Returns the (seq, zone) removed and
+        how many matching rows were left alone because they are leased."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The message row first, as apply_outcomes does: exactly one of them sees the last row go.
+            if await conn.fetchval("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE", message_id) is None:
+                return [], 0
+            removed = await conn.fetch(
+                "DELETE FROM deliveries WHERE id = $1 AND ($2::text IS NULL OR seq = $2)"
+                " AND (lease_expires IS NULL OR lease_expires <= now()) RETURNING seq, zone",
+                message_id,
+                seq,
+            )
+            leased = await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE id = $1 AND ($2::text IS NULL OR seq = $2)", message_id, seq
+            )
+            await conn.execute(
+                "DELETE FROM messages m WHERE m.id = $1 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = m.id)",
+                message_id,
+            )
+        return [(r["seq"], r["zone"]) for r in removed], int(leased)
+
+    async def add_pause(self, zone: str, domain: str | None = None) -> Pause:
+        """Pause a zone, or one recipient domain in it; pausing twice keeps the first entry."""
+        row = None
+        while row is None:  # a second try only if a resume removed the entry in between
+            row = await self.pool.fetchrow(
+                "INSERT INTO pauses (zone, domain) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING zone, domain, created",
+                zone,
+                domain or "",
+            ) or await self.pool.fetchrow(
+                "SELECT zone, domain, created FROM pauses WHERE zone = $1 AND domain = $2", zone, domain or ""
+            )
+        return Pause(row["zone"], row["domain"] or None, row["created"])
+
+    async def remove_pause(self, zone: str, domain: str | None = None) -> bool:
+        result = await self.pool.execute("DELETE FROM pauses WHERE zone = $1 AND domain = $2", zone, domain or "")
+        return result != "DELETE 0"
+
+    async def list_pauses(self) -> list[Pause]:
+        rows = await self.pool.fetch("SELECT zone, domain, created FROM pauses ORDER BY zone, domain")
+        return [Pause(r["zone"], r["domain"] or None, r["created"]) for r in rows]
 
     async def row_counts(self) -> dict[str, int]:
         """How many rows each table holds (for tests and diagnostics)."""

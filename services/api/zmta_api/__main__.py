@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from typing import Annotated
 
+import typer
 import uvicorn
+import yaml
+from redis.asyncio import Redis
 
 from zmta_common import bus as zbus
-from zmta_common import service
+from zmta_common import hooks, service
 from zmta_common.config import Config
 from zmta_common.metrics import EmbeddedServer
 from zmta_common.store import Store
 
+from . import security
 from .app import Services, create_app
 
 log = logging.getLogger("zmta_api")
@@ -21,7 +27,13 @@ log = logging.getLogger("zmta_api")
 async def main(config: Config, stop: asyncio.Event) -> None:
     store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "api")
-    app = create_app(Services(config, store, bus))
+    redis = Redis.from_url(config.dbs.redis)
+    try:
+        security.load_keys(config.api)
+    except security.KeyFileError as exc:
+        print(f"api: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app = create_app(Services(config, store, bus, hooks.load(config, "api"), redis=redis))
     server = EmbeddedServer(
         uvicorn.Config(app, host=config.api.host, port=config.api.port, log_config=None, access_log=False)
     )
@@ -31,10 +43,31 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     server.should_exit = True
     await task
     await bus.close()
+    await redis.aclose()
     await store.close()
 
 
-cli = service.command("api", main, "Run the HTTP API.")
+cli = typer.Typer(add_completion=False)
+
+
+@cli.callback(invoke_without_command=True)
+def start(ctx: typer.Context, config: service.ConfigOption = None) -> None:
+    """Run the HTTP API (what happens without a command)."""
+    if ctx.invoked_subcommand is None:
+        service.run("api", main, config)
+
+
+@cli.command("new-key")
+def new_key_command(
+    name: Annotated[str, typer.Option(help="a name for the key (logged, recorded as the sender)")] = "app",
+    scopes: Annotated[str, typer.Option(help="comma-separated: send, admin")] = "send",
+) -> None:
+    """Print a new random API key, and the api.keys entry (with its hash) for the config."""
+    key, digest = security.new_key()
+    print(f"key: {key}")
+    entry = {"name": name, "hash": digest, "scopes": [s.strip() for s in scopes.split(",") if s.strip()]}
+    print(yaml.safe_dump({"api": {"keys": [entry]}}, sort_keys=False), end="")
+
 
 if __name__ == "__main__":
     cli()

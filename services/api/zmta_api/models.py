@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,19 +17,70 @@ class AddressObject(BaseModel):
 AddressField = str | AddressObject | list[str | AddressObject]
 
 
+class HeaderLine(BaseModel):
+    """One header as Nodemailer's list form gives it."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    value: str
+
+
+# {"X-Key": "value"} (a list of values repeats the header) or [{"key": ..., "value": ...}].
+HeadersField = dict[str, str | list[str]] | list[HeaderLine]
+
+ContentEncoding = Literal["base64", "base64url", "hex", "binary", "latin1", "ascii", "utf8", "utf-8"]
+
+
+class Attachment(BaseModel):
+    """An attachment with its content inline; file paths and URLs are refused (data: URIs are fine)."""
+
+    model_config = ConfigDict(extra="forbid")
+    filename: str | None = None
+    content: str | None = None
+    encoding: ContentEncoding | None = Field(
+        default=None, description="how ``content`` is encoded; none: it is text, sent as UTF-8"
+    )
+    contentType: str | None = Field(default=None, description="default: guessed from the filename")
+    contentDisposition: Literal["attachment", "inline"] | None = Field(
+        default=None, description="default: inline with a cid, else attachment"
+    )
+    cid: str | None = Field(default=None, description="Content-ID, for <img src='cid:...'> in the html")
+    path: str | None = Field(default=None, description="only a data: URI; file paths are refused")
+    href: str | None = Field(default=None, description="refused: URLs are not fetched")
+
+
+class SendEnvelope(BaseModel):
+    """The SMTP envelope, when it is not to be taken from the addresses of the message."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str | AddressObject | None = Field(default=None, alias="from")
+    to: AddressField | None = None
+    cc: AddressField | None = None
+    bcc: AddressField | None = None
+
+
 class SendRequest(BaseModel):
     """A message in Nodemailer's JSON form (the fields the original's /send takes)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: AddressField = Field(alias="from")
+    sender: str | AddressObject | None = None
     to: AddressField | None = None
     cc: AddressField | None = None
     bcc: AddressField | None = None
+    replyTo: AddressField | None = None
+    inReplyTo: str | None = None
+    references: str | list[str] | None = None
     subject: str = ""
     text: str | None = None
     html: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: HeadersField = Field(default_factory=dict)
+    attachments: list[Attachment] = Field(default_factory=list)
+    envelope: SendEnvelope | None = None
+    messageId: str | None = None
+    date: str | None = Field(default=None, description="RFC 5322 or ISO 8601; a future date delays delivery")
+    priority: Literal["high", "normal", "low"] | None = None
 
 
 class SendResponse(BaseModel):
@@ -94,3 +145,62 @@ class SuppressionAdded(BaseModel):
 
 class SuppressionDeleted(BaseModel):
     deleted: str
+
+
+class ZoneEntry(BaseModel):
+    name: str
+
+
+class QueuedItem(BaseModel):
+    id: str
+    seq: str
+    zone: str
+    recipient: str
+    created: str = Field(description="when the message was queued (ISO 8601)")
+    queued: str = Field(description="the next attempt (ISO 8601)")
+    deferred: int = Field(description="failed attempts so far")
+
+
+class QueuedList(BaseModel):
+    zone: str
+    type: Literal["queued", "deferred"]
+    items: list[QueuedItem] = Field(alias="list")
+    next: str | None = Field(
+        default=None, description="cursor of the next page (pass it as ?cursor=), null on the last page"
+    )
+
+
+class SkipDomains(BaseModel):
+    skipDomains: list[str]
+
+
+class BlacklistEntry(BaseModel):
+    id: str = Field(description="always empty: marks are not tied to a message")
+    seq: str = Field(description="always empty")
+    address: str = Field(description="the local (pool) address the recipient domain refused")
+    domain: str
+    response: str = Field(description="always empty")
+    created: str = Field(description="when the mark was set (ISO 8601; its expiry less bounce.blacklist_ttl)")
+    expires: str = Field(description="when the address is used for the domain again (ISO 8601)")
+
+
+class BlacklistResponse(BaseModel):
+    items: list[BlacklistEntry] = Field(alias="list")
+
+
+class Success(BaseModel):
+    success: bool
+
+
+class PauseEntry(BaseModel):
+    zone: str
+    domain: str | None = Field(description="null: the whole zone is paused")
+    created: str
+
+
+class PauseList(BaseModel):
+    paused: list[PauseEntry]
+
+
+class PauseAdded(BaseModel):
+    paused: PauseEntry

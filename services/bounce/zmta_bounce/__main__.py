@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from zmta_common import bus as zbus
-from zmta_common import metrics, service
+from zmta_common import hooks, metrics, service
 from zmta_common.config import Config
 from zmta_common.store import Store
 
@@ -28,7 +28,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "bounce")
     await ClassifyResponder(classifier).start(bus.nc)
-    consumer = BounceConsumer(config, store, bus)
+    consumer = BounceConsumer(config, store, bus, hooks.load(config, "bounce"))
     webhook_sender = WebhookSender(config, bus)
     tasks = [
         asyncio.create_task(consumer.run(stop), name="bounces"),

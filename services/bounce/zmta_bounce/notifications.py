@@ -18,6 +18,7 @@ from zmta_common.bus import Bus, announce_queued, consume
 from zmta_common.config import Config
 from zmta_common.events import FAILED, NOTIFY_SUBJECT, STREAM_BOUNCES, BounceEvent, Notification, SchemaError
 from zmta_common.headers import HeaderBlock
+from zmta_common.hooks import Hooks, Reject
 from zmta_common.intake import Envelope, MessageIntake
 from zmta_common.store import Store
 
@@ -29,10 +30,11 @@ CONSUMER = "zmta-bounce"
 
 
 class BounceConsumer:
-    def __init__(self, config: Config, store: Store, bus: Bus) -> None:
+    def __init__(self, config: Config, store: Store, bus: Bus, hooks: Hooks | None = None) -> None:
         self.config = config
         self.store = store
         self.bus = bus
+        self.hooks = hooks or Hooks()
         self.handled = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -70,6 +72,11 @@ class BounceConsumer:
         )
         headers = HeaderBlock.parse(event.headers)
         if event.kind == FAILED:
+            try:
+                await self.hooks.run("queue:bounce", event)
+            except Reject as exc:
+                log.info("bounce stopped by a plugin", extra={"id": event.id, "seq": event.seq, "reply": exc.reply})
+                return
             await self._publish_notifications(event, headers)
             await self._suppress(event)
         if not self.config.bounce.dsn:
@@ -107,7 +114,7 @@ class BounceConsumer:
             transtype="HTTP",
             allow_routing_headers=True,
         )
-        intake = MessageIntake(self.store, self.config, envelope, max_size=len(raw) + 1)
+        intake = MessageIntake(self.store, self.config, envelope, len(raw) + 1, self.hooks)
         intake.feed(raw)
         queued = await intake.finish()
         log.info("dsn queued", extra={"id": queued.id, "for": f"{event.id}.{event.seq}", "to": recipient})

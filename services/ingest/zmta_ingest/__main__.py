@@ -1,45 +1,129 @@
-"""``python -m zmta_ingest``: every enabled SMTP interface of the config, in one process."""
+"""``python -m zmta_ingest``: every enabled SMTP interface of the config, in one process.
+
+``python -m zmta_ingest hash-password`` reads a password on stdin and prints the argon2
+hash to put in ``smtp_interfaces.<name>.users``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
+import ssl
+import sys
+import weakref
+from typing import Annotated, cast
+
+import typer
 
 from zmta_common import bus as zbus
-from zmta_common import metrics, service
+from zmta_common import hooks, metrics, service
 from zmta_common.config import Config
 from zmta_common.store import Store
 
+from .auth import hash_password
 from .handler import IngestHandler
 from .smtp_server import IngestSMTP
+from .tls import StartupError, server_context
 
 log = logging.getLogger("zmta_ingest")
 
+# Seconds open SMTP sessions get to finish their transaction when ingest stops (SIGTERM).
+DEFAULT_SHUTDOWN_GRACE = 30.0
 
-async def main(config: Config, stop: asyncio.Event) -> None:
+
+async def finish_sessions(sessions: weakref.WeakSet[IngestSMTP], grace: float) -> int:
+    """Let open sessions finish the transaction they are in, for ``grace`` seconds at most.
+
+    A session between transactions (no MAIL FROM given) has nothing at stake: it gets
+    ``421`` and is closed at once. A session still in a transaction when the time is up
+    is cut off; its client never saw a 250, so it keeps the message and tries again.
+    Returns how many sessions were cut off.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while True:
+        open_now = [s for s in sessions if s.transport is not None]
+        for session in open_now:
+            if session.envelope is None or session.envelope.mail_from is None:
+                # (uvloop's transports are not subclasses of asyncio's, hence the cast)
+                transport = cast(asyncio.WriteTransport, session.transport)
+                if not transport.is_closing():
+                    transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+                    transport.close()
+        busy = [s for s in open_now if s.envelope is not None and s.envelope.mail_from is not None]
+        if not busy or loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.1)
+    for session in busy:
+        if session.transport is not None:
+            session.transport.close()
+    if busy:
+        log.warning("sessions cut off at shutdown", extra={"count": len(busy), "grace": grace})
+    return len(busy)
+
+
+async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTDOWN_GRACE) -> None:
+    # Certificates, keys and password hashes are checked before anything starts.
+    try:
+        contexts = {
+            name: server_context(name, iface) for name, iface in config.smtp_interfaces.items() if iface.enabled
+        }
+    except StartupError as exc:
+        log.error("bad interface", extra={"error": str(exc)})
+        print(f"ingest: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "ingest")
     loop = asyncio.get_running_loop()
-    servers = []
-    for name, iface in config.smtp_interfaces.items():
-        if not iface.enabled:
-            continue
-        handler = IngestHandler(config, name, store, bus)
+    handlers: list[IngestHandler] = []
+    servers: list[asyncio.Server] = []
+    sessions: weakref.WeakSet[IngestSMTP] = weakref.WeakSet()  # open SMTP sessions, for a clean stop
+    plugins = hooks.load(config, "ingest")
+    try:
+        for name in contexts:
+            handlers.append(IngestHandler(config, name, store, bus, plugins))
+    except StartupError as exc:
+        log.error("bad interface", extra={"error": str(exc)})
+        print(f"ingest: {exc}", file=sys.stderr)
+        await bus.close()
+        await store.close()
+        raise SystemExit(2) from None
+    for handler in handlers:
+        iface = handler.interface
+        tls = contexts[handler.name]
+        implicit = iface.implicit_tls
 
-        def factory(handler: IngestHandler = handler, iface_max: int = iface.max_size) -> IngestSMTP:
-            return IngestSMTP(
+        def factory(
+            handler: IngestHandler = handler, tls: ssl.SSLContext | None = tls, implicit: bool = implicit
+        ) -> IngestSMTP:
+            session = IngestSMTP(
                 handler,
+                implicit_tls=implicit,
                 hostname=handler.interface.hostname or config.hostname,
                 ident=config.name,
-                data_size_limit=iface_max,
+                data_size_limit=handler.interface.max_size,
                 enable_SMTPUTF8=True,
                 timeout=handler.interface.socket_timeout,
+                # STARTTLS where there is a certificate and the port is not TLS from the start.
+                tls_context=None if implicit else tls,
                 loop=loop,
             )
+            sessions.add(session)
+            return session
 
-        server = await loop.create_server(factory, iface.host, iface.port)
+        server = await loop.create_server(factory, iface.host, iface.port, ssl=tls if implicit else None)
         servers.append(server)
-        log.info("listening", extra={"interface": name, "host": iface.host, "port": iface.port})
+        log.info(
+            "listening",
+            extra={
+                "interface": handler.name,
+                "host": iface.host,
+                "port": iface.port,
+                "tls": "implicit" if implicit else ("starttls" if tls else "none"),
+                "auth": handler.authenticator is not None,
+            },
+        )
 
     async def health() -> dict[str, object]:
         await store.pool.fetchval("SELECT 1")
@@ -47,16 +131,57 @@ async def main(config: Config, stop: asyncio.Event) -> None:
 
     metrics_task = await metrics.serve(config.metrics.host, config.metrics.ingest_port, health)
     await stop.wait()
-    log.info("stopping")
+    log.info("stopping", extra={"sessions": sum(1 for s in sessions if s.transport is not None), "grace": grace})
     for server in servers:
-        server.close()  # no new connections; open sessions finish on their own
+        server.close()  # no new connections
+    # Open sessions finish their transaction (wait_closed does not wait for them under uvloop).
+    await finish_sessions(sessions, grace)
     await asyncio.gather(*(s.wait_closed() for s in servers), return_exceptions=True)
     metrics_task.cancel()
+    for handler in handlers:
+        await handler.close()
     await bus.close()
     await store.close()
 
 
-cli = service.command("ingest", main, "Run the SMTP ingest interfaces.")
+cli = typer.Typer(add_completion=False)
+
+
+@cli.callback(invoke_without_command=True)
+def start(
+    ctx: typer.Context,
+    config: service.ConfigOption = None,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-grace", min=0, help="seconds open SMTP sessions get to finish their transaction on SIGTERM"
+        ),
+    ] = DEFAULT_SHUTDOWN_GRACE,
+) -> None:
+    """Run the SMTP ingest interfaces (what happens without a command)."""
+    if ctx.invoked_subcommand is None:
+
+        async def run(config: Config, stop: asyncio.Event) -> None:
+            await main(config, stop, shutdown_grace)
+
+        service.run("ingest", run, config)
+
+
+@cli.command("hash-password")
+def hash_password_command() -> None:
+    """Read a password on stdin (one line) and print its argon2id hash for smtp_interfaces.<name>.users."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("hash-password: the passwords differ", file=sys.stderr)
+            raise typer.Exit(2)
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("hash-password: the password is empty", file=sys.stderr)
+        raise typer.Exit(2)
+    print(hash_password(password))
+
 
 if __name__ == "__main__":
     cli()

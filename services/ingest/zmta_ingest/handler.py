@@ -1,8 +1,13 @@
-"""What an ingest interface decides about a transaction: senders, recipients, storing."""
+"""What an ingest interface decides about a transaction: who may send, senders,
+recipients, storing."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
@@ -11,26 +16,137 @@ from zmta_common import metrics
 from zmta_common.addresses import address_error
 from zmta_common.bus import Bus, announce_queued
 from zmta_common.config import Config, SmtpInterface
+from zmta_common.hooks import Hooks, Reject
 from zmta_common.intake import Envelope, IntakeError, MessageIntake
 from zmta_common.store import Store
 
+from .auth import MAX_CREDENTIAL, Outcome, make_authenticator
+
+if TYPE_CHECKING:
+    from .smtp_server import IngestSMTP
+
 log = logging.getLogger(__name__)
+
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+# A refused AUTH is answered this many seconds late, to slow down password guessing.
+AUTH_FAILURE_DELAY = 1.0
+
+
+def client_ip(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+
+
+def _parse_ip(text: str) -> IPv4Address | IPv6Address | None:
+    try:
+        ip = ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # an IPv4 client of a dual-stack listener
+    return ip
+
+
+@dataclass(slots=True)
+class AuthRequest:
+    """What ``smtp:auth`` plugins see; one that sets ``accepted`` decides."""
+
+    username: str
+    password: str
+    interface: str
+    client: str
+    accepted: bool | None = None
 
 
 class IngestHandler:
-    def __init__(self, config: Config, name: str, store: Store, bus: Bus) -> None:
+    def __init__(self, config: Config, name: str, store: Store, bus: Bus, hooks: Hooks | None = None) -> None:
         self.config = config
+        self.hooks = hooks or Hooks()
         self.name = name
         self.interface: SmtpInterface = config.smtp_interfaces[name]
         self.store = store
         self.bus = bus
+        self.relay_networks = [ip_network(n, strict=False) for n in self.interface.relay_networks]
+        self.authenticator = make_authenticator(name, self.interface)
+
+    async def close(self) -> None:
+        if self.authenticator is not None:
+            await self.authenticator.close()
 
     async def handle_EHLO(
-        self, server: object, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
+        self, server: IngestSMTP, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        # aiosmtpd's own AUTH line goes: AUTH is ours, and offered only where it may be used.
+        lines = [r for r in responses[:-1] if not r.startswith("250-AUTH")]
+        if server.auth_offered:
+            lines.append("250-AUTH " + " ".join(AUTH_MECHANISMS))
         # aiosmtpd reads pipelined commands in order but does not say so.
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*lines, "250-PIPELINING", responses[-1]]
+
+    def trusted(self, session: Session) -> bool:
+        """Whether the client is in the interface's relay_networks (may send without AUTH)."""
+        ip = _parse_ip(client_ip(session))
+        return ip is not None and any(ip in network for network in self.relay_networks)
+
+    def check_relay(self, session: Session) -> str | None:
+        """At MAIL FROM: the refusal for a client that may not send (yet), if it may not."""
+        if session.authenticated or self.trusted(session):
+            return None
+        ip = client_ip(session)
+        if self.authenticator is not None:
+            log.info("auth required", extra={"client": ip, "interface": self.name})
+            return "530 5.7.0 Authentication required"
+        log.info("relay denied", extra={"client": ip, "interface": self.name})
+        return f"554 5.7.1 Relaying denied: {ip} is not allowed to send through this server"
+
+    async def authenticate(self, session: Session, mechanism: str, login: bytes, password: bytes) -> str:
+        """Check AUTH credentials; mark the session authenticated on success; return the reply."""
+        assert self.authenticator is not None
+        ip = client_ip(session)
+        try:
+            username = login.decode()
+            secret = password.decode()
+        except UnicodeDecodeError:
+            username, secret = login.decode(errors="replace"), ""
+        fields: dict[str, object] = {"user": username, "client": ip, "interface": self.name, "mechanism": mechanism}
+        if not username or not secret or len(username) > MAX_CREDENTIAL or len(secret) > MAX_CREDENTIAL:
+            verdict_reason = "empty, too long or not UTF-8"
+            outcome = Outcome.REFUSED
+        else:
+            outcome, verdict_reason = await self._check(AuthRequest(username, secret, self.name, ip))
+        if outcome is Outcome.ACCEPTED:
+            session.authenticated = True
+            session.auth_data = username  # type: ignore[assignment]  # aiosmtpd types it as None
+            log.info("auth accepted", extra=fields)
+            return "235 2.7.0 Authentication successful"
+        if outcome is Outcome.UNAVAILABLE:
+            log.warning("auth unavailable", extra={**fields, "error": verdict_reason})
+            return "454 4.7.0 Temporary authentication failure, try again later"
+        log.warning("auth refused", extra={**fields, "reason": verdict_reason})
+        await asyncio.sleep(AUTH_FAILURE_DELAY)
+        return "535 5.7.8 Authentication credentials invalid"
+
+    async def _check(self, request: AuthRequest) -> tuple[Outcome, str]:
+        """``smtp:auth`` plugins first; when none decides, the interface's users or auth_url."""
+        try:
+            await self.hooks.run("smtp:auth", request)
+        except Reject as exc:
+            return (Outcome.UNAVAILABLE if exc.temporary else Outcome.REFUSED), f"plugin: {exc.reply}"
+        if request.accepted is not None:
+            return (Outcome.ACCEPTED if request.accepted else Outcome.REFUSED), "plugin"
+        assert self.authenticator is not None
+        verdict = await self.authenticator.check(request.username, request.password)
+        return verdict.outcome, verdict.reason
+
+    async def plugins_allow(self, hook: str, envelope: SmtpEnvelope, address: str) -> str | None:
+        """The refusal of an ``smtp:mail_from`` / ``smtp:rcpt_to`` plugin, if one refuses."""
+        try:
+            await self.hooks.run(hook, envelope, address)
+        except Reject as exc:
+            log.info("refused by a plugin", extra={"hook": hook, "address": address, "reply": exc.reply})
+            return exc.reply
+        return None
 
     def check_sender(self, address: str) -> str | None:
         if address and (reason := address_error(address)):
@@ -46,9 +162,13 @@ class IngestHandler:
             return f"553 5.1.3 <{address}> is not a valid RFC 5321 address: {reason}"
         return None
 
-    def open_intake(self, session: Session, envelope: SmtpEnvelope, max_size: int | None) -> MessageIntake:
-        peer = session.peer
-        origin = peer[0] if isinstance(peer, tuple) else str(peer or "")
+    def open_intake(
+        self, session: Session, envelope: SmtpEnvelope, max_size: int | None, tls: bool = False
+    ) -> MessageIntake:
+        origin = client_ip(session)
+        user = session.auth_data if session.authenticated and isinstance(session.auth_data, str) else None
+        # RFC 3848 transmission types: S for TLS, A for an authenticated client.
+        transtype = ("ESMTP" + ("S" if tls else "") + ("A" if user else "")) if session.extended_smtp else "SMTP"
         return MessageIntake(
             self.store,
             self.config,
@@ -56,13 +176,15 @@ class IngestHandler:
                 mail_from=envelope.mail_from or "",
                 recipients=list(envelope.rcpt_tos),
                 interface=self.name,
-                transtype="ESMTP" if session.extended_smtp else "SMTP",
+                transtype=transtype,
                 origin=origin,
                 originhost=f"[{origin}]",
                 transhost=session.host_name or "",
+                user=user,
                 allow_routing_headers=self.interface.allow_routing_headers,
             ),
             max_size or self.interface.max_size,
+            self.hooks,
         )
 
     async def finish(self, intake: MessageIntake) -> str:

@@ -13,18 +13,28 @@ MAIL, RCPT and DATA:
   bare line end is normalised to CRLF by the intake (the sender dot-stuffs it on
   the way out), so no smuggled end-of-data can reach the next hop. Lines over
   1000 octets are refused after the data ends (RFC 5321 4.5.3.1.6).
+
+It also replaces AUTH: PLAIN and LOGIN, offered only where the interface has AUTH
+and (unless ``auth_without_tls``) only once the connection is encrypted, checked
+without blocking the loop (argon2 in a thread, or an HTTP call). MAIL from a client
+outside the interface's ``relay_networks`` needs AUTH first (530) or, where the
+interface has none, is refused (554).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import re
 from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
 from zmta_common.intake import MessageIntake
+
+from .handler import client_ip
 
 if TYPE_CHECKING:
     from .handler import IngestHandler
@@ -60,8 +70,111 @@ def parse_path(command: str, arg: str | None) -> tuple[str, list[str]]:
 class IngestSMTP(SMTP):
     event_handler: IngestHandler
 
-    def __init__(self, handler: IngestHandler, **kwargs: object) -> None:
+    def __init__(self, handler: IngestHandler, *, implicit_tls: bool = False, **kwargs: object) -> None:
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+        self.implicit_tls = implicit_tls  # the listener speaks TLS from the first byte (465)
+
+    @property
+    def tls_active(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    @property
+    def auth_offered(self) -> bool:
+        """AUTH is advertised and taken: the interface has it and the channel is fit for it."""
+        return self.event_handler.authenticator is not None and (
+            self.tls_active or self.event_handler.interface.auth_without_tls
+        )
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client that fails the handshake (or a scanner) is no error of ours; aiosmtpd
+            # closes the connection and sends nothing.
+            assert self.session is not None
+            log.info(
+                "tls handshake failed",
+                extra={
+                    "client": client_ip(self.session),
+                    "interface": self.event_handler.name,
+                    "error": repr(error.__cause__),
+                },
+            )
+            return "454 4.7.0 TLS not available"
+        status: str = await super().handle_exception(error)
+        return status
+
+    @syntax("AUTH mechanism [initial-response]")
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        assert self.session is not None
+        assert self.envelope is not None
+        if not self.session.extended_smtp:
+            await self.push("503 5.5.1 Error: AUTH needs EHLO")
+            return
+        if self.event_handler.authenticator is None:
+            await self.push("502 5.5.1 AUTH is not available on this port")
+            return
+        if not self.auth_offered:
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if self.session.authenticated:
+            await self.push("503 5.5.1 Error: already authenticated")
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: AUTH is not permitted during a mail transaction")
+            return
+        args = (arg or "").split()
+        if not args or len(args) > 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = args[0].upper()
+        if mechanism == "PLAIN":
+            credentials = await self._auth_plain(args[1] if len(args) > 1 else None)
+        elif mechanism == "LOGIN":
+            credentials = await self._auth_login(args[1] if len(args) > 1 else None)
+        else:
+            await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        if credentials is None:
+            return  # the reason has been sent
+        await self.push(await self.event_handler.authenticate(self.session, mechanism, *credentials))
+
+    async def _response(self, initial: str | None, challenge: str) -> bytes | None:
+        """The client's base64 answer, decoded: ``initial`` (``=`` is empty) or the answer to
+        a 334 ``challenge``. None if it cancelled (``*``) or sent bad base64 (already answered)."""
+        if initial is None:
+            answer = await self.challenge_auth(challenge)
+            return None if answer is MISSING else bytes(answer)
+        if initial == "=":
+            return b""
+        try:
+            return base64.b64decode(initial, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Cannot decode the base64 response")
+            return None
+
+    async def _auth_plain(self, initial: str | None) -> tuple[bytes, bytes] | None:
+        response = await self._response(initial, "")
+        if response is None:
+            return None
+        parts = response.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 AUTH PLAIN needs authzid NUL authcid NUL password")
+            return None
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # Acting for another user (RFC 4616 authorization identity) is not supported.
+            return login, b""
+        return login, password
+
+    async def _auth_login(self, initial: str | None) -> tuple[bytes, bytes] | None:
+        login = await self._response(initial, "Username:")
+        if login is None:
+            return None
+        password = await self._response(None, "Password:")
+        if password is None:
+            return None
+        return login, password
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -86,6 +199,10 @@ class IngestSMTP(SMTP):
         if self.envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
+        refusal = self.event_handler.check_relay(self.session)
+        if refusal is not None:
+            await self.push(refusal)
+            return
         try:
             address, params = parse_path("MAIL", arg)
         except PathError as exc:
@@ -94,7 +211,12 @@ class IngestSMTP(SMTP):
         reply = self._mail_params(params)
         if reply is None:
             reply = self.event_handler.check_sender(address)
+        if reply is None and not address.isascii() and not self.envelope.smtp_utf8:
+            reply = f"553 5.6.7 <{address}> needs SMTPUTF8 (MAIL FROM:<...> SMTPUTF8)"
+        if reply is None:
+            reply = await self.event_handler.plugins_allow("smtp:mail_from", self.envelope, address)
         if reply is not None:
+            self.envelope.smtp_utf8 = False
             await self.push(reply)
             return
         self.envelope.mail_from = address
@@ -137,6 +259,10 @@ class IngestSMTP(SMTP):
             await self.push(f"555 5.5.4 RCPT parameter {params[0]} not recognised")
             return
         reply = self.event_handler.check_recipient(self.envelope.rcpt_tos, address)
+        if reply is None and not address.isascii() and not self.envelope.smtp_utf8:
+            reply = f"553 5.6.7 <{address}> needs SMTPUTF8, which this transaction did not ask for"
+        if reply is None:
+            reply = await self.event_handler.plugins_allow("smtp:rcpt_to", self.envelope, address)
         if reply is not None:
             await self.push(reply)
             return
@@ -156,7 +282,7 @@ class IngestSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        intake = self.event_handler.open_intake(self.session, self.envelope, self.data_size_limit)
+        intake = self.event_handler.open_intake(self.session, self.envelope, self.data_size_limit, self.tls_active)
         try:
             reply = await self._receive(intake)
         except BaseException:

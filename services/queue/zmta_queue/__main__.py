@@ -8,7 +8,7 @@ import logging
 from redis.asyncio import Redis
 
 from zmta_common import bus as zbus
-from zmta_common import metrics, service
+from zmta_common import hooks, metrics, service
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import Store
@@ -28,7 +28,9 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     limits = {name: ZoneLimits(redis, name, zone) for name, zone in config.zones.items()}
     await WorkDesk(config, store, redis, limits).start(bus.nc)
     tasks = [
-        asyncio.create_task(ResultApplier(config, store, bus, limits).run(stop), name="results"),
+        asyncio.create_task(
+            ResultApplier(config, store, bus, limits, hooks.load(config, "queue")).run(stop), name="results"
+        ),
         asyncio.create_task(Housekeeping(config, store, Blacklist(redis)).run(stop), name="housekeeping"),
         asyncio.create_task(GarbageCollector(config, store, bus).run(stop), name="gc"),
     ]

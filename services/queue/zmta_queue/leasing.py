@@ -26,6 +26,9 @@ from .assignment import Assignment
 
 log = logging.getLogger(__name__)
 
+# How long the paused zones and domains (from the store, set through the api) are cached.
+PAUSES_TTL = 2.0
+
 
 class WorkDesk:
     def __init__(self, config: Config, store: Store, redis: Redis, limits: dict[str, ZoneLimits]) -> None:
@@ -37,6 +40,8 @@ class WorkDesk:
             name: Assignment(redis, name, zone.pool, not zone.ignore_ipv6, config.queue.sender_timeout)
             for name, zone in config.zones.items()
         }
+        self._pauses: dict[str, set[str]] = {}  # zone -> paused domains, "" for the whole zone
+        self._pauses_read = float("-inf")
 
     async def start(self, nc: NATS) -> None:
         await nc.subscribe(WORK_SUBJECT_ALL, queue=QUEUE_GROUP_QUEUE, cb=self.on_request)
@@ -59,6 +64,9 @@ class WorkDesk:
 
     async def lease(self, request: WorkRequest, requester: Slice) -> list[LeasedDelivery]:
         """Lease ready deliveries of the requester's slice that fit the zone's limits."""
+        paused = await self._paused(request.zone)
+        if "" in paused:
+            return []
         limits = self.limits[request.zone]
         assignment = self.assignments[request.zone]
         want = min(request.max, self.config.queue.max_batch)
@@ -83,7 +91,7 @@ class WorkDesk:
             want,
             lease_time,
             request.sender,
-            skip_domains=await limits.skip_domains(),
+            skip_domains=[*await limits.skip_domains(), *paused],
             admit=admit,
             scan=min(1000, want * 4 * requester.count),
         )
@@ -103,6 +111,17 @@ class WorkDesk:
             )
             for lease in leases
         ]
+
+    async def _paused(self, zone: str) -> set[str]:
+        """The zone's paused recipient domains ("" when the whole zone is paused), shared by
+        every queue replica through the store and re-read every PAUSES_TTL seconds."""
+        now = time.monotonic()
+        if now - self._pauses_read >= PAUSES_TTL:
+            pauses: dict[str, set[str]] = {}
+            for pause in await self.store.list_pauses():
+                pauses.setdefault(pause.zone, set()).add(pause.domain or "")
+            self._pauses, self._pauses_read = pauses, now
+        return self._pauses.get(zone, set())
 
     async def _excluded(self, zone_name: str, domains: set[str]) -> dict[str, set[str]]:
         """Per domain: the pool addresses disabled for it in the config or blacklisted by it."""

@@ -35,6 +35,7 @@ from zmta_common.events import (
     delayed_subject,
     ready_subject,
 )
+from zmta_common.hooks import Hooks, Reject
 from zmta_common.limits import ZoneLimits
 from zmta_common.store import AttemptHistory, OutcomeBatch, Store
 
@@ -44,8 +45,17 @@ CONSUMER = "zmta-queue"
 
 
 class ResultApplier:
-    def __init__(self, config: Config, store: Store, bus: Bus, limits: dict[str, ZoneLimits], batch: int = 200) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        bus: Bus,
+        limits: dict[str, ZoneLimits],
+        hooks: Hooks | None = None,
+        batch: int = 200,
+    ) -> None:
         self.config = config
+        self.hooks = hooks or Hooks()
         self.store = store
         self.bus = bus
         self.js = bus.js
@@ -109,10 +119,24 @@ class ResultApplier:
         for report in reports:
             status = REJECTED if id(report) in rejected_ids else report.status
             metrics.count_delivery(status, report.zone)
-            log.info(
-                status,
-                extra={"id": report.id, "seq": report.seq, "zone": report.zone, "response": report.response},
-            )
+            entry = {
+                "id": report.id,
+                "seq": report.seq,
+                "zone": report.zone,
+                "response": report.response,
+                "category": report.category,
+                "mx": report.mx,
+                "local_address": report.local_address,
+            }
+            log.info(status, extra=entry)
+            await self._log_hooks({"action": status, **entry})
+
+    async def _log_hooks(self, entry: dict[str, object]) -> None:
+        """``log:entry`` plugins see each outcome; their failures never hold results back."""
+        try:
+            await self.hooks.run("log:entry", entry)
+        except Reject as exc:
+            log.warning("log:entry plugin failed", extra={"error": exc.reply})
 
     def _warning_due(self, past: AttemptHistory, now: datetime) -> bool:
         """Whether this failure is the first one ``delay_warning_after`` past queueing.

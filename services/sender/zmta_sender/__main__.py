@@ -6,31 +6,43 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from typing import Annotated
 
 import typer
 from redis.asyncio import Redis
 
 from zmta_common import bus as zbus
-from zmta_common import metrics, service, slices
+from zmta_common import hooks, metrics, service, slices
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.slices import Slice
 from zmta_common.store import Store
 
+from .mta_sts import MtaSts
 from .mx import MxResolver
+from .signing import DkimKeyError, Signer, load_keys
+from .tls import verifying_context
 from .worker import Sender
 
 log = logging.getLogger("zmta_sender")
 cli = typer.Typer(add_completion=False)
 
 
-def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
+def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | None = None) -> service.Main:
     async def main(config: Config, stop: asyncio.Event) -> None:
         if zone not in config.zones:
             raise SystemExit(f"sender: zone {zone!r} is not in the config ({', '.join(sorted(config.zones))})")
         store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
         bus = await zbus.connect(config.dbs.nats, f"sender-{zone}")
+        try:
+            keys = load_keys(config)
+        except DkimKeyError as exc:
+            raise SystemExit(f"sender: {exc}") from None
+        try:
+            verifying_context(config.tls.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"sender: tls.ca_file {config.tls.ca_file}: {exc}") from None
         redis = Redis.from_url(config.dbs.redis)
         name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
         sender = Sender(
@@ -43,6 +55,9 @@ def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
             part,
             ZoneLimits(redis, zone, config.zones[zone]),
             Blacklist(redis),
+            Signer(config, config.zones[zone], keys),
+            hooks.load(config, "sender"),
+            sts=MtaSts(config.dns, redis, config.tls) if config.tls.mta_sts else None,
         )
 
         async def health() -> dict[str, object]:
@@ -57,8 +72,10 @@ def make_main(zone: str, part: Slice, metrics_port: int | None) -> service.Main:
         port = config.metrics.sender_port if metrics_port is None else metrics_port
         metrics_task = await metrics.serve(config.metrics.host, port, health)
         log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in sender.pool]})
-        await sender.run(stop)
+        await sender.run(stop, grace)
         metrics_task.cancel()
+        if sender.sts is not None:
+            await sender.sts.close()
         await bus.close()
         await redis.aclose()
         await store.close()
@@ -76,13 +93,22 @@ def run(
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="port for /metrics and /health (0: any free port)")
     ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option(
+            "--shutdown-grace",
+            min=0,
+            help="seconds to finish deliveries in flight on SIGTERM; the rest are given back to the queue"
+            " (default: the zone's command_timeout)",
+        ),
+    ] = None,
 ) -> None:
     """Deliver the mail of one sending zone."""
     try:
         part = slices.resolve(slice_, os.environ)
     except slices.SliceError as exc:
         raise typer.BadParameter(str(exc), param_hint="--slice") from None
-    service.run("sender", make_main(zone, part, metrics_port), config)
+    service.run("sender", make_main(zone, part, metrics_port, shutdown_grace), config)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,20 @@ class Target:
     port: int
 
 
+def make_resolver(config: Dns) -> dns.asyncresolver.Resolver:
+    """A resolver asking the configured nameservers (else the system's), with the configured timeout."""
+    resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
+    if config.nameservers:
+        resolver.nameservers = list(config.nameservers)
+    resolver.port = config.port
+    resolver.lifetime = config.timeout
+    return resolver
+
+
 class MxResolver:
     def __init__(self, config: Dns, redis: Redis | None = None) -> None:
         self.redis = redis
-        self.resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
-        if config.nameservers:
-            self.resolver.nameservers = list(config.nameservers)
-        self.resolver.port = config.port
-        self.resolver.lifetime = config.timeout
+        self.resolver = make_resolver(config)
 
     async def targets(self, domain: str, port: int, ipv6: bool) -> list[Target]:
         ascii_domain = to_ascii(domain)

@@ -6,6 +6,11 @@ announcement of its zone or one second, whichever comes first. Every outcome is
 published to the durable RESULTS stream (retried until NATS takes it, deduplicated
 by Nats-Msg-Id); a sender that dies instead leaves its leases to expire, and the
 deliveries become ready again.
+
+On stop (SIGTERM) a sender asks for no more work and lets its deliveries in flight
+finish within a grace period; those that cannot finish in time are cancelled and their
+leases given back at once (the rows are ready again for the zone's other senders), so
+the process exits within the grace period and no delivery waits for a lease to expire.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -32,6 +38,7 @@ from zmta_common.events import (
     ClassifyRequest,
     DeliveryReport,
     LeasedDelivery,
+    WorkReady,
     WorkReply,
     WorkRequest,
     queued_subject,
@@ -39,19 +46,29 @@ from zmta_common.events import (
     reported_subject,
     work_subject,
 )
+from zmta_common.headers import HeaderBlock
+from zmta_common.hooks import Hooks, Reject
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.slices import Slice
 from zmta_common.store import Store, StoredMessage
 
+from . import http_delivery
 from .connections import ConnectionPool
+from .context import DeliveryContext
 from .errors import DeliveryError
+from .mta_sts import MtaSts
+from .mta_sts import apply as apply_sts
 from .mx import MxResolver, Target
 from .outgoing import received_header, wire_chunks
+from .signing import Signer
 from .smtp_client import Attempt, ReplyError, deliver
+from .tls import NONE, TlsContexts, TlsOutcome, TlsPolicy
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 1.0
+# On stop: the part of the grace period (at most) kept for giving back unfinished leases.
+RELEASE_RESERVE = 5.0
 PREFETCH_CHUNKS = 4  # read with the message row: 1 MiB at most, all of most messages
 
 
@@ -67,8 +84,16 @@ class Sender:
         part: Slice,
         limits: ZoneLimits,
         blacklist: Blacklist,
+        signer: Signer | None = None,
+        hooks: Hooks | None = None,
+        sts: MtaSts | None = None,
     ) -> None:
         self.config = config
+        self.sts = sts  # None: MTA-STS off
+        self.tls_contexts = TlsContexts(config.tls.ca_file)
+        self.signer = signer
+        self.hooks = hooks or Hooks()
+        self.http = httpx.AsyncClient(timeout=config.zones[zone].command_timeout)
         self.zone_name = zone
         self.zone: Zone = config.zones[zone]
         self.part = part
@@ -85,13 +110,18 @@ class Sender:
             interval = period / count
         self.connections = ConnectionPool(limits, interval)
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Deliveries whose outcome is not known yet, by task: the leases to give back on stop.
+        self._unreported: dict[asyncio.Task[None], LeasedDelivery] = {}
         self._wake = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, grace: float | None = None) -> None:
+        """Deliver until ``stop`` is set, then finish or give back the deliveries in flight
+        within ``grace`` seconds (default: the zone's ``command_timeout``)."""
+
         async def on_queued(_: Msg) -> None:
             self._wake.set()
 
@@ -99,7 +129,9 @@ class Sender:
             await self.bus.nc.subscribe(queued_subject(self.zone_name), cb=on_queued),
             await self.bus.nc.subscribe(ready_subject(self.zone_name), cb=on_queued),
         ]
-        upkeep = asyncio.create_task(self.connections.run(stop), name="connection-upkeep")
+        # The connections' slots are renewed until the deliveries in flight are done, after stop too.
+        upkeep_stop = asyncio.Event()
+        upkeep = asyncio.create_task(self.connections.run(upkeep_stop), name="connection-upkeep")
         try:
             while not stop.is_set():
                 free = self.zone.connections - len(self._in_flight)
@@ -111,11 +143,59 @@ class Sender:
         finally:
             for sub in subs:
                 await sub.unsubscribe()
-            # Let deliveries in flight finish; their leases would otherwise have to expire.
-            if self._in_flight:
-                await asyncio.wait(self._in_flight, timeout=self.zone.command_timeout)
+            await self._drain(self.zone.command_timeout if grace is None else grace)
+            upkeep_stop.set()
             upkeep.cancel()
             await self.connections.close_all()
+            await self.http.aclose()
+
+    async def _drain(self, grace: float) -> None:
+        """Let deliveries in flight finish within ``grace`` seconds; cancel the rest and give
+        their leases back, so that other senders take them at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._in_flight:
+            log.info(
+                "finishing deliveries in flight",
+                extra={"zone": self.zone_name, "count": len(self._in_flight), "grace": grace},
+            )
+            finish_by = deadline - min(RELEASE_RESERVE, grace / 3)
+            await asyncio.wait(set(self._in_flight), timeout=max(0.0, finish_by - loop.time()))
+        # Without an outcome yet: cancelled now (a cancelled delivery never reports), so its
+        # lease can go back. Deliveries whose outcome is known are still publishing it: awaited.
+        unfinished = dict(self._unreported)
+        self._unreported.clear()
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await self._release(list(unfinished.values()))
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=max(0.1, deadline - loop.time()))
+
+    async def _release(self, deliveries: list[LeasedDelivery]) -> None:
+        """Give back leases this sender will not finish: their in-flight places in Redis first
+        (nobody can lease the rows while the store still says they are leased), then the rows."""
+        members = [f"{d.id}.{d.seq}" for d in deliveries]
+        try:
+            await self.limits.release(members)
+        except Exception as exc:  # Redis down: the places free themselves at lease expiry
+            log.warning("in-flight places not released", extra={"zone": self.zone_name, "error": repr(exc)})
+        try:
+            released = await self.store.release_leases([(d.id, d.seq, d.lease_token) for d in deliveries])
+        except Exception as exc:  # the store is down: the leases expire as after a crash
+            log.warning("leases not released", extra={"zone": self.zone_name, "error": repr(exc)})
+            return
+        log.info(
+            "leases released",
+            extra={"zone": self.zone_name, "count": released, "deliveries": [f"{d.id}.{d.seq}" for d in deliveries]},
+        )
+        # The zone's other senders may take them now.
+        try:
+            await self.bus.nc.publish(
+                ready_subject(self.zone_name), WorkReady(zone=self.zone_name, finished=released).encode()
+            )
+        except Exception as exc:  # they ask again within a second anyway
+            log.debug("ready not announced", extra={"zone": self.zone_name, "error": repr(exc)})
 
     async def _wait_for_wake_or_slot(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
@@ -139,6 +219,7 @@ class Sender:
         for delivery in deliveries:
             task = asyncio.create_task(self._deliver(delivery), name=f"deliver:{delivery.id}.{delivery.seq}")
             self._in_flight.add(task)
+            self._unreported[task] = delivery
             task.add_done_callback(self._in_flight.discard)
         return len(deliveries)
 
@@ -149,6 +230,10 @@ class Sender:
         except Exception as exc:  # a bug must not lose the delivery: defer it
             log.exception("delivery crashed", extra={"id": delivery.id, "seq": delivery.seq})
             report = self._report(delivery, DEFERRED, f"451 4.3.0 Internal error: {exc!r}", "other")
+        # The outcome is known: on stop this delivery is awaited while it reports, never cancelled.
+        task = asyncio.current_task()
+        if task is not None:
+            self._unreported.pop(task, None)
         if report is None:
             return
         report.time = started
@@ -159,6 +244,13 @@ class Sender:
         if message is None:
             log.info("message gone", extra={"id": delivery.id, "seq": delivery.seq, "zone": self.zone_name})
             return None
+        context = self._context(delivery, message)
+        try:
+            await self.hooks.run("sender:fetch", context)
+        except Reject as exc:
+            return self._report(delivery, DEFERRED if exc.temporary else REJECTED, exc.reply, "plugin")
+        if context.http_url:
+            return await self._post(delivery, context, message)
         local = await self._local_address(delivery)
         if self.pool and local is None:
             return self._report(
@@ -169,6 +261,7 @@ class Sender:
             )
         try:
             targets = await self._targets(delivery.domain)
+            tls, targets = await self._tls(delivery.domain, targets)
             local, targets = self._same_family(local, targets, delivery)
             ehlo_name = local.name if local else self.config.hostname
             attempt = Attempt(
@@ -178,16 +271,72 @@ class Sender:
                 source_ip=local.address if local else None,
                 connect_timeout=self.zone.connect_timeout,
                 command_timeout=self.zone.command_timeout,
+                tls=tls,
             )
             group = None if self.zone.smarthost else self.zone.mx_group(targets[0].host)
-            chunks = functools.partial(self._chunks, message, delivery, ehlo_name)
+            head = await self._head(message, context, ehlo_name)
+            await self.hooks.run("sender:connect", context, targets[0].host)
+            chunks = functools.partial(self._chunks, head, message)
             accepted = await deliver(attempt, targets, chunks, self.connections, group)
         except DeliveryError as exc:
             status = REJECTED if exc.permanent else DEFERRED
             return self._report(delivery, status, str(exc), exc.category, local_ip=local.address if local else None)
         except ReplyError as exc:
             return await self._refused(delivery, exc, attempt.source_ip)
-        return self._report(delivery, DELIVERED, accepted.response, "", accepted.target.host, attempt.source_ip)
+        except Reject as exc:
+            return self._report(delivery, DEFERRED if exc.temporary else REJECTED, exc.reply, "plugin")
+        await self._delivered_hook(context, accepted.response)
+        return self._report(
+            delivery, DELIVERED, accepted.response, "", accepted.target.host, attempt.source_ip, accepted.tls
+        )
+
+    def _context(self, delivery: LeasedDelivery, message: StoredMessage) -> DeliveryContext:
+        return DeliveryContext(
+            id=delivery.id,
+            seq=delivery.seq,
+            zone=self.zone_name,
+            recipient=delivery.recipient,
+            domain=delivery.domain,
+            mail_from=delivery.mail_from,
+            meta=message.meta,
+            http_url=self.zone.domain_policy(delivery.domain).http_url,
+        )
+
+    async def _post(self, delivery: LeasedDelivery, context: DeliveryContext, message: StoredMessage) -> DeliveryReport:
+        """HTTP delivery: 2xx delivered, 5xx rejected, anything else deferred."""
+        head = await self._head(message, context, self.config.hostname)
+        outcome = await http_delivery.post(self.http, context, self._raw(head, message))
+        if outcome.delivered:
+            await self._delivered_hook(context, outcome.response)
+            return self._report(delivery, DELIVERED, outcome.response, "", context.http_url or "")
+        status = REJECTED if outcome.rejected else DEFERRED
+        return self._report(delivery, status, outcome.response, "http", context.http_url or "")
+
+    async def _delivered_hook(self, context: DeliveryContext, response: str) -> None:
+        try:
+            await self.hooks.run("sender:delivered", context, response)
+        except Reject as exc:  # the mail is delivered whatever a plugin thinks of it now
+            log.warning("sender:delivered plugin failed", extra={"id": context.id, "error": exc.reply})
+
+    async def _head(self, message: StoredMessage, context: DeliveryContext, ehlo_name: str) -> bytes:
+        """Our Received header, then the DKIM signatures, then the message's own headers
+        (as ``sender:headers`` plugins leave them)."""
+        headers = message.headers
+        if self.hooks.has("sender:headers"):
+            block = HeaderBlock.parse(headers)
+            await self.hooks.run("sender:headers", context, block)
+            headers = block.to_bytes()
+        signatures = self.signer.signatures(headers, message.meta) if self.signer else b""
+        received = received_header(
+            message.meta, f"{context.id}.{context.seq}", context.recipient, ehlo_name, self.config.name
+        )
+        return received + signatures + headers
+
+    async def _raw(self, head: bytes, message: StoredMessage) -> AsyncIterator[bytes]:
+        """The message as it is delivered, without SMTP's dot-stuffing."""
+        yield head + b"\r\n"
+        async for chunk in self.store.body(message, PREFETCH_CHUNKS):
+            yield chunk
 
     async def _refused(self, delivery: LeasedDelivery, exc: ReplyError, source_ip: str | None) -> DeliveryReport:
         """A server's refusal: classified; a listed local address is left alone for a while."""
@@ -206,7 +355,9 @@ class Sender:
                 },
             )
         status = REJECTED if verdict.action == "reject" else DEFERRED
-        return self._report(delivery, status, f"{exc.code} {exc.text}", verdict.category, exc.target.host, source_ip)
+        return self._report(
+            delivery, status, f"{exc.code} {exc.text}", verdict.category, exc.target.host, source_ip, exc.tls
+        )
 
     async def _local_address(self, delivery: LeasedDelivery) -> PoolAddress | None:
         """The address the queue assigned, if it is ours; else one of our slice that the domain takes."""
@@ -242,11 +393,15 @@ class Sender:
             return [Target(host, host.strip("[]"), int(port))]
         return await self.resolver.targets(domain, self.zone.mx_port, ipv6=not self.zone.ignore_ipv6)
 
-    async def _chunks(self, message: StoredMessage, delivery: LeasedDelivery, ehlo_name: str) -> AsyncIterator[bytes]:
-        received = received_header(
-            message.meta, f"{delivery.id}.{delivery.seq}", delivery.recipient, ehlo_name, self.config.name
-        )
-        async for chunk in wire_chunks(received + message.headers, self.store.body(message, PREFETCH_CHUNKS)):
+    async def _tls(self, domain: str, targets: list[Target]) -> tuple[TlsPolicy, list[Target]]:
+        """The delivery's TLS policy (zone and domain ``tls``, MTA-STS) and the MX targets it allows."""
+        tls = TlsPolicy(self.zone.tls_mode(domain), self.tls_contexts)
+        if tls.mode == NONE or self.sts is None or self.zone.smarthost:
+            return tls, targets
+        return apply_sts(await self.sts.policy(domain), domain, tls, targets)
+
+    async def _chunks(self, head: bytes, message: StoredMessage) -> AsyncIterator[bytes]:
+        async for chunk in wire_chunks(head, self.store.body(message, PREFETCH_CHUNKS)):
             yield chunk
 
     async def _classify(self, exc: ReplyError) -> Classification:
@@ -268,7 +423,10 @@ class Sender:
         category: str,
         mx: str = "",
         local_ip: str | None = None,
+        tls: TlsOutcome | None = None,
     ) -> DeliveryReport:
+        if tls is not None:
+            tls.count(self.zone_name)
         return DeliveryReport(
             id=delivery.id,
             seq=delivery.seq,
@@ -279,6 +437,7 @@ class Sender:
             category=category,
             mx=mx,
             local_address=local_ip or "",
+            tls=str(tls) if tls is not None else "",
         )
 
     async def _publish(self, report: DeliveryReport) -> None:
@@ -299,6 +458,7 @@ class Sender:
                         "mx": report.mx,
                         "local_address": report.local_address,
                         "response": report.response,
+                        "tls": report.tls,
                     },
                 )
                 return

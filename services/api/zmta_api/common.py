@@ -1,0 +1,59 @@
+"""What every router of the api shares: the services it talks to, its error type, id formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Path
+from redis.asyncio import Redis
+
+from zmta_common.bus import Bus
+from zmta_common.config import Config
+from zmta_common.hooks import Hooks
+from zmta_common.store import Store
+
+from .models import ErrorResponse
+
+
+@dataclass(slots=True)
+class Services:
+    config: Config
+    store: Store
+    bus: Bus
+    hooks: Hooks = field(default_factory=Hooks)
+    # Limits and blacklist marks (/skipdomains, /blacklist); those routes answer 503 without it.
+    redis: Redis | None = None
+
+
+class ApiError(Exception):
+    """Answered as ``{"error": ..., "field": ...}`` with ``status``."""
+
+    def __init__(self, status: int, error: str, field: str | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.field = field
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, all with the ErrorResponse body."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# Queue ids (ids.new_queue_id) and delivery seqs (ids.seq_for), as path parameters.
+MessageId = Annotated[str, Path(pattern=r"^[0-9a-f]{14,24}$", description="queue id of the message")]
+Seq = Annotated[str, Path(pattern=r"^[0-9a-f]{3,8}$", description="seq of the delivery (recipient number, hex)")]
+ZoneName = Annotated[str, Path(max_length=200, description="name of a sending zone")]
+
+
+def check_zone(config: Config, zone: str) -> None:
+    if zone not in config.zones:
+        raise ApiError(404, f"sending zone {zone!r} does not exist", "zone")
+
+
+def iso(value: datetime | float) -> str:
+    """A time as JavaScript's toISOString() writes it (the original's JSON): UTC, milliseconds, Z."""
+    moment = datetime.fromtimestamp(value, UTC) if isinstance(value, float | int) else value.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -1,0 +1,179 @@
+"""Operator routes: the suppression list, pausing zones and recipient domains, health, metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from zmta_common import metrics
+from zmta_common.addresses import address_error
+from zmta_common.events import WorkReady, ready_subject
+from zmta_common.store import Pause
+
+from .common import ApiError, Services, ZoneName, check_zone, error_responses, iso
+from .models import (
+    PauseAdded,
+    PauseEntry,
+    PauseList,
+    Success,
+    SuppressionAdded,
+    SuppressionDeleted,
+    SuppressionList,
+    SuppressionRequest,
+)
+
+log = logging.getLogger(__name__)
+
+TEXT = {"type": "string"}
+DomainName = Annotated[str, Path(min_length=1, max_length=255, description="a recipient domain")]
+
+
+class Health(BaseModel):
+    status: str
+    nats: bool
+
+
+def router(services: Services) -> APIRouter:
+    api = APIRouter()
+    config, store = services.config, services.store
+
+    # -- suppression list ----------------------------------------------------
+
+    @api.get("/suppressionlist", response_model=SuppressionList, tags=["suppression"])
+    async def suppression_list() -> SuppressionList:
+        """Suppressed addresses and domains, newest first: mail to them is dropped silently."""
+        return SuppressionList(suppressed=await store.list_suppressions())
+
+    @api.post("/suppressionlist", response_model=SuppressionAdded, responses=error_responses(400), tags=["suppression"])
+    async def suppress(entry: SuppressionRequest) -> SuppressionAdded:
+        """Suppress an address (``{"address": ...}``) or a whole domain (``{"domain": ...}``)."""
+        if (entry.address is None) == (entry.domain is None):
+            raise ApiError(400, "give either an address or a domain", "address")
+        if entry.address is not None:
+            if reason := address_error(entry.address):
+                raise ApiError(400, f"{entry.address!r} is not a valid address: {reason}", "address")
+            added = await store.add_suppression(address=entry.address)
+        else:
+            domain = (entry.domain or "").strip().lower()
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ApiError(400, f"{entry.domain!r} is not a valid domain", "domain") from None
+            if not domain or " " in domain or "@" in domain or not domain.isprintable():
+                raise ApiError(400, f"{entry.domain!r} is not a valid domain", "domain")
+            added = await store.add_suppression(domain=domain)
+        added.pop("created", None)
+        return SuppressionAdded(suppressed=added)
+
+    @api.delete(
+        "/suppressionlist", response_model=SuppressionDeleted, responses=error_responses(400, 404), tags=["suppression"]
+    )
+    async def unsuppress(
+        request: Request, id: Annotated[str | None, Query(max_length=100)] = None
+    ) -> SuppressionDeleted:
+        """Remove an entry by its id, given as ``?id=`` or in a JSON body ``{"id": ...}``."""
+        entry_id = id
+        if entry_id is None and await request.body():
+            try:
+                body = await request.json()
+            except ValueError:
+                raise ApiError(400, "the body is not JSON", "id") from None
+            entry_id = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(entry_id, str) or not entry_id:
+            raise ApiError(400, "the id of the entry to delete is missing", "id")
+        if not entry_id.isalnum() or not entry_id.isascii():
+            raise ApiError(404, f"no suppression entry {entry_id!r}", "id")
+        if not await store.delete_suppression(entry_id):
+            raise ApiError(404, f"no suppression entry {entry_id}", "id")
+        return SuppressionDeleted(deleted=entry_id)
+
+    # -- pauses --------------------------------------------------------------
+
+    async def wake(zone: str) -> None:
+        try:
+            await services.bus.nc.publish(ready_subject(zone), WorkReady(zone=zone, finished=0).encode())
+        except Exception as exc:  # the senders poll anyway
+            log.warning("wake failed", extra={"zone": zone, "error": repr(exc)})
+
+    async def pause(zone: str, domain: str | None) -> PauseAdded:
+        check_zone(config, zone)
+        entry = await store.add_pause(zone, domain)
+        log.info("paused", extra={"zone": zone, "domain": domain})
+        return PauseAdded(paused=_pause_view(entry))
+
+    async def resume(zone: str, domain: str | None) -> Success:
+        # Removed first: a pause of a zone no longer configured can still be cleared.
+        if not await store.remove_pause(zone, domain):
+            check_zone(config, zone)
+            what = f"domain {domain!r} of zone {zone!r}" if domain else f"zone {zone!r}"
+            raise ApiError(404, f"{what} is not paused", "domain" if domain else "zone")
+        log.info("resumed", extra={"zone": zone, "domain": domain})
+        await wake(zone)
+        return Success(success=True)
+
+    @api.get("/pause", response_model=PauseList, tags=["pause"])
+    async def pauses() -> PauseList:
+        """Paused zones (``domain`` null) and recipient domains within a zone."""
+        return PauseList(paused=[_pause_view(p) for p in await store.list_pauses()])
+
+    @api.post("/pause/{zone}", response_model=PauseAdded, responses=error_responses(404), tags=["pause"])
+    async def pause_zone(zone: ZoneName) -> PauseAdded:
+        """Stop delivering the zone's mail (it stays queued, intake goes on) until resumed.
+        Every queue replica honours it within a few seconds; it survives restarts."""
+        return await pause(zone, None)
+
+    @api.delete("/pause/{zone}", response_model=Success, responses=error_responses(404), tags=["pause"])
+    async def resume_zone(zone: ZoneName) -> Success:
+        """Deliver the zone's mail again (its paused domains stay paused)."""
+        return await resume(zone, None)
+
+    @api.post("/pause/{zone}/{domain}", response_model=PauseAdded, responses=error_responses(400, 404), tags=["pause"])
+    async def pause_domain(zone: ZoneName, domain: DomainName) -> PauseAdded:
+        """Stop delivering the zone's mail to one recipient domain until resumed."""
+        return await pause(zone, _domain(domain))
+
+    @api.delete("/pause/{zone}/{domain}", response_model=Success, responses=error_responses(400, 404), tags=["pause"])
+    async def resume_domain(zone: ZoneName, domain: DomainName) -> Success:
+        """Deliver the zone's mail to the recipient domain again."""
+        return await resume(zone, _domain(domain))
+
+    # -- service -------------------------------------------------------------
+
+    @api.get("/health", response_model=Health, tags=["service"])
+    async def health() -> Health:
+        await store.pool.fetchval("SELECT 1")
+        return Health(status="ok", nats=services.bus.nc.is_connected)
+
+    @api.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": TEXT}}}},
+        tags=["service"],
+    )
+    async def prometheus() -> Response:
+        """Prometheus metrics of the api process."""
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+    return api
+
+
+def _domain(value: str) -> str:
+    """A recipient domain as deliveries name it: lower case, no trailing dot or brackets."""
+    domain = value.strip().lower().rstrip(".")
+    if domain.startswith("[") and domain.endswith("]"):
+        domain = domain[1:-1]
+    if not domain or any(c.isspace() or not c.isprintable() or c in "@/\\<>,;\"'()" for c in domain):
+        raise ApiError(400, f"{value!r} is not a domain", "domain")
+    try:
+        domain.encode("idna")
+    except UnicodeError:
+        raise ApiError(400, f"{value!r} is not a domain", "domain") from None
+    return domain
+
+
+def _pause_view(entry: Pause) -> PauseEntry:
+    return PauseEntry(zone=entry.zone, domain=entry.domain, created=iso(entry.created))

@@ -1,0 +1,120 @@
+"""TLS of outbound SMTP sessions: what a delivery demands, the SSL contexts, what it got.
+
+A delivery's :class:`TlsPolicy` comes from its zone's ``tls`` mode (``zones.<name>.tls``,
+overridden per recipient domain by ``zones.<name>.domains.<domain>.tls``), and becomes
+``required`` for the MX hosts of a domain whose MTA-STS policy is in ``enforce`` mode:
+
+``none``
+    never STARTTLS.
+``opportunistic``
+    STARTTLS when offered. The certificate is checked but need not pass: a session whose
+    certificate does not verify is opened again without the check (and the server is
+    remembered for a while, so that its next sessions skip the checked try). A failed
+    handshake is retried once in plain text, as the original does.
+``required``
+    STARTTLS must be offered and the certificate must verify, chain (system CAs plus
+    ``tls.ca_file``) and name (the MX host); otherwise the delivery is deferred.
+
+Every session's outcome (:class:`TlsOutcome`) goes on the delivery report and into the
+``zonemta_delivery_tls`` metric.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from zmta_common import metrics
+from zmta_common.config import TlsMode
+
+NONE: TlsMode = "none"
+OPPORTUNISTIC: TlsMode = "opportunistic"
+REQUIRED: TlsMode = "required"
+
+UNVERIFIABLE_TTL = 3600.0  # how long a server whose certificate failed is not checked again
+UNVERIFIABLE_MAX = 10000
+
+delivery_tls = metrics.Tally(
+    "zonemta_delivery_tls",
+    'Deliveries that reached a server, by the TLS of their SMTP session (version "none": plain text)',
+    ("version", "verified", "zone"),
+)
+
+
+def verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context that checks chain and host name: the system's CAs, plus ``ca_file``; TLS 1.2 or later."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def unverified_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class TlsContexts:
+    """The process's client contexts, built once, and the servers whose certificates failed lately."""
+
+    def __init__(self, ca_file: str | None) -> None:
+        self.verifying = verifying_context(ca_file)
+        self.unverified = unverified_context()
+        self._unverifiable: dict[str, float] = {}
+
+    def unverifiable(self, server: str) -> bool:
+        until = self._unverifiable.get(server)
+        return until is not None and until > time.monotonic()
+
+    def remember_unverifiable(self, server: str) -> None:
+        if len(self._unverifiable) >= UNVERIFIABLE_MAX:
+            self._unverifiable.clear()
+        self._unverifiable[server] = time.monotonic() + UNVERIFIABLE_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """What one delivery demands; ``source`` names who demands it, for the deferral reason."""
+
+    mode: TlsMode
+    contexts: TlsContexts
+    source: str = "policy"
+
+    def satisfied_by(self, outcome: TlsOutcome) -> bool:
+        return outcome.verified if self.mode == REQUIRED else True
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOutcome:
+    """What a session negotiated; version "none" is plain text."""
+
+    version: str = "none"
+    cipher: str = ""
+    verified: bool = False
+
+    def __str__(self) -> str:
+        if self.version == "none":
+            return "none"
+        return f"version={self.version} cipher={self.cipher} verified={'yes' if self.verified else 'no'}"
+
+    def count(self, zone: str) -> None:
+        delivery_tls.inc(version=self.version, verified="yes" if self.verified else "no", zone=zone)
+
+
+def outcome(smtp: aiosmtplib.SMTP) -> TlsOutcome:
+    """The TLS state of a connected session."""
+    ssl_object = smtp.get_transport_info("ssl_object") if smtp.is_connected else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return TlsOutcome()
+    cipher = ssl_object.cipher()
+    return TlsOutcome(
+        version=ssl_object.version() or "unknown",
+        cipher=cipher[0] if cipher else "",
+        verified=ssl_object.context.verify_mode == ssl.CERT_REQUIRED,
+    )

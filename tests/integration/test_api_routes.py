@@ -1,0 +1,375 @@
+"""The api's queue and operator routes against running services: the original's JSON shapes,
+and retry now, drop and pause acting on real queued deliveries that senders deliver to sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import Deployment, DeploymentFactory, eventually
+from zmta_common.limits import Blacklist, Candidate, ZoneLimits
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))  # binary, every byte value
+PDF = b"%PDF-1.4\n" + bytes(range(255, -1, -1)) * 4
+
+
+@pytest.fixture(scope="module")
+async def api(module_deploy: DeploymentFactory) -> Deployment:
+    """No senders: whatever is queued stays queued."""
+    return await module_deploy(
+        {
+            "queue": {"max_future_date": 86400},
+            "zones": {
+                "listing": {"recipient_domains": ["list.test"]},
+                "default": {"domains": {"ratelimited.test": {"rate": "1/hour"}}},
+            },
+        },
+        senders={},
+    )
+
+
+async def send(client: httpx.AsyncClient, payload: dict[str, Any]) -> str:
+    response = await client.post("/send", json=payload)
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+# -- shapes ---------------------------------------------------------------
+
+
+async def test_zones_sorted_by_name(api: Deployment) -> None:
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        zones = (await client.get("/zones")).json()
+        everything = (await client.get("/zones", params={"includeDisabled": "true"})).json()
+    assert zones == [{"name": "bounces"}, {"name": "default"}, {"name": "listing"}]
+    assert everything == zones  # no zone is disabled
+
+
+async def test_queued_lists_pages_and_cursors(api: Deployment) -> None:
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        first = await send(client, {"from": "s@origin.test", "to": [f"r{n}@list.test" for n in range(5)], "text": "x"})
+        second = await send(client, {"from": "s@origin.test", "to": "late@list.test", "text": "y"})
+        later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+        held = await send(client, {"from": "s@origin.test", "to": "held@list.test", "text": "z", "date": later})
+
+        listing = (await client.get("/queued/active/listing")).json()
+        assert listing["zone"] == "listing"
+        assert listing["type"] == "queued"
+        assert listing["next"] is None
+        assert [(i["id"], i["seq"]) for i in listing["list"]] == [(second, "001")] + [
+            (first, f"{n:03x}") for n in range(5, 0, -1)
+        ]  # default: by id, newest first
+        item = listing["list"][-1]
+        assert set(item) == {"id", "seq", "zone", "recipient", "created", "queued", "deferred"}
+        assert (item["zone"], item["recipient"], item["deferred"]) == ("listing", "r0@list.test", 0)
+        assert ISO.match(item["created"]) and ISO.match(item["queued"])
+        assert (await client.get("/queued/queued/listing")).json()["list"] == listing["list"]
+
+        deferred = (await client.get("/queued/deferred/listing")).json()
+        assert deferred["type"] == "deferred"
+        assert [(i["id"], i["recipient"], i["deferred"]) for i in deferred["list"]] == [(held, "held@list.test", 0)]
+        assert deferred["list"][0]["queued"][:13] == later[:13]  # held until its Date
+
+        ascending = (await client.get("/queued/queued/listing", params={"sort": "created", "order": "asc"})).json()
+        assert [i["id"] for i in ascending["list"]] == [first] * 5 + [second]
+        offset = (await client.get("/queued/queued/listing", params={"order": "asc", "start": 4})).json()
+        assert [(i["id"], i["seq"]) for i in offset["list"]] == [(first, "005"), (second, "001")]
+
+        pages: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"sort": "queued", "order": "asc", "pageSize": 2}
+        while True:
+            page = (await client.get("/queued/queued/listing", params=params)).json()
+            pages.append(page)
+            if page["next"] is None:
+                break
+            params = {"pageSize": 2, "cursor": page["next"]}
+        assert [len(p["list"]) for p in pages] == [2, 2, 2]
+        paged = [(i["id"], i["seq"]) for p in pages for i in p["list"]]
+        assert sorted(paged) == sorted((i["id"], i["seq"]) for i in listing["list"])
+        assert len(set(paged)) == 6
+
+        unknown = await client.get("/queued/queued/atlantis")
+        bad_type = await client.get("/queued/sideways/listing")
+        too_small = await client.get("/queued/queued/listing", params={"pageSize": 0})
+        bad_cursor = await client.get("/queued/queued/listing", params={"cursor": "bm90IGEgY3Vyc29y"})
+        wrong_sort = await client.get("/queued/queued/listing", params={"cursor": pages[0]["next"], "sort": "id"})
+    assert (unknown.status_code, unknown.json()["field"]) == (404, "zone")
+    assert "atlantis" in unknown.json()["error"]
+    assert (bad_type.status_code, bad_type.json()["field"]) == (400, "type")
+    assert (too_small.status_code, too_small.json()["field"]) == (400, "pageSize")
+    assert (bad_cursor.status_code, bad_cursor.json()["field"]) == (400, "cursor")
+    assert (wrong_sort.status_code, wrong_sort.json()["field"]) == (400, "cursor")
+
+
+async def test_fetch_streams_the_stored_message(api: Deployment) -> None:
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        message_id = await send(
+            client, {"from": "s@origin.test", "to": "f@list.test", "subject": "fetch me", "text": "line\n" * 60000}
+        )
+        whole = await client.get(f"/fetch/{message_id}")
+        body = await client.get(f"/fetch/{message_id}", params={"body": "yes"})
+        missing = await client.get("/fetch/1a2b3c4d5e6f700000")
+        malformed = await client.get("/fetch/not-an-id")
+    stored = await api.store.get_message(message_id)
+    assert stored is not None
+    stored_body = b"".join([c async for c in api.store.iter_body(message_id)])
+    assert len(stored_body) > 256 * 1024  # more than one chunk
+    assert whole.status_code == 200
+    assert whole.headers["content-type"].startswith("message/rfc822")
+    assert whole.content == stored.headers + b"\r\n" + stored_body
+    assert body.content == stored_body
+    parsed = email.message_from_bytes(whole.content, policy=email.policy.default)
+    assert parsed["Subject"] == "fetch me"
+    assert parsed["Received"] is None and parsed["DKIM-Signature"] is None
+    assert (missing.status_code, missing.json()["field"]) == (404, "id")
+    assert malformed.status_code == 400
+
+
+async def test_store_upload_is_not_supported(api: Deployment) -> None:
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        response = await client.put("/store/1a2b3c4d5e6f700000", content=b"Subject: x\r\n\r\nx\r\n")
+    assert response.status_code == 410
+    assert "/send-raw" in response.json()["error"]
+
+
+async def test_skipdomains_lists_domains_at_their_limit(api: Deployment) -> None:
+    redis = Redis.from_url(api.infra.redis.url)
+    try:
+        limits = ZoneLimits(redis, "default", api.config.zones["default"])
+        candidates = [Candidate(f"{n:x}0000000000000000.001", "ratelimited.test", None) for n in range(1, 4)]
+        admitted = await limits.admit(candidates, 3, time.time() + 30)
+        assert len(admitted) < 3  # 1/hour: the rest must wait, so the domain is skipped
+        async with httpx.AsyncClient(base_url=api.api_url) as client:
+            skipped = (await client.get("/skipdomains/default")).json()
+            other = (await client.get("/skipdomains/listing")).json()
+            unknown = await client.get("/skipdomains/atlantis")
+        assert skipped == {"skipDomains": ["ratelimited.test"]}
+        assert other == {"skipDomains": []}
+        assert (unknown.status_code, unknown.json()["field"]) == (404, "zone")
+    finally:
+        await redis.aclose()
+
+
+async def test_blacklist_lists_the_marks_in_force(api: Deployment) -> None:
+    redis = Redis.from_url(api.infra.redis.url)
+    try:
+        await Blacklist(redis).mark("listed.test", "192.0.2.7", 600)
+        await Blacklist(redis).mark("gone.test", "192.0.2.8", -1)  # expired already
+        async with httpx.AsyncClient(base_url=api.api_url) as client:
+            marks = (await client.get("/blacklist")).json()
+    finally:
+        await redis.aclose()
+    entries = [e for e in marks["list"] if e["domain"] in ("listed.test", "gone.test")]
+    assert len(entries) == 1
+    (entry,) = entries
+    assert set(entry) == {"id", "seq", "address", "domain", "response", "created", "expires"}
+    assert (entry["address"], entry["domain"], entry["id"], entry["seq"]) == ("192.0.2.7", "listed.test", "", "")
+    assert ISO.match(entry["created"]) and ISO.match(entry["expires"])
+    expires = datetime.fromisoformat(entry["expires"].replace("Z", "+00:00"))
+    assert timedelta(seconds=590) < expires - datetime.now(UTC) <= timedelta(seconds=600)
+
+
+# -- acting on queued deliveries ------------------------------------------
+
+
+async def test_drop_one_delivery_then_the_message(api: Deployment) -> None:
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        message_id = await send(client, {"from": "s@origin.test", "to": ["d1@list.test", "d2@list.test"], "text": "x"})
+        one = await client.delete(f"/message/{message_id}/001")
+        left = (await client.get(f"/message/{message_id}")).json()["messages"]
+        assert one.json() == {"success": True}
+        assert [m["seq"] for m in left] == ["002"]
+        again = await client.delete(f"/message/{message_id}/001")
+        assert (again.status_code, again.json()["field"]) == (404, "seq")
+
+        rest = await client.delete(f"/message/{message_id}")
+        assert rest.json() == {"success": True}
+        assert (await client.get(f"/message/{message_id}")).status_code == 404
+        assert (await client.delete(f"/message/{message_id}")).status_code == 404
+    assert await api.store.get_message(message_id) is None  # the message and its body went with the last row
+    assert [c async for c in api.store.iter_body(message_id)] == []
+
+
+async def test_leased_deliveries_are_neither_dropped_nor_retried(api: Deployment) -> None:
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        message_id = await send(client, {"from": "s@origin.test", "to": "busy@b.test", "text": "x"})
+        leases = await api.store.lease("default", 1000, 60, "a-test-sender")
+        assert message_id in {lease.id for lease in leases}
+        retry = await client.put(f"/message/{message_id}/001")
+        drop_one = await client.delete(f"/message/{message_id}/001")
+        drop_all = await client.delete(f"/message/{message_id}")
+        status = (await client.get(f"/message/{message_id}")).json()
+        unknown = await client.put("/message/1a2b3c4d5e6f700000/001")
+        bad_seq = await client.put(f"/message/{message_id}/x")
+    assert (retry.status_code, drop_one.status_code, drop_all.status_code) == (409, 409, 409)
+    assert "being delivered" in retry.json()["error"]
+    assert status["messages"][0]["lock"] is True
+    assert (unknown.status_code, unknown.json()["field"]) == (404, "seq")
+    assert (bad_seq.status_code, bad_seq.json()["field"]) == (400, "seq")
+
+
+async def test_pause_routes(api: Deployment) -> None:
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        zone = (await client.post("/pause/listing")).json()
+        twice = (await client.post("/pause/listing")).json()
+        domain = (await client.post("/pause/default/Example.TEST.")).json()
+        listing = (await client.get("/pause")).json()
+        unknown = await client.post("/pause/atlantis")
+        bad_domain = await client.post("/pause/default/not a domain")
+        resumed_zone = await client.delete("/pause/listing")
+        resumed_domain = await client.delete("/pause/default/example.test")
+        not_paused = await client.delete("/pause/listing")
+        after = (await client.get("/pause")).json()
+    assert zone["paused"]["zone"] == "listing"
+    assert zone["paused"]["domain"] is None
+    assert ISO.match(zone["paused"]["created"])
+    assert twice == zone
+    assert domain["paused"]["domain"] == "example.test"
+    assert listing == {"paused": [domain["paused"], zone["paused"]]}
+    assert (unknown.status_code, unknown.json()["field"]) == (404, "zone")
+    assert (bad_domain.status_code, bad_domain.json()["field"]) == (400, "domain")
+    assert resumed_zone.json() == resumed_domain.json() == {"success": True}
+    assert (not_paused.status_code, not_paused.json()["field"]) == (404, "zone")
+    assert after == {"paused": []}
+
+
+# -- with a sender, to the sinks ------------------------------------------
+
+
+async def test_retry_now_sends_a_deferred_delivery_at_once(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy({"zones": {"default": {"defer_times": [3600]}}}, senders={"default": 1})
+    sink = sinks["127.0.0.2"]
+    sink.handler.scripted["later@a.test"] = ["451 4.3.0 Please try again later"]
+    async with httpx.AsyncClient(base_url=d.api_url) as client:
+        message_id = await send(client, {"from": "s@origin.test", "to": "later@a.test", "text": "retry me"})
+
+        async def deferred() -> list[dict[str, Any]]:
+            return list((await client.get("/queued/deferred/default")).json()["list"])
+
+        (row,) = await eventually(deferred, what="the deferral")
+        assert (row["id"], row["seq"], row["deferred"]) == (message_id, "001", 1)
+        await asyncio.sleep(1.5)
+        assert sink.messages == []  # not before its hour is up
+        retry = await client.put(f"/message/{message_id}/001")
+        assert retry.json() == {"success": True}
+        await eventually(lambda: sink.messages, what="the delivery after retry now")
+        assert sink.messages[0].rcpt_tos == ["later@a.test"]
+
+        async def gone() -> bool:
+            return (await client.get(f"/message/{message_id}")).status_code == 404
+
+        await eventually(gone, what="the delivery leaving the queue")
+        assert (await client.put(f"/message/{message_id}/001")).status_code == 404
+
+
+async def test_pause_holds_delivery_until_resumed(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy(senders={"default": 1})
+    a, b = sinks["127.0.0.2"], sinks["127.0.0.3"]
+    async with httpx.AsyncClient(base_url=d.api_url) as client:
+        assert (await client.post("/pause/default/a.test")).status_code == 200
+        await asyncio.sleep(2.5)  # the queue re-reads the pauses every 2 seconds
+        await send(client, {"from": "s@origin.test", "to": ["held@a.test", "free@b.test"], "text": "x"})
+        await eventually(lambda: b.messages, what="b.test, not paused")
+        await asyncio.sleep(3)
+        assert a.messages == []
+        queued = (await client.get("/queued/queued/default")).json()["list"]
+        assert [i["recipient"] for i in queued] == ["held@a.test"]
+        assert (await client.delete("/pause/default/a.test")).json() == {"success": True}
+        await eventually(lambda: a.messages, what="a.test after resuming")
+
+        # a whole zone
+        assert (await client.post("/pause/default")).status_code == 200
+        await asyncio.sleep(2.5)
+        await send(client, {"from": "s@origin.test", "to": "later@b.test", "text": "y"})
+        await asyncio.sleep(3)
+        assert [m.rcpt_tos for m in b.messages] == [["free@b.test"]]
+        assert (await client.delete("/pause/default")).json() == {"success": True}
+        await eventually(lambda: len(b.messages) == 2, what="the zone after resuming")
+
+
+async def test_send_with_attachments_and_inline_images(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy(senders={"default": 1})
+    payload = {
+        "from": {"name": "Sändér", "address": "author@origin.test"},
+        "sender": "agent@origin.test",
+        "to": "One <one@a.test>",
+        "cc": [{"name": "Two", "address": "two@a.test"}],
+        "bcc": "hidden@a.test",
+        "replyTo": "replies@origin.test",
+        "inReplyTo": "<parent@origin.test>",
+        "references": ["root@origin.test", "<parent@origin.test>"],
+        "subject": "Attachments ✓",
+        "text": "See the logo.",
+        "html": '<p>See the logo: <img src="cid:logo@origin.test"></p>',
+        "headers": [{"key": "X-Campaign", "value": "spring"}],
+        "attachments": [
+            {"filename": "logo.png", "content": base64.b64encode(PNG).decode(), "encoding": "base64",
+             "cid": "logo@origin.test"},
+            {"filename": "report.pdf", "content": base64.b64encode(PDF).decode(), "encoding": "base64"},
+            {"filename": "notes.txt", "content": "plain text, ü"},
+            {"filename": "tiny.bin", "path": "data:application/octet-stream;base64,AAEC/w=="},
+        ],
+        "messageId": "composed-1@origin.test",
+        "date": "Tue, 02 Jan 2024 03:04:05 +0000",
+    }  # fmt: skip
+    async with httpx.AsyncClient(base_url=d.api_url) as client:
+        reply = (await client.post("/send", json=payload)).json()
+        refused = await client.post("/send", json={**payload, "attachments": [{"path": "/etc/passwd"}]})
+        url = await client.post("/send", json={**payload, "attachments": [{"href": "http://example.com/x.png"}]})
+    assert reply["from"] == "agent@origin.test"  # the Sender is the envelope sender
+    assert reply["to"] == ["one@a.test", "two@a.test", "hidden@a.test"]
+    assert (refused.status_code, refused.json()["field"]) == (400, "attachments.0.path")
+    assert (url.status_code, url.json()["field"]) == (400, "attachments.0.href")
+
+    sink = sinks["127.0.0.2"]
+    await eventually(lambda: len(sink.messages) == 3, what="a delivery to each recipient")
+    assert sorted(r for m in sink.messages for r in m.rcpt_tos) == ["hidden@a.test", "one@a.test", "two@a.test"]
+    received = sink.messages[0]
+    assert received.mail_from == "agent@origin.test"
+    msg = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    assert msg["Bcc"] is None
+    assert str(msg["From"]) == "Sändér <author@origin.test>"
+    assert (msg["Sender"], msg["To"], msg["Cc"]) == ("agent@origin.test", "One <one@a.test>", "Two <two@a.test>")
+    assert (msg["Reply-To"], msg["Subject"], msg["X-Campaign"]) == ("replies@origin.test", "Attachments ✓", "spring")
+    assert msg["Message-ID"] == "<composed-1@origin.test>"
+    assert (msg["In-Reply-To"], msg["References"]) == (
+        "<parent@origin.test>",
+        "<root@origin.test> <parent@origin.test>",
+    )
+    assert msg["Date"] == "Tue, 02 Jan 2024 03:04:05 +0000"
+
+    assert msg.get_content_type() == "multipart/mixed"
+    alternative, *attachments = msg.iter_parts()
+    assert alternative.get_content_type() == "multipart/alternative"
+    text, related = alternative.iter_parts()
+    assert text.get_content().strip() == "See the logo."
+    assert related.get_content_type() == "multipart/related"
+    html, logo = related.iter_parts()
+    assert "cid:logo@origin.test" in html.get_content()
+    assert (logo.get_content_type(), logo["Content-ID"], logo.get_content_disposition()) == (
+        "image/png",
+        "<logo@origin.test>",
+        "inline",
+    )
+    assert logo.get_content() == PNG
+    assert [(a.get_filename(), a.get_content_type(), a.get_content_disposition()) for a in attachments] == [
+        ("report.pdf", "application/pdf", "attachment"),
+        ("notes.txt", "text/plain", "attachment"),
+        ("tiny.bin", "application/octet-stream", "attachment"),
+    ]
+    assert attachments[0].get_content() == PDF
+    assert attachments[1].get_content() == "plain text, ü"
+    assert attachments[2].get_content() == b"\x00\x01\x02\xff"
