@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,15 +45,22 @@ class ServiceProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        self.terminate()
+        return self.wait(timeout)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait for the exit, SIGKILL after ``timeout``; the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -92,8 +100,9 @@ class System:
         """Start every service; ``senders`` maps zone -> number of sender processes (default 1 each)."""
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+        # All at once: the store's migrations take an advisory lock, so the first service to
+        # connect creates the schema and the others wait for it.
         started = [self._spawn("queue", "zmta_queue", self.config.metrics.queue_port)]
-        started[0].wait_ready()  # the first to connect creates the schema; let it finish alone
         started.append(self._spawn("bounce", "zmta_bounce", self.config.metrics.bounce_port))
         counts = senders if senders is not None else {zone: 1 for zone in self.config.zones}
         for zone, count in counts.items():
@@ -119,9 +128,13 @@ class System:
     def get(self, name: str) -> ServiceProcess:
         return next(p for p in self.processes if p.name == name)
 
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to every service at once (each stops on its own), then wait for all."""
+        for process in self.processes:
+            process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            process.wait(max(0.1, deadline - time.monotonic()))
         self.processes.clear()
 
     def check(self) -> str | None:
