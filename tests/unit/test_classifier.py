@@ -120,3 +120,12 @@ def test_check_bounce_takes_extra_rules_and_names_a_missing_file(tmp_path: Path)
     result = subprocess.run(missing, input="554 x\n", capture_output=True, text=True)
     assert result.returncode == 2
     assert "nope.yaml: cannot read the rules" in result.stderr
+
+
+def test_a_refusal_of_mail_from_is_about_the_sender(classifier: Classifier) -> None:
+    reply = "5.1.1 Domain does not exist: bogus.example"
+    assert classifier.classify(550, reply, "rcpt").category == "recipient_unknown"
+    at_mail = classifier.classify(550, reply, "mail")
+    assert (at_mail.action, at_mail.category) == ("reject", "sender")
+    listed = classifier.classify(554, "5.7.1 Client host [192.0.2.1] blocked using zen.spamhaus.org", "mail")
+    assert listed.category == "blacklisted"  # what the stage cannot change

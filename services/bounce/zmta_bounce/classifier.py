@@ -95,7 +95,16 @@ class Classifier:
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
 
-    def classify(self, code: int, text: str) -> Verdict:
+    def classify(self, code: int, text: str, stage: str = "") -> Verdict:
+        """``stage`` is where the server refused (connect, mail, rcpt, data), when known."""
+        verdict = self._classify(code, text)
+        if stage == "mail" and verdict.category in ("recipient_unknown", "other"):
+            # A refusal of MAIL FROM cannot be about the recipient: it is about the sender
+            # (and must never get the recipient suppressed).
+            return Verdict(verdict.action, "sender", verdict.message, verdict.code, verdict.status)
+        return verdict
+
+    def _classify(self, code: int, text: str) -> Verdict:
         line = normalise(code, text)
         status_match = _STATUS.search(line[:100])
         status = status_match.group(0) if status_match else ""

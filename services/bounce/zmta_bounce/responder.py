@@ -28,6 +28,6 @@ class ClassifyResponder:
             log.warning("bad classify request", extra={"error": str(exc)})
             reply = Classification(action="defer", category="other", message=f"unreadable request: {exc}")
         else:
-            verdict = self.classifier.classify(request.code, request.text)
+            verdict = self.classifier.classify(request.code, request.text, request.stage)
             reply = Classification(action=verdict.action, category=verdict.category, message=verdict.message)
         await msg.respond(reply.encode())
