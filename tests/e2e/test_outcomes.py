@@ -182,3 +182,18 @@ async def test_a_soft_failure_past_the_maximum_age_bounces(deploy: DeploymentFac
     assert '"event": "bounce"' in log
     attempts = int(re.search(r"gave up after (\d+) attempts", log).group(1))  # type: ignore[union-attr]
     assert 2 <= attempts <= 4  # stopped by the age, not by the end of the schedule
+
+
+async def test_a_delivery_longer_than_its_lease_is_not_sent_twice(deploy: DeploymentFactory, sinks: dict) -> None:
+    # Leases of 2 s, a server that takes 6 s to answer DATA, and a second sender that would
+    # take over any lease that runs out: only renewal keeps the delivery with its sender.
+    d = await deploy({"queue": {"lease_time": 2}}, senders={"default": 2, "bounces": 1})
+    sink = sinks["127.0.0.2"]
+    sink.handler.data_delay = 6.0
+    message_id = queued_id(
+        await asyncio.to_thread(d.smtp_send, "s@origin.test", ["slow@a.test"], b"Subject: slow\r\n\r\nx\r\n")
+    )
+    await eventually(lambda: sink.messages, timeout=30, what="the slow delivery")
+    await eventually(lambda: _no_rows(d, message_id), what="the row removed")
+    await asyncio.sleep(7)  # long enough for a second copy to arrive, if one was sent
+    assert len(sink.messages) == 1

@@ -414,6 +414,23 @@ class Store:
         )
         return int(result.split()[-1])
 
+    async def renew_leases(self, leases: Sequence[tuple[str, str, str]], lease_time: float) -> int:
+        """Extend leases a sender is still working on to ``lease_time`` seconds from now, so
+        that a long delivery is not leased to another sender as well. Tuples are (id, seq,
+        lease_token); a lease that has changed hands is left alone. Returns the rows renewed."""
+        if not leases:
+            return 0
+        result = await self.pool.execute(
+            "UPDATE deliveries d SET lease_expires = now() + make_interval(secs => $4)"
+            " FROM unnest($1::text[], $2::text[], $3::uuid[]) AS r(id, seq, token)"
+            " WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token",
+            [lease[0] for lease in leases],
+            [lease[1] for lease in leases],
+            [uuid.UUID(lease[2]) for lease in leases],
+            lease_time,
+        )
+        return int(result.split()[-1])
+
     async def holds_lease(self, message_id: str, seq: str, token: str) -> bool:
         return bool(
             await self.pool.fetchval(

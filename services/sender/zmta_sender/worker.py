@@ -16,6 +16,7 @@ the process exits within the grace period and no delivery waits for a lease to e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -132,6 +133,7 @@ class Sender:
         # The connections' slots are renewed until the deliveries in flight are done, after stop too.
         upkeep_stop = asyncio.Event()
         upkeep = asyncio.create_task(self.connections.run(upkeep_stop), name="connection-upkeep")
+        renewal = asyncio.create_task(self._keep_leases(upkeep_stop), name="lease-renewal")
         try:
             while not stop.is_set():
                 free = self.zone.connections - len(self._in_flight)
@@ -146,6 +148,7 @@ class Sender:
             await self._drain(self.zone.command_timeout if grace is None else grace)
             upkeep_stop.set()
             upkeep.cancel()
+            renewal.cancel()
             await self.connections.close_all()
             await self.http.aclose()
 
@@ -171,6 +174,19 @@ class Sender:
             await self._release(list(unfinished.values()))
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=max(0.1, deadline - loop.time()))
+
+    async def _keep_leases(self, stop: asyncio.Event) -> None:
+        """Renew the leases of the deliveries in flight a few times per lease time, so that a
+        slow delivery (a huge message, a slow server) is not handed to a second sender."""
+        lease_time = self.config.queue.lease_time
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), lease_time / 3)
+            leases = [(d.id, d.seq, d.lease_token) for d in self._unreported.values()]
+            try:
+                await self.store.renew_leases(leases, lease_time)
+            except Exception as exc:  # the store is down: the leases may expire, as after a crash
+                log.warning("leases not renewed", extra={"zone": self.zone_name, "error": repr(exc)})
 
     async def _release(self, deliveries: list[LeasedDelivery]) -> None:
         """Give back leases this sender will not finish: their in-flight places in Redis first
