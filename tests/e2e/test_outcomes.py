@@ -6,10 +6,13 @@ import asyncio
 import email
 import email.policy
 import re
+import time
 
 import httpx
+from redis.asyncio import Redis
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
+from zmta_common.limits import PREFIX
 
 
 async def queue_metrics(d: Deployment) -> str:
@@ -193,6 +196,12 @@ async def test_a_delivery_longer_than_its_lease_is_not_sent_twice(deploy: Deploy
     message_id = queued_id(
         await asyncio.to_thread(d.smtp_send, "s@origin.test", ["slow@a.test"], b"Subject: slow\r\n\r\nx\r\n")
     )
+    # Past its first lease, the delivery still holds its place under the domain's limit.
+    await asyncio.sleep(4)
+    redis = Redis.from_url(d.config.dbs.redis)
+    places = await redis.zrange(f"{PREFIX}inflight:default:d:a.test", 0, -1, withscores=True)
+    await redis.aclose()
+    assert [(member.decode(), score > time.time()) for member, score in places] == [(f"{message_id}.001", True)]
     await eventually(lambda: sink.messages, timeout=30, what="the slow delivery")
     await eventually(lambda: _no_rows(d, message_id), what="the row removed")
     await asyncio.sleep(7)  # long enough for a second copy to arrive, if one was sent

@@ -122,6 +122,26 @@ end
 return 0
 """
 
+# ARGV: prefix, zone, new expiry (unix seconds), then members
+_RENEW = """
+local prefix, zone, expiry = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ttl = math.ceil((expiry - tonumber(redis.call('TIME')[1])) * 1000) + 60000
+for i = 4, #ARGV do
+    local lease_key = prefix .. 'lease:' .. zone .. ':' .. ARGV[i]
+    local where = redis.call('GET', lease_key)
+    if where then
+        local tab = string.find(where, '\\t', 1, true)
+        local domain, group = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
+        redis.call('ZADD', prefix .. 'inflight:' .. zone .. ':d:' .. domain, 'XX', expiry, ARGV[i])
+        if group ~= '' then
+            redis.call('ZADD', prefix .. 'inflight:' .. zone .. ':m:' .. group, 'XX', expiry, ARGV[i])
+        end
+        redis.call('PEXPIRE', lease_key, ttl)
+    end
+end
+return 0
+"""
+
 # KEYS: connection sets (domain, group); ARGV: now, expiry, connection id, limits (0: none), want keys
 _ACQUIRE = """
 local now, expiry, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
@@ -162,6 +182,7 @@ class ZoneLimits:
         self.zone = zone
         self._admit = redis.register_script(_ADMIT)
         self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(_RENEW)
         self._acquire = redis.register_script(_ACQUIRE)
 
     # -- the queue -----------------------------------------------------------
@@ -188,6 +209,11 @@ class ZoneLimits:
         """Free the in-flight places of finished deliveries."""
         if members:
             await self._release(args=[PREFIX, self.zone_name, *members])
+
+    async def renew(self, members: list[str], expiry: float) -> None:
+        """Keep the in-flight places of deliveries still running until ``expiry`` (unix seconds)."""
+        if members:
+            await self._renew(args=[PREFIX, self.zone_name, expiry, *members])
 
     async def group_of(self, domains: list[str]) -> dict[str, str | None]:
         """Each domain's MX host group, from the MX answers the senders cached in Redis."""

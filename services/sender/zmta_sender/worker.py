@@ -182,10 +182,12 @@ class Sender:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), lease_time / 3)
-            leases = [(d.id, d.seq, d.lease_token) for d in self._unreported.values()]
+            deliveries = list(self._unreported.values())
             try:
-                await self.store.renew_leases(leases, lease_time)
-            except Exception as exc:  # the store is down: the leases may expire, as after a crash
+                # The domain-limit places too, or the delivery would stop counting against its limit.
+                await self.limits.renew([f"{d.id}.{d.seq}" for d in deliveries], time.time() + lease_time)
+                await self.store.renew_leases([(d.id, d.seq, d.lease_token) for d in deliveries], lease_time)
+            except Exception as exc:  # the store or Redis is down: leases may expire, as after a crash
                 log.warning("leases not renewed", extra={"zone": self.zone_name, "error": repr(exc)})
 
     async def _release(self, deliveries: list[LeasedDelivery]) -> None:
