@@ -18,10 +18,10 @@ import socket
 from contextvars import ContextVar
 from ipaddress import ip_address, ip_network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +35,17 @@ _yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
 MIB = 1024 * 1024
 # The original's retry schedule in minutes (5, 7, 8, 25, 75, 120, then 240 x 11).
 DEFAULT_DEFER_TIMES: list[float] = [60.0 * m for m in (5, 7, 8, 25, 75, 120, *[240] * 11)]
+
+
+def _http_url(value: str) -> str:
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    return value
+
+
+# A URL kept as the text the operator wrote, checked to be http(s) with a host.
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class ConfigError(Exception):
@@ -80,7 +91,7 @@ class SmtpInterface(Section):
     auth: bool = False
     auth_without_tls: bool = False
     users: dict[str, str] = Field(default_factory=dict)
-    auth_url: str | None = None
+    auth_url: HttpUrl | None = None
     auth_timeout: float = Field(default=10.0, gt=0)
 
     @field_validator("relay_networks")
@@ -104,15 +115,6 @@ class SmtpInterface(Section):
                     f"the password of {user!r} is not an argon2 hash"
                     " (make one with `python -m zmta_ingest hash-password`)"
                 )
-        return value
-
-    @field_validator("auth_url")
-    @classmethod
-    def _auth_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            parsed = urlsplit(value)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                raise ValueError(f"{value!r} is not an http(s) URL")
         return value
 
     @model_validator(mode="after")
@@ -192,16 +194,7 @@ class DomainPolicy(Limit):
     # Overrides the zone's ``tls`` for this recipient domain.
     tls: TlsMode | None = None
     # Deliver this domain's mail by POSTing it to this URL instead of SMTP.
-    http_url: str | None = None
-
-    @field_validator("http_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            parsed = urlsplit(value)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                raise ValueError(f"{value!r} is not an http(s) URL")
-        return value
+    http_url: HttpUrl | None = None
 
 
 DEFAULT_DOMAIN_CONNECTIONS = 5
@@ -401,21 +394,12 @@ class Bounce(Section):
     suppress_unknown_recipients: bool = False
     # HTTP bounce notifications: every bounce is POSTed to each URL (form fields of the
     # original's http-bounce plugin), retried until the receiver answers 2xx.
-    notify_urls: list[str] = Field(default_factory=list)
+    notify_urls: list[HttpUrl] = Field(default_factory=list)
     # Retry delays in seconds, indexed by the number of failed tries; the last repeats.
     notify_backoff: list[float] = Field(default_factory=lambda: [1.0, 4.0, 9.0, 16.0, 25.0, 36.0, 60.0, 300.0])
     # A notification still refused this long after the bounce is given up (logged).
     notify_max_age: float = Field(default=48 * 3600.0, gt=0)
     notify_timeout: float = Field(default=10.0, gt=0)
-
-    @field_validator("notify_urls")
-    @classmethod
-    def _http_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
-            parsed = urlsplit(url)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                raise ValueError(f"{url!r} is not an http(s) URL")
-        return value
 
     @field_validator("notify_backoff")
     @classmethod

@@ -408,9 +408,7 @@ class Store:
             "UPDATE deliveries d SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
             " FROM unnest($1::text[], $2::text[], $3::uuid[]) AS r(id, seq, token)"
             " WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token",
-            [lease[0] for lease in leases],
-            [lease[1] for lease in leases],
-            [uuid.UUID(lease[2]) for lease in leases],
+            *_lease_arrays(leases),
         )
         return int(result.split()[-1])
 
@@ -424,9 +422,7 @@ class Store:
             "UPDATE deliveries d SET lease_expires = now() + make_interval(secs => $4)"
             " FROM unnest($1::text[], $2::text[], $3::uuid[]) AS r(id, seq, token)"
             " WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token",
-            [lease[0] for lease in leases],
-            [lease[1] for lease in leases],
-            [uuid.UUID(lease[2]) for lease in leases],
+            *_lease_arrays(leases),
             lease_time,
         )
         return int(result.split()[-1])
@@ -748,6 +744,11 @@ class Store:
         for table in ("messages", "message_chunks", "deliveries"):
             out[table] = await self.pool.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
         return out
+
+
+def _lease_arrays(leases: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[str], list[uuid.UUID]]:
+    """(id, seq, token) tuples as the three arrays the lease statements unnest."""
+    return [lease[0] for lease in leases], [lease[1] for lease in leases], [uuid.UUID(lease[2]) for lease in leases]
 
 
 def _lease(r: asyncpg.Record) -> Lease:
