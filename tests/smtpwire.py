@@ -6,10 +6,14 @@ import socket
 
 
 class SmtpWire:
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 30.0, source: str | None = None, greet: bool = True
+    ) -> None:
+        """Connect (from the loopback address ``source``, if given) and read the greeting
+        (unless not ``greet``: then call :meth:`reply` for it)."""
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source or "", 0))
         self.buffer = b""
-        self.greeting = self.reply()
+        self.greeting = self.reply() if greet else (0, "")
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -3,6 +3,7 @@ the real ingest process with the standard library's SMTP client."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import smtplib
@@ -23,6 +24,7 @@ import trustme
 import yaml
 
 from tests.conftest import Deployment, DeploymentFactory
+from tests.smtpwire import SmtpWire
 from zmta_devtools.servers import free_port, wait_for_port
 
 PASSWORD = "correct horse battery staple"
@@ -109,7 +111,7 @@ class Msa:
 async def msa(module_deploy: DeploymentFactory, certs: Certs, auth_endpoint: AuthEndpoint) -> Msa:
     users = {"alice": argon2.PasswordHasher().hash(PASSWORD)}
     tls = {"tls_cert": str(certs.cert), "tls_key": str(certs.key)}
-    ports = {name: free_port() for name in ("submission", "smtps", "relay", "httpauth", "httpdown")}
+    ports = {name: free_port() for name in ("submission", "smtps", "relay", "httpauth", "httpdown", "guarded")}
     only_local = ["127.0.0.1/32"]
     interfaces = {
         "feeder": {**tls},  # the feeder keeps its loopback relay_networks and no AUTH
@@ -130,6 +132,15 @@ async def msa(module_deploy: DeploymentFactory, certs: Certs, auth_endpoint: Aut
             "auth_url": auth_endpoint.url,
             "auth_timeout": 5,
             "relay_networks": only_local,
+        },
+        "guarded": {  # tight limits on guessing, over plain text for the raw client
+            "port": ports["guarded"],
+            "auth": True,
+            "auth_without_tls": True,
+            "users": users,
+            "relay_networks": only_local,
+            "auth_max_failures": 3,
+            "auth_concurrency": 1,
         },
         "httpdown": {  # an auth service that does not answer
             "port": ports["httpdown"],
@@ -368,3 +379,64 @@ async def test_a_bad_certificate_stops_ingest_with_the_key_named(tmp_path: Path,
     assert result.returncode == 2
     assert "smtp_interfaces.submission.tls_cert" in result.stderr
     assert str(cert) in result.stderr
+
+
+def auth_plain(user: str, password: str) -> str:
+    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def guarded_session(msa: Msa, source: str) -> SmtpWire:
+    wire = SmtpWire(msa.ports["guarded"], source=source)
+    assert wire.command("EHLO client.test")[0] == 250
+    return wire
+
+
+async def test_an_address_that_keeps_guessing_is_locked_out_across_connections(msa: Msa) -> None:
+    def run() -> tuple[list[int], tuple[int, str], int]:
+        failures = []
+        for _ in range(3):  # auth_max_failures, each on a connection of its own
+            with guarded_session(msa, "127.0.0.61") as wire:
+                failures.append(wire.command(auth_plain("alice", "a wrong guess"))[0])
+        with guarded_session(msa, "127.0.0.61") as wire:
+            locked = wire.command(auth_plain("alice", PASSWORD))  # even the right password, for the window
+        with guarded_session(msa, "127.0.0.62") as wire:
+            other = wire.command(auth_plain("alice", PASSWORD))[0]  # another address is not affected
+        return failures, locked, other
+
+    failures, locked, other = await asyncio.to_thread(run)
+    assert failures == [535, 535, 535]
+    assert locked[0] == 454, locked
+    assert "Too many failed authentications from 127.0.0.61" in locked[1]
+    assert other == 235
+    assert '"event": "auth locked out"' in ingest_log(msa.deployment)
+
+
+async def test_password_checks_in_flight_are_bounded(msa: Msa) -> None:
+    # Six guesses at once from six addresses: one check runs, one waits (auth_concurrency 1),
+    # the rest are told to come back later at once instead of each costing 64 MiB.
+    wires = [await asyncio.to_thread(guarded_session, msa, f"127.0.0.{70 + n}") for n in range(6)]
+    try:
+        line = (auth_plain("alice", "a wrong guess") + "\r\n").encode()
+        for wire in wires:
+            wire.send(line)
+        replies = await asyncio.gather(*(asyncio.to_thread(wire.reply) for wire in wires))
+    finally:
+        for wire in wires:
+            wire.close()
+    codes = sorted(code for code, _ in replies)
+    assert codes.count(535) == 2, replies
+    assert codes.count(454) == 4, replies
+    assert all("Temporary authentication failure" in text for code, text in replies if code == 454)
+
+
+async def test_a_connection_that_keeps_guessing_is_closed(msa: Msa) -> None:
+    def run() -> tuple[list[int], tuple[int, str]]:
+        with guarded_session(msa, "127.0.0.63") as wire:
+            codes = [wire.command(auth_plain("alice", f"guess {n}"))[0] for n in range(20)]
+            return codes, wire.reply()
+
+    codes, closing = await asyncio.to_thread(run)
+    # Three refusals use up the address's failures; the rest are 454 at once; the 20th error
+    # reply of the connection closes it (max_errors_per_connection).
+    assert codes == [535] * 3 + [454] * 17
+    assert closing[0] == 421 and "Too many errors" in closing[1]

@@ -74,8 +74,22 @@ class SmtpInterface(Section):
     max_recipients: int = Field(default=1000, ge=1)
     # X-Sending-Zone is honoured only where this is true (the original: api and bounce only).
     allow_routing_headers: bool = False
-    # Seconds a client may stay idle, and the time the whole DATA transfer may take.
+    # Seconds a client may stay idle (in DATA: between two stored chunks of the body).
     socket_timeout: float = Field(default=600.0, gt=0)
+    # In DATA, a client must send at least min_data_rate bytes per second, measured over
+    # every data_rate_window seconds, or it gets 421 and is disconnected (0: no minimum).
+    # A slow client holds no database connection, but this frees its socket and buffer.
+    min_data_rate: int = Field(default=500, ge=0)
+    data_rate_window: float = Field(default=30.0, gt=0)
+    # One client address (as Postfix's anvil): at most this many connections open at once
+    # and this many new ones per minute (0: no limit), else 421 before the greeting.
+    # Counted per ingest process. Clients in client_limit_exceptions are not limited.
+    max_connections_per_client: int = Field(default=50, ge=0)
+    max_connection_rate_per_client: int = Field(default=0, ge=0)
+    client_limit_exceptions: list[str] = Field(default_factory=list)
+    # Error replies (4xx/5xx) one connection may get before it is closed with 421
+    # (Postfix's smtpd_hard_error_limit).
+    max_errors_per_connection: int = Field(default=20, ge=1)
     # TLS: PEM files of the certificate (chain) and its key (tls_key: none if the key is in
     # the cert file). With them the interface offers STARTTLS; with implicit_tls it speaks
     # TLS from the first byte instead (port 465). The files are read when ingest starts.
@@ -93,8 +107,16 @@ class SmtpInterface(Section):
     users: dict[str, str] = Field(default_factory=dict)
     auth_url: HttpUrl | None = None
     auth_timeout: float = Field(default=10.0, gt=0)
+    # A client address with auth_max_failures refused AUTH attempts within
+    # auth_failure_window seconds is refused AUTH (454) until the window ends; counted
+    # in Redis, so across every ingest process.
+    auth_max_failures: int = Field(default=10, ge=1)
+    auth_failure_window: float = Field(default=600.0, gt=0)
+    # Password checks (argon2, 64 MiB each) run at once; as many more may wait, and past
+    # that AUTH is answered 454 at once instead of queueing without bound.
+    auth_concurrency: int = Field(default=2, ge=1)
 
-    @field_validator("relay_networks")
+    @field_validator("relay_networks", "client_limit_exceptions")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         for network in value:
@@ -366,6 +388,11 @@ class Api(Section):
     keys_file: str | None = None
     # The original's API: no key needed. Only for an API that listens on loopback.
     open_access: bool = False
+    # /openapi.json, /docs and /redoc without a key (by default they need one, any scope).
+    public_docs: bool = False
+    # Recipients of one message submitted through /send or /send-raw (400 above it), as
+    # smtp_interfaces.<name>.max_recipients is for SMTP.
+    max_recipients: int = Field(default=1000, ge=1)
 
     @model_validator(mode="after")
     def _open_only_on_loopback(self) -> Api:

@@ -16,6 +16,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# What may never stand in a header value we write: C0 controls but TAB (CR and LF among
+# them), DEL, C1 controls (U+0085 among them) and the Unicode line and paragraph
+# separators, which some software takes for a line end.
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# In a value we are given whole: a CRLF that folds the field (followed by a space or a
+# tab) is kept, any other unsafe character is not.
+_UNSAFE_OR_FOLD = re.compile(r"\r\n(?=[ \t])|[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# A CR or LF that is not part of a CRLF pair.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# The longest value copied from a client into a header of ours (an EHLO name, a user name).
+CLIENT_VALUE_LIMIT = 255
 
 
 @dataclass(slots=True)
@@ -37,6 +48,36 @@ class HeaderField:
         """The whole field unfolded into one line, as the original's ``/message`` shows it."""
         text = self.raw.decode("utf-8", "surrogateescape")
         return re.sub(r"\r\n([ \t])", r"\1", text).rstrip("\r\n")
+
+
+def unsafe_character(value: str) -> str | None:
+    """The first character of ``value`` that may not stand in a header value, if any."""
+    match = _UNSAFE.search(value)
+    return match.group(0) if match else None
+
+
+def header_safe(value: str, limit: int = CLIENT_VALUE_LIMIT) -> str:
+    """``value`` fit to copy into a header we write: every unsafe character (line ends and
+    other controls) replaced by ``?``, as Postfix does, and cut to ``limit`` characters."""
+    return _UNSAFE.sub("?", value[:limit])
+
+
+def without_bare_line_ends(block: bytes) -> bytes:
+    """A header block in which every CR and LF belongs to a CRLF pair: a bare one becomes a
+    space. The last guard before a block goes on the wire: a bare line end could start a
+    field, or put a lone dot on a line, for a receiver that reads it as a line end."""
+    if block.count(b"\r") == block.count(b"\n") == block.count(b"\r\n"):
+        return block  # the common case: nothing to do
+    return _BARE_LINE_END.sub(b" ", block)
+
+
+def _field(name: str, value: str) -> bytes:
+    """One header field that we write, with a name that is one and a value without line
+    breaks or control characters (a CRLF that folds it is kept)."""
+    if not _FIELD_NAME.match(name.encode("utf-8", "surrogateescape") + b":"):
+        raise ValueError(f"{name!r} is not a header field name")
+    clean = _UNSAFE_OR_FOLD.sub(lambda m: m.group(0) if m.group(0) == "\r\n" else " ", value)
+    return f"{name}: {clean}\r\n".encode("utf-8", "surrogateescape")
 
 
 def is_field_start(line: bytes) -> bool:
@@ -90,8 +131,7 @@ class HeaderBlock:
         return before - len(self.fields)
 
     def add(self, name: str, value: str, top: bool = False) -> None:
-        raw = f"{name}: {value}\r\n".encode()
-        field = HeaderField(name.lower(), raw)
+        field = HeaderField(name.lower(), _field(name, value))
         if top:
             self.fields.insert(0, field)
         else:
@@ -100,7 +140,7 @@ class HeaderBlock:
     def set(self, name: str, value: str) -> None:
         """Replace the first field named ``name`` where it stands (dropping any others), or add it."""
         key = name.lower()
-        field = HeaderField(key, f"{name}: {value}\r\n".encode())
+        field = HeaderField(key, _field(name, value))
         at = next((i for i, f in enumerate(self.fields) if f.key == key), None)
         if at is None:
             self.fields.append(field)

@@ -11,6 +11,7 @@ acknowledged before that commit, and any failure leaves nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -126,9 +127,17 @@ class MessageIntake:
     """One message on its way into the store. Use :meth:`feed`, then :meth:`finish` or :meth:`abort`."""
 
     def __init__(
-        self, store: Store, config: Config, envelope: Envelope, max_size: int, hooks: Hooks | None = None
+        self,
+        store: Store,
+        config: Config,
+        envelope: Envelope,
+        max_size: int,
+        hooks: Hooks | None = None,
+        max_recipients: int | None = None,
     ) -> None:
         self.id = new_queue_id()
+        # Checked where the recipients come from the headers (SMTP caps them at RCPT).
+        self.max_recipients = max_recipients
         self.config = config
         self.hooks = hooks or Hooks()
         self.envelope = envelope
@@ -241,7 +250,8 @@ class MessageIntake:
         headers = HeaderBlock.parse(bytes(self._head))
         env = self.envelope
         if env.from_headers:
-            _envelope_from_headers(env, headers)
+            # In a thread: a header block of up to 1 MiB of addresses takes a while to parse.
+            await asyncio.to_thread(_envelope_from_headers, env, headers, self.max_recipients)
         await self._run_hook("message:headers", env, headers)
         try:
             zones = route(self.config, headers, env.mail_from, env.recipients, env.allow_routing_headers)
@@ -340,7 +350,7 @@ class MessageIntake:
         return message_id
 
 
-def _envelope_from_headers(env: Envelope, headers: HeaderBlock) -> None:
+def _envelope_from_headers(env: Envelope, headers: HeaderBlock, max_recipients: int | None) -> None:
     senders = headers.addresses("sender") or headers.addresses("from")
     env.mail_from = senders[0] if senders else ""
     seen: set[str] = set()
@@ -352,6 +362,8 @@ def _envelope_from_headers(env: Envelope, headers: HeaderBlock) -> None:
                 env.recipients.append(address)
     if not env.recipients:
         raise IntakeError("554 5.5.1 No recipients in the To, Cc or Bcc headers", 400)
+    if max_recipients is not None and len(env.recipients) > max_recipients:
+        raise IntakeError(f"452 4.5.3 Too many recipients (at most {max_recipients})", 400)
     for address in [env.mail_from, *env.recipients]:
         if address and (reason := address_error(address)):
             raise IntakeError(f"553 5.1.3 <{address}> is not a valid address: {reason}", 400)

@@ -15,7 +15,8 @@ Three kinds, each counted per recipient domain and per MX host group (the
 
 A domain that is at a limit goes on the zone's skip list (a sorted set scored with
 the time it may have room again), which the queue leaves out of its next queries,
-as the original's skipDomains. Blacklisted local addresses live here too.
+as the original's skipDomains. Blacklisted local addresses live here too, and the count of
+refused SMTP AUTH attempts per client address (:class:`AuthFailures`).
 
 Every check-and-take is one Lua script, so pods and queue replicas cannot race.
 Key names are built inside the scripts, so this needs one Redis, not a cluster.
@@ -324,3 +325,31 @@ class Blacklist:
             domain, _, address = _text(mark[0]).partition("|")
             entries.append((domain, address, float(mark[1])))
         return entries
+
+
+class AuthFailures:
+    """Refused SMTP AUTH attempts per interface and client address, counted in fixed
+    windows shared by every ingest process: a guesser spread over many connections (or
+    pods) is stopped as one."""
+
+    def __init__(self, redis: Redis, interface: str, limit: int, window: float) -> None:
+        self.redis = redis
+        self.interface = interface
+        self.limit = limit
+        self.window_ms = max(1, int(window * 1000))
+
+    def _key(self, client: str) -> str:
+        return f"{PREFIX}authfail:{self.interface}:{client}"
+
+    async def locked(self, client: str) -> bool:
+        """Whether ``client`` has used up its failures for the current window."""
+        count = await self.redis.get(self._key(client))
+        return count is not None and int(count) >= self.limit
+
+    async def add(self, client: str) -> int:
+        """Count a refused attempt; the window starts with the first one. Returns the count."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(self._key(client))
+            pipe.pexpire(self._key(client), self.window_ms, nx=True)
+            count, _ = await pipe.execute()
+        return int(count)

@@ -3,8 +3,8 @@
 Every query of the project lives here, behind :class:`Store`, so the store can be
 swapped (MongoDB's place in the original). The rules it keeps:
 
-* Intake is ONE transaction: chunks, the message row and one delivery row per
-  recipient become visible together or not at all (:class:`IntakeTransaction`).
+* Intake: the message row and one delivery row per recipient become visible together
+  or not at all, with every chunk of the body already stored (:class:`IntakeTransaction`).
 * Leasing takes ready rows with ``FOR UPDATE SKIP LOCKED`` and stamps them with a
   lease token and an expiry; an expired lease makes the row ready again, so a
   crashed sender's work is done again (at-least-once, never lost).
@@ -204,59 +204,105 @@ class Pause:
 _QUEUED_SORT = {"id": ("id", "seq"), "created": ("created", "id", "seq"), "queued": ("next_attempt", "id", "seq")}
 
 
-_INTAKE_ROWS = """
-    WITH message AS (
-        INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, $2, $3, $4, $5::jsonb)
-    ), chunk AS (
-        INSERT INTO message_chunks (message_id, seq, data) SELECT $1, $6, $7 WHERE $7::bytea IS NOT NULL
-    )
+# The delivery rows of a message, less its suppressed recipients (checked in the same
+# statement, no extra round trip); RETURNING the seqs that got a row.
+_DELIVERY_ROWS = """
     INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
     SELECT $1, t.seq, t.zone, t.recipient, t.domain, coalesce($12::timestamptz, now())
       FROM unnest($8::text[], $9::text[], $10::text[], $11::text[]) AS t(seq, zone, recipient, domain)
-     WHERE NOT EXISTS (  -- the suppression list, checked in the same statement
+     WHERE NOT EXISTS (
            SELECT 1 FROM suppressions s WHERE s.address = lower(t.recipient) OR s.domain = lower(t.domain))
     RETURNING seq
 """
 
+# A message of one chunk: the message row, its chunk and its deliveries in ONE statement.
+_INTAKE_ROWS = (
+    """
+    WITH message AS (
+        INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, $2, $3, $4, $5::jsonb)
+    ), chunk AS (
+        INSERT INTO message_chunks (message_id, seq, data) SELECT $1, $6, $7 WHERE $7::bytea IS NOT NULL
+    )"""  # noqa: S608 (two constants: nothing from outside)
+    + _DELIVERY_ROWS
+)
+
+# A bigger message, whose leading chunks are stored already: its placeholder row
+# completed, with its last chunk and its deliveries. If garbage collection took the row,
+# the deferred foreign keys fail the commit.
+_COMPLETE_ROWS = (
+    """
+    WITH message AS (
+        UPDATE messages SET mail_from = $2, headers = $3, body_size = $4, meta = $5::jsonb, created = now()
+         WHERE id = $1
+    ), chunk AS (
+        INSERT INTO message_chunks (message_id, seq, data) SELECT $1, $6, $7 WHERE $7::bytea IS NOT NULL
+    )"""  # noqa: S608 (two constants: nothing from outside)
+    + _DELIVERY_ROWS
+)
+
+# The first chunk of a message that needs more than one: under a placeholder row, which
+# has no deliveries (so nothing sees it) until the message is complete.
+_FIRST_CHUNK = """
+    WITH message AS (
+        INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, '', '', 0, '{}')
+    )
+    INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, 0, $2)
+"""
+# A later chunk. It renews the placeholder's creation time, so that garbage collection of
+# orphans (queue.orphan_age) never takes an upload that is still going on.
+_NEXT_CHUNK = """
+    WITH message AS (UPDATE messages SET created = now() WHERE id = $1 RETURNING id)
+    INSERT INTO message_chunks (message_id, seq, data) SELECT id, $2, $3 FROM message
+"""
+
+
+class IntakeLost(RuntimeError):
+    """The stored part of a message being received is gone (garbage collection took it)."""
+
 
 class IntakeTransaction:
-    """One message being written: chunks first, then the rows, all committed at once.
+    """One message being written: nothing of it is seen by the queue before :meth:`commit`.
 
-    A transaction opens only when a chunk has to be written before the end of the
-    message. A message of one chunk (most mail) is stored by :meth:`commit` in a
-    single statement: last chunk, message row and delivery rows together. A client
-    that never finishes DATA holds no connection until its first full chunk.
+    A message of one chunk (most mail) is stored by :meth:`commit` in a single statement:
+    last chunk, message row and delivery rows together.
+
+    A bigger message has its leading chunks written as they arrive, each in a short
+    transaction of its own on a connection taken from the pool for that write alone, under
+    a placeholder message row without deliveries; :meth:`commit` then completes the row and
+    adds the deliveries in one transaction. So a client that sends slowly holds no database
+    connection while it is slow, only while one of its chunks is written. The chunk writes
+    commit without waiting for their WAL flush (``synchronous_commit`` off): the final
+    commit waits for the WAL up to itself, and so for every chunk before it. A message
+    abandoned part-way is deleted by :meth:`rollback`, or, if this process dies first, left
+    as an orphan for the queue's garbage collection.
     """
 
     def __init__(self, pool: asyncpg.Pool, message_id: str) -> None:
         self._pool = pool
         self.message_id = message_id
-        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
-        self._tx: asyncpg.transaction.Transaction | None = None
         self._next_seq = 0
 
     async def write_chunk(self, data: bytes) -> None:
         """Write a body chunk that is not the last one."""
-        if self._conn is None:
-            self._conn = await self._pool.acquire()
-            self._tx = self._conn.transaction()
-            await self._tx.start()
-        await self._conn.execute(
-            "INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, $2, $3)",
-            self.message_id,
-            self._next_seq,
-            data,
-        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit TO off")
+            if self._next_seq == 0:
+                await conn.execute(_FIRST_CHUNK, self.message_id, data)
+            else:
+                status = await conn.execute(_NEXT_CHUNK, self.message_id, self._next_seq, data)
+                if status.split()[-1] != "1":
+                    raise IntakeLost(f"message {self.message_id} was removed while it was being received")
         self._next_seq += 1
 
     async def written_chunks(self) -> AsyncIterator[bytes]:
-        """The chunks written so far, read back inside the (uncommitted) transaction."""
-        if self._conn is None:
-            return
-        async for row in self._conn.cursor(
-            "SELECT data FROM message_chunks WHERE message_id = $1 ORDER BY seq", self.message_id, prefetch=4
-        ):
-            yield row["data"]
+        """The chunks written so far, one by one."""
+        for seq in range(self._next_seq):
+            data = await self._pool.fetchval(
+                "SELECT data FROM message_chunks WHERE message_id = $1 AND seq = $2", self.message_id, seq
+            )
+            if data is None:
+                raise IntakeLost(f"message {self.message_id} was removed while it was being received")
+            yield data
 
     async def commit(self, message: NewMessage, last_chunk: bytes | None) -> set[str]:
         """Write the last chunk (if any) with the rows, and make it all visible at once.
@@ -278,36 +324,29 @@ class IntakeTransaction:
             [d.domain for d in message.deliveries],
             message.not_before,
         )
-        try:
-            if self._conn is None:
-                rows = await self._pool.fetch(_INTAKE_ROWS, *args)  # one statement: atomic by itself
-                if not rows:  # every recipient suppressed (rare): take the message back out
-                    await self._pool.execute("DELETE FROM messages WHERE id = $1", message.id)
-                return {r["seq"] for r in rows}
-            rows = await self._conn.fetch(_INTAKE_ROWS, *args)
-            assert self._tx is not None
-            if rows:
-                await self._tx.commit()
-            else:
-                await self._tx.rollback()
+        if self._next_seq == 0:
+            rows = await self._pool.fetch(_INTAKE_ROWS, *args)  # one statement: atomic by itself
+            if not rows:  # every recipient suppressed (rare): take the message back out
+                await self._pool.execute("DELETE FROM messages WHERE id = $1", message.id)
             return {r["seq"] for r in rows}
-        finally:
-            await self._release()
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_COMPLETE_ROWS, *args)
+                if not rows:
+                    await conn.execute("DELETE FROM messages WHERE id = $1", message.id)
+        except asyncpg.ForeignKeyViolationError:
+            raise IntakeLost(f"message {message.id} was removed while it was being received") from None
+        self._next_seq = 0  # committed: nothing left for rollback() to remove
+        return {r["seq"] for r in rows}
 
     async def rollback(self) -> None:
-        if self._tx is not None:
-            # The server may be gone; it drops an unfinished transaction by itself then.
-            with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-                await self._tx.rollback()
-        await self._release()
-
-    async def _release(self) -> None:
-        conn, self._conn, self._tx = self._conn, None, None
-        if conn is not None:
-            try:
-                await self._pool.release(conn)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-                conn.terminate()
+        """Remove what was written of the message (nothing if it never needed a write)."""
+        if self._next_seq == 0:
+            return
+        self._next_seq = 0
+        # The server may be gone: the orphan is then garbage-collected later.
+        with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            await self._pool.execute("DELETE FROM messages WHERE id = $1", self.message_id)
 
 
 class Store:

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import redis.exceptions
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import routes_admin, routes_queue, routes_send
 from .common import ApiError, Services
 from .models import ErrorResponse
-from .security import PUBLIC_PATHS, Guard
+from .security import PUBLIC_PATHS, Gate
 
 __all__ = ["ApiError", "Services", "create_app"]
 
@@ -36,8 +36,9 @@ _TYPE_TAG = re.compile(
 
 
 def create_app(services: Services) -> FastAPI:
-    # Every route checks the caller's API key first (see security.py).
-    app = FastAPI(title="ZoneMTA-py", version="0.1.0", dependencies=[Depends(Guard(services.config.api))])
+    app = FastAPI(title="ZoneMTA-py", version="0.1.0")
+    # Every request: the caller's API key, and the size of its body (see security.py).
+    app.add_middleware(Gate, api=services.config.api)
     app.state.services = services
 
     @app.exception_handler(ApiError)

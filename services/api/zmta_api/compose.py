@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from zmta_common.addresses import address_error
+from zmta_common.headers import unsafe_character
 
 from .models import AddressField, AddressObject, Attachment, SendRequest
 
@@ -32,7 +33,6 @@ STRUCTURE = {"content-type", "content-transfer-encoding", "mime-version", "conte
 FIELD_OF_HEADER = {"message-id": "messageId", "date": "date", "in-reply-to": "inReplyTo", "references": "references"}
 
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable US-ASCII except ":" (RFC 5322 ftext)
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 2045 token
 # Values that become body content, not header text: line breaks are fine in them.
 _CONTENT_PATHS = re.compile(r"^(text|html|attachments\.\d+\.(content|path))$")
@@ -62,8 +62,10 @@ def parse_addresses(value: AddressField | None, field: str) -> list[tuple[str, s
     return pairs
 
 
-def compose(request: SendRequest) -> tuple[bytes, str, list[str]]:
-    """The message bytes, the envelope sender and the envelope recipients."""
+def compose(request: SendRequest, max_recipients: int = 1000) -> tuple[bytes, str, list[str]]:
+    """The message bytes, the envelope sender and the envelope recipients (at most
+    ``max_recipients``, counted before any work is done for each)."""
+    _check_recipient_count(request, max_recipients)
     _check_strings(request.model_dump(by_alias=True, exclude_none=True))
     senders = parse_addresses(request.from_, "from")
     if len(senders) != 1:
@@ -74,7 +76,25 @@ def compose(request: SendRequest) -> tuple[bytes, str, list[str]]:
     bcc = parse_addresses(request.bcc, "bcc")
     reply_to = parse_addresses(request.replyTo, "replyTo")
     mail_from, recipients = _envelope(request, senders[0][1], sender, to + cc + bcc)
+    try:
+        msg = _message(request, senders, sender, to, cc, reply_to)
+        return msg.as_bytes(), mail_from, recipients
+    except ComposeError:
+        raise
+    except (ValueError, TypeError, IndexError, LookupError, MessageError) as exc:
+        # Whatever the checks above missed that the email package cannot build: still the
+        # client's input, so a 400 that says so, never a 500.
+        raise ComposeError("body", f"the message cannot be built: {exc}") from None
 
+
+def _message(
+    request: SendRequest,
+    senders: list[tuple[str, str]],
+    sender: list[tuple[str, str]],
+    to: list[tuple[str, str]],
+    cc: list[tuple[str, str]],
+    reply_to: list[tuple[str, str]],
+) -> EmailMessage:
     msg = EmailMessage(policy=SMTP)
     msg["From"] = _header_list(senders)
     if sender:
@@ -110,10 +130,22 @@ def compose(request: SendRequest) -> tuple[bytes, str, list[str]]:
     for part in msg.walk():
         if part is not msg:
             del part["MIME-Version"]  # the email package puts one on every part it makes; the top one does
-    try:
-        return msg.as_bytes(), mail_from, recipients
-    except (ValueError, TypeError, IndexError, LookupError, MessageError) as exc:
-        raise ComposeError("body", f"the message cannot be built: {exc}") from None
+    return msg
+
+
+def _check_recipient_count(request: SendRequest, limit: int) -> None:
+    """Refuse more than ``limit`` recipients before any other work is done for each of them
+    (parsing stops at the first field that goes over)."""
+    env = request.envelope
+    fields: list[tuple[str, AddressField | None]] = [("to", request.to), ("cc", request.cc), ("bcc", request.bcc)]
+    if env is not None and (env.to is not None or env.cc is not None or env.bcc is not None):
+        fields = [("envelope.to", env.to), ("envelope.cc", env.cc), ("envelope.bcc", env.bcc)]
+    count = 0
+    for name, value in fields:
+        for item in value if isinstance(value, list) else [value] if value is not None else []:
+            count += sum(1 for _, addr in getaddresses([item]) if addr) if isinstance(item, str) else 1
+            if count > limit:
+                raise ComposeError(name, f"too many recipients: at most {limit} per message")
 
 
 def _envelope(
@@ -320,7 +352,7 @@ def _check_strings(value: object, path: str = "") -> None:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise ComposeError(field, "the value is not valid Unicode (it holds a lone surrogate)") from None
-        if not _CONTENT_PATHS.match(path) and _CONTROL.search(value):
+        if not _CONTENT_PATHS.match(path) and unsafe_character(value) is not None:
             shown = value if len(value) <= 60 else value[:57] + "..."
             raise ComposeError(field, f"{shown!r} has a line break or control character where none may be")
 

@@ -1,14 +1,21 @@
-"""API keys: who may call which route.
+"""API keys: who may call which route, and how much of a body the API reads.
 
 Every route but ``/health`` needs a key; ``/send`` and ``/send-raw`` need the ``send``
-scope, everything else ``admin``. A key is presented as ``Authorization: Bearer <key>``,
-as ``X-API-Key: <key>``, or as the password of HTTP Basic credentials (so a tool that
-only takes an URL, such as zmta-webadmin, can use ``http://webadmin:<key>@host:port``).
+scope, the schema and the documentation pages (``/openapi.json``, ``/docs``, ``/redoc``)
+any valid key unless ``api.public_docs``, everything else ``admin``. A key is presented
+as ``Authorization: Bearer <key>``, as ``X-API-Key: <key>``, or as the password of HTTP
+Basic credentials (so a tool that only takes an URL, such as zmta-webadmin, can use ``http://webadmin:<key>@host:port``).
 
 Keys are stored as SHA-256 hashes, not with a slow password hash: they are long random
 tokens (``python -m zmta_api new-key``), for which a fast hash is as safe and costs
 nothing per request. ``api.open_access`` gives the original's open API, for an API that
 listens on loopback only (the config refuses it elsewhere).
+
+:class:`Gate` is a plain ASGI middleware rather than a FastAPI dependency because
+FastAPI reads (and parses) a route's body before it solves its dependencies: a key
+checked there comes after a 50 MiB body is in memory. The gate decides from the headers
+alone, then counts the body as the route reads it and stops at the limit.
+(FastAPI's own ``max_body_size`` answers in plain text and knows nothing of keys.)
 """
 
 from __future__ import annotations
@@ -21,13 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from fastapi import HTTPException, Request
+from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zmta_common.config import API_SCOPES, Api, ApiKey
 
 PUBLIC_PATHS = frozenset({"/health"})
 SEND_PATHS = frozenset({"/send", "/send-raw"})
+DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+ANY_KEY = "any"  # the "scope" of the documentation: any valid key will do
+# The most a route other than /send and /send-raw reads of a body (theirs: api.max_body).
+ADMIN_MAX_BODY = 1024 * 1024
 
 
 class KeyFileError(ValueError):
@@ -50,10 +65,12 @@ def new_key() -> tuple[str, str]:
     return key, "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def scope_for(path: str) -> str | None:
-    """The scope a route needs, or None for a public one."""
-    if path in PUBLIC_PATHS:
+def scope_for(path: str, public_docs: bool = False) -> str | None:
+    """The scope a route needs (:data:`ANY_KEY` for the documentation), or None for a public one."""
+    if path in PUBLIC_PATHS or (public_docs and path in DOC_PATHS):
         return None
+    if path in DOC_PATHS:
+        return ANY_KEY
     return "send" if path in SEND_PATHS else "admin"
 
 
@@ -68,8 +85,8 @@ def load_keys(api: Api) -> list[ApiKey]:
     return keys
 
 
-def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def presented_key(headers: Headers) -> str | None:
+    header = headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
@@ -79,32 +96,96 @@ def presented_key(request: Request) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return password or None
-    return request.headers.get("x-api-key") or None
+    return headers.get("x-api-key") or None
+
+
+class Refused(Exception):
+    """A request answered from its headers: no key, a bad one, or a body too large."""
+
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.headers = headers
+
+
+class BodyTooLarge(HTTPException):
+    """Raised where a route reads past its body limit; answered 413 by the app's handler."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
 
 
 class Guard:
-    """The app-wide dependency that checks the key of every request."""
+    """Who a request comes from, judged from its headers alone."""
 
     def __init__(self, api: Api) -> None:
         self.open = api.open_access
+        self.public_docs = api.public_docs
         self.keys = {key.hash.partition(":")[2]: key for key in load_keys(api)}
 
-    async def __call__(self, request: Request) -> None:
-        scope = scope_for(request.url.path)
+    def caller(self, path: str, headers: Headers) -> Caller | None:
+        """The caller (None for a public route); raises :class:`Refused` for 401 and 403."""
+        scope = scope_for(path, self.public_docs)
         if scope is None:
-            return
+            return None
         if self.open:
-            request.state.caller = OPEN
-            return
-        presented = presented_key(request)
+            return OPEN
+        presented = presented_key(headers)
         if presented is None:
-            raise HTTPException(401, "an API key is needed (Authorization: Bearer <key>)", _challenge())
+            raise Refused(401, "an API key is needed (Authorization: Bearer <key>)", _challenge())
         key = self.keys.get(hashlib.sha256(presented.encode()).hexdigest())
         if key is None:
-            raise HTTPException(401, "the API key is not valid", _challenge())
-        if scope not in key.scopes:
-            raise HTTPException(403, f"the key {key.name!r} has no {scope!r} scope")
-        request.state.caller = Caller(key.name, frozenset(key.scopes), key.may_set_user)
+            raise Refused(401, "the API key is not valid", _challenge())
+        if scope != ANY_KEY and scope not in key.scopes:
+            raise Refused(403, f"the key {key.name!r} has no {scope!r} scope")
+        return Caller(key.name, frozenset(key.scopes), key.may_set_user)
+
+
+class Gate:
+    """ASGI middleware: the key is checked, and an announced body over the route's limit
+    refused, before the body is read; a body that grows past the limit while it is being
+    read stops there (:class:`BodyTooLarge`)."""
+
+    def __init__(self, app: ASGIApp, api: Api) -> None:
+        self.app = app
+        self.guard = Guard(api)
+        self.max_body = api.max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        path: str = scope["path"]
+        limit = self.max_body if path in SEND_PATHS else ADMIN_MAX_BODY
+        try:
+            who = self.guard.caller(path, headers)
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                raise Refused(413, f"request body over {limit} bytes")
+        except Refused as exc:
+            # The body is never read; the server closes the connection after this answer.
+            await JSONResponse({"error": exc.error}, exc.status, headers=exc.headers)(scope, receive, send)
+            return
+        if who is not None:
+            scope.setdefault("state", {})["caller"] = who
+        await self.app(scope, _counted(receive, limit), send)
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    read = 0
+
+    async def receive_counted() -> Message:
+        nonlocal read
+        message = await receive()
+        if message["type"] == "http.request":
+            read += len(message.get("body", b""))
+            if read > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return receive_counted
 
 
 def _challenge() -> dict[str, str]:

@@ -15,6 +15,7 @@ import weakref
 from typing import Annotated, cast
 
 import typer
+from redis.asyncio import Redis
 
 from zmta_common import bus as zbus
 from zmta_common import hooks, metrics, service
@@ -30,6 +31,7 @@ log = logging.getLogger("zmta_ingest")
 
 # Seconds open SMTP sessions get to finish their transaction when ingest stops (SIGTERM).
 DEFAULT_SHUTDOWN_GRACE = 30.0
+LISTEN_BACKLOG = 1024
 
 
 async def finish_sessions(sessions: weakref.WeakSet[IngestSMTP], grace: float) -> int:
@@ -75,6 +77,7 @@ async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTD
         raise SystemExit(2) from None
     store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "ingest")
+    redis = Redis.from_url(config.dbs.redis)  # failed AUTH per client, counted across pods
     loop = asyncio.get_running_loop()
     handlers: list[IngestHandler] = []
     servers: list[asyncio.Server] = []
@@ -82,11 +85,12 @@ async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTD
     plugins = hooks.load(config, "ingest")
     try:
         for name in contexts:
-            handlers.append(IngestHandler(config, name, store, bus, plugins))
+            handlers.append(IngestHandler(config, name, store, bus, redis, plugins))
     except StartupError as exc:
         log.error("bad interface", extra={"error": str(exc)})
         print(f"ingest: {exc}", file=sys.stderr)
         await bus.close()
+        await redis.aclose()
         await store.close()
         raise SystemExit(2) from None
     for handler in handlers:
@@ -112,7 +116,10 @@ async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTD
             sessions.add(session)
             return session
 
-        server = await loop.create_server(factory, iface.host, iface.port, ssl=tls if implicit else None)
+        # A listen backlog for bursts of clients (asyncio's default of 100 drops connections).
+        server = await loop.create_server(
+            factory, iface.host, iface.port, ssl=tls if implicit else None, backlog=LISTEN_BACKLOG
+        )
         servers.append(server)
         log.info(
             "listening",
@@ -141,6 +148,7 @@ async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTD
     for handler in handlers:
         await handler.close()
     await bus.close()
+    await redis.aclose()
     await store.close()
 
 

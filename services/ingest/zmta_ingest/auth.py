@@ -10,6 +10,7 @@ import asyncio
 import enum
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,9 +47,11 @@ class Authenticator(Protocol):
 
 class PasswordTable:
     """``users: {name: argon2 hash}``. Verification is slow by design (tens of ms, 64 MiB):
-    it runs in worker threads, at most one per CPU at a time."""
+    it runs in ``concurrency`` threads of its own, so a crowd of guessers costs at most
+    ``concurrency`` times 64 MiB; as many more checks may wait for a thread, and past that
+    a check is answered "unavailable" (454) at once rather than queued without bound."""
 
-    def __init__(self, name: str, users: dict[str, str]) -> None:
+    def __init__(self, name: str, users: dict[str, str], concurrency: int = 2) -> None:
         for user, hashed in users.items():
             try:
                 argon2.extract_parameters(hashed)
@@ -56,19 +59,25 @@ class PasswordTable:
                 raise StartupError(f"smtp_interfaces.{name}.users.{user}: not a valid argon2 hash") from None
         self.users = dict(users)
         self.hasher = argon2.PasswordHasher()
-        self.slots = asyncio.Semaphore(os.cpu_count() or 2)
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"argon2-{name}")
+        self.max_pending = 2 * concurrency  # running and waiting
+        self.pending = 0
         # Unknown users are checked against this, so that they take as long as known ones.
         self.decoy = self.hasher.hash(os.urandom(16).hex())
 
     async def check(self, username: str, password: str) -> Verdict:
+        if self.pending >= self.max_pending:
+            return Verdict(Outcome.UNAVAILABLE, "too many password checks in flight")
         hashed = self.users.get(username)
-        async with self.slots:
-            if hashed is None:
-                await asyncio.to_thread(self._verify, self.decoy, password)
-                return Verdict(Outcome.REFUSED, "unknown user")
-            if await asyncio.to_thread(self._verify, hashed, password):
-                return Verdict(Outcome.ACCEPTED)
-        return Verdict(Outcome.REFUSED, "wrong password")
+        self.pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            matched = await loop.run_in_executor(self.executor, self._verify, hashed or self.decoy, password)
+        finally:
+            self.pending -= 1
+        if hashed is None:
+            return Verdict(Outcome.REFUSED, "unknown user")
+        return Verdict(Outcome.ACCEPTED) if matched else Verdict(Outcome.REFUSED, "wrong password")
 
     def _verify(self, hashed: str, password: str) -> bool:
         try:
@@ -79,7 +88,7 @@ class PasswordTable:
             return False
 
     async def close(self) -> None:
-        return None
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class HttpCheck:
@@ -116,7 +125,7 @@ def make_authenticator(name: str, interface: SmtpInterface) -> Authenticator | N
         return None
     if interface.auth_url is not None:
         return HttpCheck(interface.auth_url, interface.auth_timeout)
-    return PasswordTable(name, interface.users)
+    return PasswordTable(name, interface.users, interface.auth_concurrency)
 
 
 def hash_password(password: str) -> str:

@@ -6,21 +6,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from ipaddress import ip_network
 from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from zmta_common import metrics
 from zmta_common.addresses import address_error
 from zmta_common.bus import Bus, announce_queued
 from zmta_common.config import Config, SmtpInterface
+from zmta_common.headers import unsafe_character
 from zmta_common.hooks import Hooks, Reject
 from zmta_common.intake import Envelope, IntakeError, MessageIntake
+from zmta_common.limits import AuthFailures
 from zmta_common.store import Store
 
 from .auth import MAX_CREDENTIAL, Outcome, make_authenticator
+from .client_limits import ClientLimits, parse_ip
 
 if TYPE_CHECKING:
     from .smtp_server import IngestSMTP
@@ -37,16 +42,6 @@ def client_ip(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
 
 
-def _parse_ip(text: str) -> IPv4Address | IPv6Address | None:
-    try:
-        ip = ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped  # an IPv4 client of a dual-stack listener
-    return ip
-
-
 @dataclass(slots=True)
 class AuthRequest:
     """What ``smtp:auth`` plugins see; one that sets ``accepted`` decides."""
@@ -59,7 +54,9 @@ class AuthRequest:
 
 
 class IngestHandler:
-    def __init__(self, config: Config, name: str, store: Store, bus: Bus, hooks: Hooks | None = None) -> None:
+    def __init__(
+        self, config: Config, name: str, store: Store, bus: Bus, redis: Redis, hooks: Hooks | None = None
+    ) -> None:
         self.config = config
         self.hooks = hooks or Hooks()
         self.name = name
@@ -68,6 +65,10 @@ class IngestHandler:
         self.bus = bus
         self.relay_networks = [ip_network(n, strict=False) for n in self.interface.relay_networks]
         self.authenticator = make_authenticator(name, self.interface)
+        self.clients = ClientLimits(self.interface, self.interface.hostname or config.hostname)
+        self.auth_failures = AuthFailures(
+            redis, name, self.interface.auth_max_failures, self.interface.auth_failure_window
+        )
 
     async def close(self) -> None:
         if self.authenticator is not None:
@@ -86,7 +87,7 @@ class IngestHandler:
 
     def trusted(self, session: Session) -> bool:
         """Whether the client is in the interface's relay_networks (may send without AUTH)."""
-        ip = _parse_ip(client_ip(session))
+        ip = parse_ip(client_ip(session))
         return ip is not None and any(ip in network for network in self.relay_networks)
 
     def check_relay(self, session: Session) -> str | None:
@@ -110,8 +111,15 @@ class IngestHandler:
         except UnicodeDecodeError:
             username, secret = login.decode(errors="replace"), ""
         fields: dict[str, object] = {"user": username, "client": ip, "interface": self.name, "mechanism": mechanism}
+        if await self._locked_out(ip):
+            log.warning("auth locked out", extra=fields)
+            return f"454 4.7.0 Too many failed authentications from {ip}, try again later"
         if not username or not secret or len(username) > MAX_CREDENTIAL or len(secret) > MAX_CREDENTIAL:
             verdict_reason = "empty, too long or not UTF-8"
+            outcome = Outcome.REFUSED
+        elif unsafe_character(username) is not None:
+            # The user name goes into our Received header and the logs: no line breaks there.
+            verdict_reason = "control character in the user name"
             outcome = Outcome.REFUSED
         else:
             outcome, verdict_reason = await self._check(AuthRequest(username, secret, self.name, ip))
@@ -124,8 +132,22 @@ class IngestHandler:
             log.warning("auth unavailable", extra={**fields, "error": verdict_reason})
             return "454 4.7.0 Temporary authentication failure, try again later"
         log.warning("auth refused", extra={**fields, "reason": verdict_reason})
+        await self._count_failure(ip)
         await asyncio.sleep(AUTH_FAILURE_DELAY)
         return "535 5.7.8 Authentication credentials invalid"
+
+    async def _locked_out(self, ip: str) -> bool:
+        try:
+            return await self.auth_failures.locked(ip)
+        except RedisError as exc:  # without Redis, AUTH still works (unlimited across pods)
+            log.warning("auth failure count unavailable", extra={"client": ip, "error": repr(exc)})
+            return False
+
+    async def _count_failure(self, ip: str) -> None:
+        try:
+            await self.auth_failures.add(ip)
+        except RedisError as exc:
+            log.warning("auth failure count unavailable", extra={"client": ip, "error": repr(exc)})
 
     async def _check(self, request: AuthRequest) -> tuple[Outcome, str]:
         """``smtp:auth`` plugins first; when none decides, the interface's users or auth_url."""

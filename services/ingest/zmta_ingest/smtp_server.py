@@ -14,6 +14,12 @@ MAIL, RCPT and DATA:
   the way out), so no smuggled end-of-data can reach the next hop. Lines over
   1000 octets are refused after the data ends (RFC 5321 4.5.3.1.6).
 
+What one client may take is bounded: connections per address (refused with 421 before
+the greeting, see :mod:`.client_limits`), error replies per connection (421 and closed
+after ``max_errors_per_connection``), and in DATA a minimum rate (``min_data_rate``).
+An EHLO/HELO name with a line break, a control character or a space is refused (501):
+it would be copied into our Received header.
+
 It also replaces AUTH: PLAIN and LOGIN, offered only where the interface has AUTH
 and (unless ``auth_without_tls``) only once the connection is encrypted, checked
 without blocking the loop (argon2 in a thread, or an HTTP call). MAIL from a client
@@ -28,10 +34,11 @@ import base64
 import binascii
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
+from zmta_common.headers import CLIENT_VALUE_LIMIT, unsafe_character
 from zmta_common.intake import MessageIntake
 
 from .handler import client_ip
@@ -67,12 +74,93 @@ def parse_path(command: str, arg: str | None) -> tuple[str, list[str]]:
     return address, params.split()
 
 
+def helo_error(name: str) -> str | None:
+    """Why an EHLO/HELO argument is refused, or None. It must be one word of printable
+    characters: it is copied into the Received header we write."""
+    if len(name) > CLIENT_VALUE_LIMIT:
+        return f"501 5.5.4 The EHLO/HELO name is longer than {CLIENT_VALUE_LIMIT} characters"
+    if unsafe_character(name) is not None or any(c.isspace() for c in name):
+        return "501 5.5.4 The EHLO/HELO name holds a line break, a control character or a space"
+    return None
+
+
+class RateWatch:
+    """In DATA: closes the connection with 421 when the client sent fewer than ``rate``
+    bytes per second over the last ``window`` seconds. One timer per window, no per-read cost."""
+
+    def __init__(self, protocol: IngestSMTP, rate: int, window: float) -> None:
+        self.protocol = protocol
+        self.rate = rate
+        self.window = window
+        self.received = 0  # bytes of DATA so far, counted by the reader
+        self._mark = 0
+        self._timer = asyncio.get_running_loop().call_later(window, self._check)
+
+    def _check(self) -> None:
+        if self.received - self._mark < self.rate * self.window:
+            self.protocol.drop(f"421 4.4.2 DATA too slow: under {self.rate} bytes/s for {self.window:g} s")
+            return
+        self._mark = self.received
+        self._timer = asyncio.get_running_loop().call_later(self.window, self._check)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class IngestSMTP(SMTP):
     event_handler: IngestHandler
 
     def __init__(self, handler: IngestHandler, *, implicit_tls: bool = False, **kwargs: object) -> None:
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
         self.implicit_tls = implicit_tls  # the listener speaks TLS from the first byte (465)
+        self._counted_client: str | None = None  # the address ClientLimits counted this connection for
+        self._refused = False  # refused before the greeting: aiosmtpd never saw the connection
+        self._errors = 0
+
+    # -- what one client may take ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection (STARTTLS calls this again, with the TLS transport)
+            peer = transport.get_extra_info("peername")
+            client = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+            refusal = self.event_handler.clients.admit(client)
+            if refusal is not None:
+                self._refused = True
+                log.info("connection refused", extra={"client": client, "interface": self.event_handler.name})
+                cast(asyncio.WriteTransport, transport).write(f"{refusal}\r\n".encode())
+                transport.close()
+                return
+            self._counted_client = client
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted_client is not None:
+            self.event_handler.clients.release(self._counted_client)
+            self._counted_client = None
+        if not self._refused:
+            super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    def drop(self, reply: str) -> None:
+        """Send ``reply`` (a 421) and close the connection, whatever the session is doing."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            log.info("connection dropped", extra={"client": self._counted_client, "reply": reply})
+            transport.write(f"{reply}\r\n".encode())
+            transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        text = status.decode(errors="replace") if isinstance(status, bytes) else status
+        if text[:1] in ("4", "5") and not text.startswith("421"):
+            self._errors += 1
+            if self._errors >= self.event_handler.interface.max_errors_per_connection:
+                self.drop("421 4.7.0 Too many errors on one connection, closing it")
 
     @property
     def tls_active(self) -> bool:
@@ -181,12 +269,18 @@ class IngestSMTP(SMTP):
         if hostname and "\x00" in hostname:
             await self.push("501 5.5.2 NUL byte in command")
             return
+        if hostname and (reply := helo_error(hostname)):
+            await self.push(reply)
+            return
         await super().smtp_EHLO(hostname)
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if hostname and "\x00" in hostname:
             await self.push("501 5.5.2 NUL byte in command")
+            return
+        if hostname and (reply := helo_error(hostname)):
+            await self.push(reply)
             return
         await super().smtp_HELO(hostname)
 
@@ -283,16 +377,21 @@ class IngestSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         intake = self.event_handler.open_intake(self.session, self.envelope, self.data_size_limit, self.tls_active)
+        iface = self.event_handler.interface
+        watch = RateWatch(self, iface.min_data_rate, iface.data_rate_window) if iface.min_data_rate else None
         try:
-            reply = await self._receive(intake)
+            reply = await self._receive(intake, watch)
         except BaseException:
-            # The client went away (or we are stopping) before the end of DATA.
+            # The client went away (or we are stopping, or it was too slow) before the end of DATA.
             await intake.abort()
             raise
+        finally:
+            if watch is not None:
+                watch.cancel()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
 
-    async def _receive(self, intake: MessageIntake) -> str:
+    async def _receive(self, intake: MessageIntake, watch: RateWatch | None) -> str:
         """Read DATA up to its end, feeding the intake; return the reply to send.
 
         Lines are read one by one (only a line can be the end mark) but handed to the
@@ -310,6 +409,8 @@ class IngestSMTP(SMTP):
             except asyncio.LimitOverrunError as exc:
                 # A line longer than the reader's buffer: take what is safe to take.
                 piece = await self._reader.read(exc.consumed)
+            if watch is not None:
+                watch.received += len(piece)
             if at_line_start:
                 if piece == b".\r\n":
                     break

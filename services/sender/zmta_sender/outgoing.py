@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
+from zmta_common.headers import header_safe
+
 
 class DotStuffer:
     """Stateful RFC 5321 4.5.2 transparency over a stream of CRLF-normalised chunks."""
@@ -37,10 +39,14 @@ class DotStuffer:
 
 
 def received_header(meta: dict[str, Any], delivery_id: str, recipient: str, local_hostname: str, name: str) -> bytes:
-    """The Received header of our hop (RFC 5321 4.4), folded over several lines."""
-    origin = meta.get("originhost") or "localhost"
-    helo = meta.get("transhost") or origin
-    transtype = meta.get("transtype") or "ESMTP"
+    """The Received header of our hop (RFC 5321 4.4), folded over several lines.
+
+    Its values come from the client (the EHLO name) or from the meta of a message queued by
+    any version of us: each is made header-safe here, where the header is written."""
+    origin = header_safe(str(meta.get("originhost") or "localhost"))
+    helo = header_safe(str(meta.get("transhost") or origin))
+    transtype = header_safe(str(meta.get("transtype") or "ESMTP"), 16)
+    recipient = header_safe(recipient, 512)
     lines = [
         f"Received: from {helo} ({origin})",
         f" by {local_hostname} ({name}) with {transtype} id {delivery_id}",

@@ -47,7 +47,7 @@ from zmta_common.events import (
     reported_subject,
     work_subject,
 )
-from zmta_common.headers import HeaderBlock
+from zmta_common.headers import HeaderBlock, without_bare_line_ends
 from zmta_common.hooks import Hooks, Reject
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.slices import Slice
@@ -348,7 +348,9 @@ class Sender:
         received = received_header(
             message.meta, f"{context.id}.{context.seq}", context.recipient, ehlo_name, self.config.name
         )
-        return received + signatures + headers
+        # The stored headers came through the intake's line-end normalisation, but a plugin
+        # may have written anything: no bare CR or LF leaves here, whatever its source.
+        return without_bare_line_ends(received + signatures + headers)
 
     async def _raw(self, head: bytes, message: StoredMessage) -> AsyncIterator[bytes]:
         """The message as it is delivered, without SMTP's dot-stuffing."""
