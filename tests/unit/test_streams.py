@@ -52,6 +52,18 @@ def test_body_hash_matches_dkimpy_in_any_pieces(body: bytes, canon: str) -> None
     assert pieces.b64digest() == expected
 
 
+def test_body_hash_matches_dkimpy_on_random_whitespace() -> None:
+    rng = random.Random(6376)
+    pieces = [b" ", b"\t", b"  ", b" \t ", b"x", b"word", b"\r\n", b"\r\n\r\n", b"a b"]
+    for _ in range(300):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) + b"\r\n"
+        for canon in ("relaxed", "simple"):
+            hasher = BodyHasher(canon)
+            for piece in split_randomly(body, rng):
+                hasher.update(piece)
+            assert hasher.b64digest() == dkimpy_body_hash(body, canon.encode()).decode(), (body, canon)
+
+
 def test_empty_relaxed_body_hash_is_the_known_value() -> None:
     assert BodyHasher("relaxed").b64digest() == "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
 

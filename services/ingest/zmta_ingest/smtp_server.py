@@ -1,18 +1,19 @@
 """The SMTP protocol of an ingest interface: aiosmtpd, made strict and streaming.
 
-aiosmtpd 1.4.6 (pinned: this module uses its private ``_reader``,
-``_reset_timeout`` and ``_set_post_data_state``) holds the whole message in
+aiosmtpd 1.4.6 (pinned: this module uses its private ``_reader``, and that reader's
+``_limit`` and ``_buffer``, ``_reset_timeout`` and ``_set_post_data_state``) holds the whole message in
 memory during DATA, refuses the null reverse-path ``<>``, takes addresses without
 angle brackets and never advertises PIPELINING. This subclass therefore replaces
 MAIL, RCPT and DATA:
 
 * MAIL and RCPT need angle brackets; NUL bytes and invalid addresses get 5xx; the
   null sender ``<>`` is accepted (bounces must be); recipients are capped.
-* DATA streams line by line into a :class:`~zmta_common.intake.MessageIntake`.
-  Only ``<CRLF>.<CRLF>`` ends it: a dot after a bare LF or CR is content, and the
-  bare line end is normalised to CRLF by the intake (the sender dot-stuffs it on
-  the way out), so no smuggled end-of-data can reach the next hop. Lines over
-  1000 octets are refused after the data ends (RFC 5321 4.5.3.1.6).
+* DATA streams in blocks into a :class:`~zmta_common.intake.MessageIntake`, with no
+  Python step per line (:mod:`.data_stream`). Only ``<CRLF>.<CRLF>`` ends it: a dot
+  after a bare LF or CR is content, and the bare line end is normalised to CRLF by the
+  intake (the sender dot-stuffs it on the way out), so no smuggled end-of-data can
+  reach the next hop. Lines over 1000 octets are refused after the data ends (RFC 5321
+  4.5.3.1.6).
 
 What one client may take is bounded: connections per address (refused with 421 before
 the greeting, see :mod:`.client_limits`), error replies per connection (421 and closed
@@ -41,6 +42,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 from zmta_common.headers import CLIENT_VALUE_LIMIT, unsafe_character
 from zmta_common.intake import MessageIntake
 
+from .data_stream import DataUnstuffer
 from .handler import client_ip
 
 if TYPE_CHECKING:
@@ -48,8 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 1000  # octets, CRLF included
-BLOCK_SIZE = 64 * 1024
+BLOCK_SIZE = 64 * 1024  # the most of DATA taken in one step
+END_MARK = b"\r\n.\r\n"
 _PATH = re.compile(r"^<(?:@[^:<>]+:)?([^<>]*)>(.*)$")  # a source route (@a,@b:) is ignored
 
 
@@ -394,43 +396,41 @@ class IngestSMTP(SMTP):
     async def _receive(self, intake: MessageIntake, watch: RateWatch | None) -> str:
         """Read DATA up to its end, feeding the intake; return the reply to send.
 
-        Lines are read one by one (only a line can be the end mark) but handed to the
-        intake in blocks of about 64 KiB, which costs far less per line.
+        The stream is taken in blocks of up to :data:`BLOCK_SIZE`: the reader looks for the
+        end mark ``<CRLF>.<CRLF>`` (a search in C over its buffer) and otherwise hands out
+        everything that cannot be the start of it. A CRLF is put in front of the first
+        block, where the end mark may come at once (an empty message, or a first line that
+        is a lone dot). The reader's line limit is raised for the duration of DATA.
         """
-        at_line_start = True
-        line_length = 0
-        too_long = False
+        reader = self._reader
+        unstuffer = DataUnstuffer()
         failure: BaseException | None = None
-        block: list[bytes] = []
-        block_size = 0
-        while True:
-            try:
-                piece = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                # A line longer than the reader's buffer: take what is safe to take.
-                piece = await self._reader.read(exc.consumed)
-            if watch is not None:
-                watch.received += len(piece)
-            if at_line_start:
-                if piece == b".\r\n":
+        line_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = BLOCK_SIZE  # type: ignore[attr-defined]
+        reader._buffer[:0] = b"\r\n"  # type: ignore[attr-defined]
+        first = True
+        try:
+            while True:
+                try:
+                    block = await reader.readuntil(END_MARK)
+                    last = True
+                except asyncio.LimitOverrunError as exc:
+                    block = await reader.readexactly(exc.consumed)
+                    last = False
+                if first:
+                    block, first = block[2:], False
+                if last:
+                    block = block[:-3]  # the ".\r\n" of the end mark; its CRLF ends the last line
+                if watch is not None:
+                    watch.received += len(block)
+                content = unstuffer.feed(block)
+                if not unstuffer.too_long and failure is None and content:
+                    failure = await self._feed(intake, content)
+                if last:
                     break
-                if piece[:1] == b".":
-                    piece = piece[1:]  # dot-unstuffing, RFC 5321 4.5.2
-                line_length = 0
-            line_length += len(piece)
-            at_line_start = piece[-2:] == b"\r\n"
-            if line_length > MAX_LINE:
-                too_long = True
-            if too_long or failure is not None:
-                continue  # keep reading to the end of DATA, then answer
-            block.append(piece)
-            block_size += len(piece)
-            if block_size >= BLOCK_SIZE:
-                failure = await self._feed(intake, block)
-                block_size = 0
-        if not too_long and failure is None and block:
-            failure = await self._feed(intake, block)
-        if too_long:
+        finally:
+            reader._limit = line_limit  # type: ignore[attr-defined]
+        if unstuffer.too_long:
             await intake.abort()
             return "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         if failure is not None:
@@ -438,10 +438,9 @@ class IngestSMTP(SMTP):
             return self.event_handler.store_failure(intake, failure)
         return await self.event_handler.finish(intake)
 
-    async def _feed(self, intake: MessageIntake, block: list[bytes]) -> BaseException | None:
-        """Hand a block of lines to the intake; return the store's exception if writing failed."""
-        intake.feed(b"".join(block))
-        block.clear()
+    async def _feed(self, intake: MessageIntake, content: bytes) -> BaseException | None:
+        """Hand a block to the intake; return the store's exception if writing failed."""
+        intake.feed(content)
         if not intake.needs_flush:
             return None
         try:

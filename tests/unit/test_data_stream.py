@@ -1,0 +1,63 @@
+"""DATA taken in blocks: dot-unstuffing and line lengths across every block edge."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from zmta_ingest.data_stream import MAX_LINE, DataUnstuffer
+
+
+def unstuff_in_blocks(body: bytes, cuts: list[int]) -> tuple[bytes, bool]:
+    unstuffer = DataUnstuffer()
+    out = b""
+    start = 0
+    for cut in [*sorted(cuts), len(body)]:
+        out += unstuffer.feed(body[start:cut])
+        start = cut
+    return out, unstuffer.too_long
+
+
+def reference(body: bytes) -> tuple[bytes, bool]:
+    """Line by line, as RFC 5321 says it: lines end at CRLF, a leading dot goes."""
+    lines = body.split(b"\r\n")
+    out = [line[1:] if line.startswith(b".") else line for line in lines]
+    too_long = (
+        any(len(segment) + 1 > MAX_LINE for segment in body.split(b"\n")[:-1]) or len(body.split(b"\n")[-1]) >= MAX_LINE
+    )
+    return b"\r\n".join(out), too_long
+
+
+CASES = [
+    b"",
+    b".\r\n",
+    b"..\r\n",
+    b"...\r\n",
+    b".hidden\r\nvisible\r\n..two\r\n",
+    b"a\r\n.\nb\r\n",  # a dot after a bare LF is content
+    b"a\n.\r\nb\r\n",
+    b"a\r.\r\nb\r\n",
+    b"x\r\n.\r\r\n..\r\n",
+    b"line\r\n" * 50 + b".." * 10 + b"\r\n",
+    b"x" * 998 + b"\r\n" + b".y" * 499 + b"\r\n",  # exactly 1000 octets each
+    b"x" * 999 + b"\r\n",  # 1001 octets
+    b"a" * 600 + b"\r" + b"b" * 600 + b"\r\n",  # a bare CR does not end a line
+]
+
+
+@pytest.mark.parametrize("body", CASES)
+def test_every_single_cut(body: bytes) -> None:
+    expected = reference(body)
+    assert unstuff_in_blocks(body, []) == expected
+    for cut in range(1, len(body)):
+        assert unstuff_in_blocks(body, [cut]) == expected, cut
+
+
+def test_random_blocks_of_random_bodies() -> None:
+    rng = random.Random(20261204)
+    pieces = [b"\r\n", b".", b"..", b"\n", b"\r", b"x", b"text ", b"\r\n.", b"y" * 400]
+    for _ in range(400):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) + b"\r\n"
+        cuts = [rng.randint(0, len(body)) for _ in range(rng.randint(0, 6))]
+        assert unstuff_in_blocks(body, cuts) == reference(body), (body, cuts)
