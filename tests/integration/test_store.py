@@ -122,3 +122,33 @@ async def test_last_rows_finishing_at_once_still_remove_the_message(store: Store
         *(store.apply_outcomes(OutcomeBatch(delivered=[(i, seq)])) for i in ids for seq in ("001", "002"))
     )
     assert await store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
+
+
+def one_chunk_message(recipients: list[str], meta: dict | None = None) -> NewMessage:
+    message_id = new_queue_id()
+    return NewMessage(
+        id=message_id,
+        mail_from="s@origin.test",
+        headers=b"Subject: t\r\n",
+        body_size=6,
+        meta=meta or {"id": message_id},
+        deliveries=[NewDelivery(seq_for(i), "default", r, r.partition("@")[2]) for i, r in enumerate(recipients)],
+    )
+
+
+async def test_messages_that_finish_together_are_committed_together(store: Store) -> None:
+    await store.add_suppression(domain="gone.test")
+    messages = [one_chunk_message([f"r{n}@a.test", "x@gone.test"]) for n in range(60)]
+    messages.append(one_chunk_message(["only@gone.test"]))  # every recipient suppressed
+    # jsonb refuses a NUL character: this message fails, and fails alone.
+    messages.append(one_chunk_message(["p@a.test"], meta={"poison": "a\x00b"}))
+    outcomes = await asyncio.gather(
+        *(store.begin_intake(m.id).commit(m, b"body\r\n") for m in messages), return_exceptions=True
+    )
+    assert outcomes[:60] == [{"001"}] * 60
+    assert outcomes[60] == set()
+    assert isinstance(outcomes[61], Exception)
+    assert 1 <= store.group_commit.batches < 60  # batched, not one statement per message
+    assert await store.row_counts() == {"messages": 60, "message_chunks": 60, "deliveries": 60}
+    body = b"".join([c async for c in store.iter_body(messages[7].id)])
+    assert body == b"body\r\n"

@@ -15,6 +15,7 @@ swapped (MongoDB's place in the original). The rules it keeps:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import uuid
@@ -226,6 +227,25 @@ _INTAKE_ROWS = (
     + _DELIVERY_ROWS
 )
 
+# Many one-chunk messages at once (group commit): every message row, chunk and delivery in
+# ONE statement, so one round trip and one WAL flush for all of them.
+_INTAKE_BATCH = """
+    WITH message AS (
+        INSERT INTO messages (id, mail_from, headers, body_size, meta)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::jsonb[])
+    ), chunk AS (
+        INSERT INTO message_chunks (message_id, seq, data)
+        SELECT t.id, 0, t.data FROM unnest($1::text[], $6::bytea[]) AS t(id, data) WHERE t.data IS NOT NULL
+    )
+    INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
+    SELECT t.id, t.seq, t.zone, t.recipient, t.domain, coalesce(t.not_before, now())
+      FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[])
+           AS t(id, seq, zone, recipient, domain, not_before)
+     WHERE NOT EXISTS (
+           SELECT 1 FROM suppressions s WHERE s.address = lower(t.recipient) OR s.domain = lower(t.domain))
+    RETURNING id, seq
+"""
+
 # A bigger message, whose leading chunks are stored already: its placeholder row
 # completed, with its last chunk and its deliveries. If garbage collection took the row,
 # the deferred foreign keys fail the commit.
@@ -277,8 +297,9 @@ class IntakeTransaction:
     as an orphan for the queue's garbage collection.
     """
 
-    def __init__(self, pool: asyncpg.Pool, message_id: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, message_id: str, group: GroupCommit | None = None) -> None:
         self._pool = pool
+        self._group = group
         self.message_id = message_id
         self._next_seq = 0
 
@@ -310,28 +331,13 @@ class IntakeTransaction:
         Recipients on the suppression list get no delivery row; returns the seqs that got
         one. When none did, nothing of the message is kept.
         """
-        args = (
-            message.id,
-            message.mail_from,
-            message.headers,
-            message.body_size,
-            json.dumps(message.meta),
-            self._next_seq,
-            last_chunk,
-            [d.seq for d in message.deliveries],
-            [d.zone for d in message.deliveries],
-            [d.recipient for d in message.deliveries],
-            [d.domain for d in message.deliveries],
-            message.not_before,
-        )
         if self._next_seq == 0:
-            rows = await self._pool.fetch(_INTAKE_ROWS, *args)  # one statement: atomic by itself
-            if not rows:  # every recipient suppressed (rare): take the message back out
-                await self._pool.execute("DELETE FROM messages WHERE id = $1", message.id)
-            return {r["seq"] for r in rows}
+            if self._group is not None:
+                return await self._group.commit(message, last_chunk)
+            return await _commit_one(self._pool, message, last_chunk)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_COMPLETE_ROWS, *args)
+                rows = await conn.fetch(_COMPLETE_ROWS, *_row_args(message, self._next_seq, last_chunk))
                 if not rows:
                     await conn.execute("DELETE FROM messages WHERE id = $1", message.id)
         except asyncpg.ForeignKeyViolationError:
@@ -349,13 +355,126 @@ class IntakeTransaction:
             await self._pool.execute("DELETE FROM messages WHERE id = $1", self.message_id)
 
 
+async def _commit_one(pool: asyncpg.Pool, message: NewMessage, last_chunk: bytes | None) -> set[str]:
+    """A message of one chunk, in one statement (atomic by itself); the seqs that got a delivery."""
+    rows = await pool.fetch(_INTAKE_ROWS, *_row_args(message, 0, last_chunk))
+    if not rows:  # every recipient suppressed (rare): take the message back out
+        await pool.execute("DELETE FROM messages WHERE id = $1", message.id)
+    return {r["seq"] for r in rows}
+
+
+def _row_args(message: NewMessage, chunk_seq: int, last_chunk: bytes | None) -> tuple[object, ...]:
+    """The parameters of _INTAKE_ROWS and _COMPLETE_ROWS."""
+    return (
+        message.id,
+        message.mail_from,
+        message.headers,
+        message.body_size,
+        json.dumps(message.meta),
+        chunk_seq,
+        last_chunk,
+        [d.seq for d in message.deliveries],
+        [d.zone for d in message.deliveries],
+        [d.recipient for d in message.deliveries],
+        [d.domain for d in message.deliveries],
+        message.not_before,
+    )
+
+
+@dataclass(slots=True)
+class _Waiting:
+    message: NewMessage
+    last_chunk: bytes | None
+    done: asyncio.Future[set[str]]
+
+
+class GroupCommit:
+    """Commits the one-chunk messages of many sessions together (as PostgreSQL's own group
+    commit does for WAL): while a batch is being written, the messages that finish meanwhile
+    wait, and go together in the next one, in one statement. An idle server writes a message
+    at once; a busy one pays one round trip and one WAL flush per batch, not per message.
+    Each caller returns only once its own message is committed. If a batch fails, its
+    messages are written one by one, so one message the database refuses fails alone."""
+
+    MAX_BATCH = 200
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._waiting: list[_Waiting] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.batches = 0  # statements that wrote more than one message
+
+    async def commit(self, message: NewMessage, last_chunk: bytes | None) -> set[str]:
+        done: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(message, last_chunk, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all())
+        # Shielded: a client that goes away does not take the others' batch down with it.
+        return await asyncio.shield(done)
+
+    async def _write_all(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self.MAX_BATCH], self._waiting[self.MAX_BATCH :]
+            if len(batch) == 1:
+                await self._write_alone(batch[0])
+                continue
+            try:
+                kept = await self._write_batch(batch)
+            except Exception:  # each message is tried again alone, and fails alone
+                for waiting in batch:
+                    await self._write_alone(waiting)
+                continue
+            for waiting in batch:
+                _settle(waiting.done, kept.get(waiting.message.id, set()))
+
+    async def _write_alone(self, waiting: _Waiting) -> None:
+        try:
+            _settle(waiting.done, await _commit_one(self._pool, waiting.message, waiting.last_chunk))
+        except Exception as exc:  # handed to the caller
+            if not waiting.done.done():
+                waiting.done.set_exception(exc)
+
+    async def _write_batch(self, batch: list[_Waiting]) -> dict[str, set[str]]:
+        self.batches += 1
+        messages = [w.message for w in batch]
+        deliveries = [(m, d) for m in messages for d in m.deliveries]
+        rows = await self._pool.fetch(
+            _INTAKE_BATCH,
+            [m.id for m in messages],
+            [m.mail_from for m in messages],
+            [m.headers for m in messages],
+            [m.body_size for m in messages],
+            [json.dumps(m.meta) for m in messages],
+            [w.last_chunk for w in batch],
+            [m.id for m, _ in deliveries],
+            [d.seq for _, d in deliveries],
+            [d.zone for _, d in deliveries],
+            [d.recipient for _, d in deliveries],
+            [d.domain for _, d in deliveries],
+            [m.not_before for m, _ in deliveries],
+        )
+        kept: dict[str, set[str]] = {}
+        for row in rows:
+            kept.setdefault(row["id"], set()).add(row["seq"])
+        unkept = [m.id for m in messages if m.id not in kept]
+        if unkept:  # every recipient suppressed (rare): take those messages back out
+            await self._pool.execute("DELETE FROM messages WHERE id = ANY($1::text[])", unkept)
+        return kept
+
+
+def _settle(done: asyncio.Future[set[str]], kept: set[str]) -> None:
+    if not done.done():
+        done.set_result(kept)
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.group_commit = GroupCommit(pool)
 
     @classmethod
     async def connect(cls, dsn: str, max_size: int = 20, migrate: bool = True) -> Store:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
         store = cls(pool)
         if migrate:
             await store.migrate()
@@ -378,7 +497,7 @@ class Store:
     # -- intake --------------------------------------------------------------
 
     def begin_intake(self, message_id: str) -> IntakeTransaction:
-        return IntakeTransaction(self.pool, message_id)
+        return IntakeTransaction(self.pool, message_id, self.group_commit)
 
     # -- leasing -------------------------------------------------------------
 
@@ -783,6 +902,14 @@ class Store:
         for table in ("messages", "message_chunks", "deliveries"):
             out[table] = await self.pool.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
         return out
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What the pool does to a connection it takes back, beyond ending an open transaction:
+    nothing. asyncpg's default sends ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL`` and an
+    advisory-unlock, a round trip on every release, for session state the store never
+    leaves behind (it sets only ``SET LOCAL`` settings, takes only transaction-scoped
+    advisory locks, listens to nothing and keeps cursors inside transactions)."""
 
 
 def _lease_arrays(leases: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[str], list[uuid.UUID]]:

@@ -8,19 +8,26 @@ S bytes with ``smtp-source`` over C sessions, and time
 * intake: from the first connection until smtp-source has its last 250;
 * end to end: from the first connection until the sink has counted all N.
 
-It prints msg/s for both and the ratios ours/Postfix. The machines are shared and
-noisy: run it a few times and compare ratios, not absolute figures.
+and the CPU both used: ours per process (and PostgreSQL with its backends, and NATS);
+Postfix's as its master's own CPU time plus that of its children, those that have exited
+included (the kernel adds an exited child's time to its parent's ``children`` times).
+
+The machines are shared and noisy, so the two relays run alternately ``--runs`` times
+(three by default); every run is printed, then the medians and their ratios.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -53,10 +60,25 @@ class Result:
     def e2e_rate(self) -> float:
         return self.messages / self.e2e_seconds
 
+    @property
+    def cpu_per_k(self) -> float:
+        """CPU seconds per 1000 messages, all processes together."""
+        return sum(self.cpu.values()) * 1000 / self.messages
+
 
 def _cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def postfix_cpu_seconds(queue_directory: Path) -> float:
+    """The master's CPU, its exited children's (reaped: in its ``children`` times) and
+    its live children's."""
+    pid = int((queue_directory / "pid" / "master.pid").read_text().split()[0])
+    master = psutil.Process(pid)
+    times = master.cpu_times()
+    own = times.user + times.system + times.children_user + times.children_system
+    return float(own) + sum(_cpu_seconds(child.pid) for child in master.children(recursive=True))
 
 
 def _tree_cpu_seconds(postgres: PostgresCluster) -> float:
@@ -173,10 +195,16 @@ def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: in
         config = load_config(config_path)
         system = System(config_path, config, workdir / "logs")
         system.start({"default": senders}, with_api=False)
+
+        def cpu_now() -> dict[str, float]:
+            cpu = {p.name: _cpu_seconds(p.proc.pid) for p in system.processes if p.proc is not None}
+            cpu["postgres"] = _tree_cpu_seconds(postgres)
+            cpu["nats"] = _cpu_seconds(nats.proc.pid) if nats.proc else 0.0
+            return cpu
+
+        idle = cpu_now()  # what starting up cost is not the load's
         result = measure("zonemta-py", config.smtp_interfaces["feeder"].port, sink, messages, sessions, size)
-        result.cpu = {p.name: _cpu_seconds(p.proc.pid) for p in system.processes if p.proc is not None}
-        result.cpu["postgres"] = _tree_cpu_seconds(postgres)
-        result.cpu["nats"] = _cpu_seconds(nats.proc.pid) if nats.proc else 0.0
+        result.cpu = {name: seconds - idle.get(name, 0.0) for name, seconds in cpu_now().items()}
         return result
     finally:
         if system is not None:
@@ -206,7 +234,10 @@ maillog_file = {root}/maillog
 """
 
 
-def run_postfix(workdir: Path, messages: int, sessions: int, size: int) -> Result:
+@contextlib.contextmanager
+def postfix_relay(workdir: Path, settings: str = "") -> Iterator[tuple[int, SmtpSink, Path]]:
+    """A private Postfix instance relaying to its own smtp-sink: (its SMTP port, the sink,
+    its queue directory). ``settings`` are more main.cf lines."""
     root = workdir / "postfix"
     conf = root / "conf"
     for sub in (conf, root / "queue", root / "data"):
@@ -215,7 +246,7 @@ def run_postfix(workdir: Path, messages: int, sessions: int, size: int) -> Resul
     shutil.chown(root / "data", "postfix")
     sink = SmtpSink(free_port())
     port = free_port()
-    (conf / "main.cf").write_text(POSTFIX_MAIN.format(root=root, sink_port=sink.port))
+    (conf / "main.cf").write_text(POSTFIX_MAIN.format(root=root, sink_port=sink.port) + settings)
     master = Path("/etc/postfix/master.cf").read_text()
     master = re.sub(r"(?m)^smtp\s+inet\s.*$", f"127.0.0.1:{port} inet n - n - - smtpd", master)
     (conf / "master.cf").write_text(master)
@@ -223,10 +254,18 @@ def run_postfix(workdir: Path, messages: int, sessions: int, size: int) -> Resul
     try:
         subprocess.run([postfix, "-c", str(conf), "start"], check=True, capture_output=True)
         wait_for_port("127.0.0.1", port)
-        return measure("postfix", port, sink, messages, sessions, size)
+        yield port, sink, root / "queue"
     finally:
         subprocess.run([postfix, "-c", str(conf), "stop"], capture_output=True)
         sink.stop()
+
+
+def run_postfix(workdir: Path, messages: int, sessions: int, size: int) -> Result:
+    with postfix_relay(workdir) as (port, sink, queue):
+        idle = postfix_cpu_seconds(queue)
+        result = measure("postfix", port, sink, messages, sessions, size)
+        result.cpu = {"postfix": postfix_cpu_seconds(queue) - idle}
+        return result
 
 
 @cli.command()
@@ -235,25 +274,48 @@ def main(
     sessions: Annotated[int, typer.Option("--sessions", "-s")] = 20,
     size: Annotated[int, typer.Option("--size", help="message size in bytes")] = 10240,
     senders: Annotated[int, typer.Option(help="sender processes for our default zone")] = 1,
+    runs: Annotated[int, typer.Option(min=1, help="runs of each relay, alternating")] = 3,
 ) -> None:
-    """Push the same load through ZoneMTA-py and through Postfix; print rates and ratios."""
-    workdir = Path(tempfile.mkdtemp(prefix="zmta-bench-"))
-    workdir.chmod(0o755)
-    try:
-        ours = run_ours(workdir / "ours", messages, sessions, size, senders)
-        theirs = run_postfix(workdir, messages, sessions, size)
-    finally:
-        if not os.environ.get("ZMTA_BENCH_KEEP"):
-            shutil.rmtree(workdir, ignore_errors=True)
+    """Push the same load through ZoneMTA-py and through Postfix; print rates, CPU and ratios."""
     print(f"load: {messages} messages of {size} bytes over {sessions} sessions (smtp-source -> relay -> smtp-sink)")
-    print(f"{'relay':<12} {'intake msg/s':>14} {'end-to-end msg/s':>18}")
-    for r in (ours, theirs):
-        print(f"{r.name:<12} {r.intake_rate:>14.1f} {r.e2e_rate:>18.1f}")
-    per_k = ", ".join(f"{name} {seconds * 1000 / ours.messages:.2f}" for name, seconds in ours.cpu.items())
-    print(f"our CPU seconds per 1000 messages: {per_k}")
+    print(f"{'run':<4} {'relay':<12} {'intake msg/s':>13} {'end-to-end msg/s':>17} {'CPU s/1000 msg':>15}")
+    ours: list[Result] = []
+    theirs: list[Result] = []
+    for run in range(1, runs + 1):
+        workdir = Path(tempfile.mkdtemp(prefix="zmta-bench-"))
+        workdir.chmod(0o755)
+        try:
+            ours.append(run_ours(workdir / "ours", messages, sessions, size, senders))
+            _print_run(run, ours[-1])
+            theirs.append(run_postfix(workdir, messages, sessions, size))
+            _print_run(run, theirs[-1])
+        finally:
+            if not os.environ.get("ZMTA_BENCH_KEEP"):
+                shutil.rmtree(workdir, ignore_errors=True)
+        per_process = ", ".join(f"{name} {sec * 1000 / messages:.2f}" for name, sec in ours[-1].cpu.items())
+        print(f"     our CPU s/1000 msg by process: {per_process}")
+    mine, postfix = _medians(ours), _medians(theirs)
+    print("medians:")
+    for name, (intake, e2e, cpu) in (("zonemta-py", mine), ("postfix", postfix)):
+        print(f"{'':<4} {name:<12} {intake:>13.1f} {e2e:>17.1f} {cpu:>15.2f}")
     print(
-        f"ratio ours/postfix: intake {ours.intake_rate / theirs.intake_rate:.2f}, "
-        f"end-to-end {ours.e2e_rate / theirs.e2e_rate:.2f}"
+        f"ratio ours/postfix (medians): intake {mine[0] / postfix[0]:.2f}, end-to-end {mine[1] / postfix[1]:.2f},"
+        f" CPU per message {mine[2] / postfix[2]:.2f}"
+    )
+
+
+def _print_run(run: int, result: Result) -> None:
+    print(
+        f"{run:<4} {result.name:<12} {result.intake_rate:>13.1f} {result.e2e_rate:>17.1f} {result.cpu_per_k:>15.2f}",
+        flush=True,
+    )
+
+
+def _medians(results: list[Result]) -> tuple[float, float, float]:
+    return (
+        statistics.median(r.intake_rate for r in results),
+        statistics.median(r.e2e_rate for r in results),
+        statistics.median(r.cpu_per_k for r in results),
     )
 
 

@@ -1,11 +1,14 @@
 """``python -m zmta_devtools.bench_huge``: one huge message through the whole system, with
-the memory of every service watched.
+the memory of every service watched, and through Postfix on the same machine.
 
 It starts the services on a fresh PostgreSQL, Redis and NATS with Postfix's
 ``smtp-sink`` as the smarthost, sends one message of ``--size`` MiB (1 GiB by default)
 over SMTP, waits until the sink has it, and prints for each service its resident
 memory when idle, its peak while the message passed, and the growth. Every service
-should stay within a few tens of MB of idle, whatever the message's size.
+should stay within a few tens of MB of idle, whatever the message's size. Then the same
+message goes through a private Postfix (``message_size_limit`` lifted) to the same kind
+of sink, and both relays' intake and end-to-end times are printed with their ratios.
+Our PostgreSQL is durable (fsync on), as Postfix syncs its queue files.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import yaml
 
 from zmta_common.config import load_config
 
-from .bench import SmtpSink
+from .bench import SmtpSink, postfix_relay
 from .servers import NatsServer, PostgresCluster, RedisServer, free_port
 from .system import System
 
@@ -99,7 +102,11 @@ def main(size: Annotated[int, typer.Option("--size", help="message body in MiB")
     """Send one huge message through the system and report every service's peak memory."""
     workdir = Path(tempfile.mkdtemp(prefix="zmta-huge-"))
     workdir.chmod(0o755)
-    servers = [PostgresCluster(workdir / "pg"), RedisServer(workdir / "redis"), NatsServer(workdir / "nats")]
+    servers = [
+        PostgresCluster(workdir / "pg", durable=True),
+        RedisServer(workdir / "redis"),
+        NatsServer(workdir / "nats"),
+    ]
     postgres, redis, nats = servers
     sink = system = None
     try:
@@ -118,11 +125,19 @@ def main(size: Annotated[int, typer.Option("--size", help="message body in MiB")
         intake = time.monotonic() - start
         done = sink.wait_for(1, timeout=1800)
         watcher.stop()
-        print(f"message: {size} MiB; intake {intake:.1f} s ({reply}); delivered after {done - start:.1f} s")
+        ours = (intake, done - start)
+        print(f"zonemta-py: {size} MiB; intake {intake:.1f} s ({reply}); delivered after {done - start:.1f} s")
         print(f"{'service':<18} {'idle MB':>8} {'peak MB':>8} {'growth MB':>10}")
         for name in watcher.processes:
             idle, peak = watcher.idle[name] / MIB, watcher.peak[name] / MIB
             print(f"{name:<18} {idle:>8.1f} {peak:>8.1f} {peak - idle:>10.1f}")
+        system.stop()
+        system = None
+        theirs = run_postfix(workdir, size)
+        print(
+            f"speed ratio ours/postfix (Postfix's time over ours; 1.0 is as fast): intake"
+            f" {theirs[0] / ours[0]:.2f}, end-to-end {theirs[1] / ours[1]:.2f}"
+        )
     finally:
         if system is not None:
             system.stop()
@@ -132,6 +147,17 @@ def main(size: Annotated[int, typer.Option("--size", help="message body in MiB")
             server.stop()
         if not os.environ.get("ZMTA_BENCH_KEEP"):
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_postfix(workdir: Path, size: int) -> tuple[float, float]:
+    """The same message through Postfix: (intake seconds, end-to-end seconds)."""
+    with postfix_relay(workdir, "message_size_limit = 0\n") as (port, sink, _):
+        start = time.monotonic()
+        reply = send(port, size)
+        intake = time.monotonic() - start
+        done = sink.wait_for(1, timeout=1800) - start
+    print(f"postfix:    {size} MiB; intake {intake:.1f} s ({reply}); delivered after {done:.1f} s")
+    return intake, done
 
 
 if __name__ == "__main__":
