@@ -7,12 +7,14 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
+import aiosmtplib
 import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Infra
 from zmta_common.config import Zone
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
+from zmta_sender.connections import ConnectionPool
 
 
 @pytest.fixture
@@ -121,3 +123,23 @@ async def test_mx_group_rate_spans_domains(redis: Redis) -> None:
     # the group's rate allows one and a burst of one; the unrelated domain goes regardless
     assert await limits.admit(batch, 10, time.time() + 60) == [0, 1, 2]
     assert await limits.admit(candidates("b.test", 1, group, start=5), 10, time.time() + 60) == []
+
+
+async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis, infra: Infra) -> None:
+    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 1}}))
+    pool = ConnectionPool(limits, idle_ttl=0.05)
+    server = next(iter(infra.sinks.values()))
+
+    async def connect() -> aiosmtplib.SMTP:
+        smtp = aiosmtplib.SMTP(hostname=server.host, port=infra.sink_port, start_tls=False)
+        await smtp.connect()
+        return smtp
+
+    key = (None, "mta.test", server.host, infra.sink_port, "a.test")
+    conn = await pool.open("a.test", None, connect)
+    await pool.give(key, conn)  # parked, holding the domain's only slot
+    assert not await limits.acquire_connection("other", "a.test", None, 15)
+    await asyncio.sleep(0.1)  # past idle_ttl: stale
+    assert await pool.take(key) is None
+    assert await limits.acquire_connection("other", "a.test", None, 15)  # freed at once, not in 15 s
+    assert not conn.smtp.is_connected

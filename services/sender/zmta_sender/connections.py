@@ -69,8 +69,10 @@ class ConnectionPool:
     def idle(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    def take(self, key: PoolKey) -> Connection | None:
-        """A parked connection for the same server and domain that is still open, if there is one."""
+    async def take(self, key: PoolKey) -> Connection | None:
+        """A parked connection for the same server and domain that is still open, if there is one.
+        A stale one found on the way is dropped (no QUIT on this delivery's time), and its slot
+        freed at once: it would otherwise hold the domain's limit until the slot expires."""
         parked = self._idle.get(key)
         while parked:
             conn = parked.pop()
@@ -79,6 +81,7 @@ class ConnectionPool:
                 return conn
             self._forget(conn)
             conn.smtp.close()
+            await self._free_slot(conn)
         return None
 
     async def open(
@@ -125,6 +128,9 @@ class ConnectionPool:
         """QUIT (or drop) a connection and free its slot."""
         self._forget(conn)
         await close(conn.smtp)
+        await self._free_slot(conn)
+
+    async def _free_slot(self, conn: Connection) -> None:
         if self.limits is not None and conn.slot_keys:
             with contextlib.suppress(Exception):  # Redis down: the slot expires by itself
                 await self.limits.release_connection(conn.id, conn.slot_keys)

@@ -98,7 +98,7 @@ async def deliver(
     domain = attempt.recipient.rpartition("@")[2].lower()
     for target in targets:
         key: PoolKey = (attempt.source_ip, attempt.ehlo_name, target.ip, target.port, domain)
-        reused = pool.take(key)
+        reused = await pool.take(key)
         if reused is not None and not attempt.tls.satisfied_by(outcome(reused.smtp)):
             await pool.discard(reused)  # parked before the domain's policy demanded more
             reused = None
