@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 from email_validator import EmailNotValidError, validate_email
 
 
+# A pure function of its arguments, and bulk mail repeats its senders (and often its
+# recipients): the verdicts of recent addresses are kept.
+@functools.lru_cache(maxsize=8192)
 def address_error(address: str, smtputf8: bool = True) -> str | None:
     """None when ``address`` is a valid RFC 5321 mailbox, else the reason it is not."""
     try:

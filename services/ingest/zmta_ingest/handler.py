@@ -37,6 +37,21 @@ AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 AUTH_FAILURE_DELAY = 1.0
 
 
+_AIOSMTPD_NAMES: dict[str, list[str]] = {}
+
+
+def aiosmtpd_names(cls: type) -> list[str]:
+    """The names aiosmtpd looks for on its protocol and its handler (``smtp_*`` commands,
+    ``auth_*`` mechanisms, ``handle_*`` hooks), found once per class. aiosmtpd builds its
+    tables from ``dir()`` and ``inspect.getmembers()`` on every connection, which reads
+    every attribute; ``__dir__`` returning only these makes that cheap."""
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    if key not in _AIOSMTPD_NAMES:
+        prefixes = ("smtp_", "auth_", "handle_")
+        _AIOSMTPD_NAMES[key] = sorted({n for klass in cls.__mro__ for n in vars(klass) if n.startswith(prefixes)})
+    return _AIOSMTPD_NAMES[key]
+
+
 def client_ip(session: Session) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
@@ -69,6 +84,9 @@ class IngestHandler:
         self.auth_failures = AuthFailures(
             redis, name, self.interface.auth_max_failures, self.interface.auth_failure_window
         )
+
+    def __dir__(self) -> list[str]:
+        return aiosmtpd_names(type(self))  # see aiosmtpd_names
 
     async def close(self) -> None:
         if self.authenticator is not None:

@@ -43,7 +43,7 @@ from zmta_common.headers import CLIENT_VALUE_LIMIT, unsafe_character
 from zmta_common.intake import MessageIntake
 
 from .data_stream import DataUnstuffer
-from .handler import client_ip
+from .handler import aiosmtpd_names, client_ip
 
 if TYPE_CHECKING:
     from .handler import IngestHandler
@@ -86,17 +86,6 @@ def helo_error(name: str) -> str | None:
     return None
 
 
-_PROTOCOL_NAMES: dict[str, list[str]] = {}
-
-
-def _protocol_names(cls: type) -> list[str]:
-    key = f"{cls.__module__}.{cls.__qualname__}"
-    if key not in _PROTOCOL_NAMES:
-        prefixes = ("smtp_", "auth_")
-        _PROTOCOL_NAMES[key] = sorted({n for klass in cls.__mro__ for n in vars(klass) if n.startswith(prefixes)})
-    return _PROTOCOL_NAMES[key]
-
-
 class RateWatch:
     """In DATA: closes the connection with 421 when the client sent fewer than ``rate``
     bytes per second over the last ``window`` seconds. One timer per window, no per-read cost."""
@@ -131,11 +120,9 @@ class IngestSMTP(SMTP):
         self._errors = 0
 
     def __dir__(self) -> list[str]:
-        """Only the ``smtp_*`` and ``auth_*`` names. aiosmtpd's ``__init__`` builds its command
-        and AUTH tables from ``dir()`` and ``inspect.getmembers()`` on every connection, which
-        reads every attribute of this class: a tenth of the CPU of a one-message
-        connection. The names are the same for every connection, so they are found once."""
-        return _protocol_names(type(self))
+        """Only the names aiosmtpd looks for (see ``aiosmtpd_names``): its per-connection
+        introspection of every attribute cost a tenth of the CPU of a one-message connection."""
+        return aiosmtpd_names(type(self))
 
     # -- what one client may take ----------------------------------------------
 
