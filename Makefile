@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) -m zmta_devtools.bench $(BENCH_ARGS)
 	$(PY) -m zmta_devtools.bench_dkim
 
-# One 1 GiB message through every service, with each service's peak memory (a few minutes).
+# One 1 GiB message through every service, with each service's peak memory, then through Postfix.
 bench-huge: $(STAMP)
 	$(PY) -m zmta_devtools.bench_huge $(BENCH_ARGS)
 
