@@ -1,8 +1,8 @@
 """The SMTP protocol of an ingest interface: aiosmtpd, made strict and streaming.
 
-aiosmtpd 1.4.6 (pinned: this module uses its private ``_reader``, and that reader's
-``_limit`` and ``_buffer``, ``_reset_timeout`` and ``_set_post_data_state``) holds the whole message in
-memory during DATA, refuses the null reverse-path ``<>``, takes addresses without
+aiosmtpd 1.4.6 (pinned: this module uses its private ``_reader`` with that reader's
+``_limit`` and ``_buffer``, ``_reset_timeout`` and ``_set_post_data_state``) holds the
+whole message in memory during DATA, refuses the null reverse-path ``<>``, takes addresses without
 angle brackets and never advertises PIPELINING. This subclass therefore replaces
 MAIL, RCPT and DATA:
 
@@ -33,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
@@ -88,7 +90,9 @@ def helo_error(name: str) -> str | None:
 
 class RateWatch:
     """In DATA: closes the connection with 421 when the client sent fewer than ``rate``
-    bytes per second over the last ``window`` seconds. One timer per window, no per-read cost."""
+    bytes per second over the last ``window`` seconds. One timer per window, no per-read
+    cost. A window in which we were writing to the store (and so not reading) is not held
+    against the client."""
 
     def __init__(self, protocol: IngestSMTP, rate: int, window: float) -> None:
         self.protocol = protocol
@@ -96,13 +100,26 @@ class RateWatch:
         self.window = window
         self.received = 0  # bytes of DATA so far, counted by the reader
         self._mark = 0
+        self._storing = False
+        self._stored_in_window = False
         self._timer = asyncio.get_running_loop().call_later(window, self._check)
 
+    @contextlib.contextmanager
+    def storing(self) -> Iterator[None]:
+        """Around a write to the store: the client waits for us meanwhile."""
+        self._storing = self._stored_in_window = True
+        try:
+            yield
+        finally:
+            self._storing = False
+
     def _check(self) -> None:
-        if self.received - self._mark < self.rate * self.window:
+        ours = self._storing or self._stored_in_window
+        if not ours and self.received - self._mark < self.rate * self.window:
             self.protocol.drop(f"421 4.4.2 DATA too slow: under {self.rate} bytes/s for {self.window:g} s")
             return
         self._mark = self.received
+        self._stored_in_window = self._storing
         self._timer = asyncio.get_running_loop().call_later(self.window, self._check)
 
     def cancel(self) -> None:
@@ -430,7 +447,7 @@ class IngestSMTP(SMTP):
                     watch.received += len(block)
                 content = unstuffer.feed(block)
                 if not unstuffer.too_long and failure is None and content:
-                    failure = await self._feed(intake, content)
+                    failure = await self._feed(intake, content, watch)
                 if last:
                     break
         finally:
@@ -443,13 +460,14 @@ class IngestSMTP(SMTP):
             return self.event_handler.store_failure(intake, failure)
         return await self.event_handler.finish(intake)
 
-    async def _feed(self, intake: MessageIntake, content: bytes) -> BaseException | None:
+    async def _feed(self, intake: MessageIntake, content: bytes, watch: RateWatch | None) -> BaseException | None:
         """Hand a block to the intake; return the store's exception if writing failed."""
         intake.feed(content)
         if not intake.needs_flush:
             return None
         try:
-            await intake.flush()
+            with watch.storing() if watch is not None else contextlib.nullcontext():
+                await intake.flush()
         except Exception as exc:  # the store failed: drain DATA, then answer 451
             return exc
         self._reset_timeout()  # the socket timeout is for idleness, not for big mail
