@@ -4,7 +4,8 @@ Every route but ``/health`` needs a key; ``/send`` and ``/send-raw`` need the ``
 scope, the schema and the documentation pages (``/openapi.json``, ``/docs``, ``/redoc``)
 any valid key unless ``api.public_docs``, everything else ``admin``. A key is presented
 as ``Authorization: Bearer <key>``, as ``X-API-Key: <key>``, or as the password of HTTP
-Basic credentials (so a tool that only takes an URL, such as zmta-webadmin, can use ``http://webadmin:<key>@host:port``).
+Basic credentials (so a tool that only takes an URL, such as zmta-webadmin, can use
+``http://webadmin:<key>@host:port``).
 
 Keys are stored as SHA-256 hashes, not with a slow password hash: they are long random
 tokens (``python -m zmta_api new-key``), for which a fast hash is as safe and costs
