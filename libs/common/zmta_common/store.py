@@ -205,30 +205,9 @@ class Pause:
 _QUEUED_SORT = {"id": ("id", "seq"), "created": ("created", "id", "seq"), "queued": ("next_attempt", "id", "seq")}
 
 
-# The delivery rows of a message, less its suppressed recipients (checked in the same
-# statement, no extra round trip); RETURNING the seqs that got a row.
-_DELIVERY_ROWS = """
-    INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
-    SELECT $1, t.seq, t.zone, t.recipient, t.domain, coalesce($12::timestamptz, now())
-      FROM unnest($8::text[], $9::text[], $10::text[], $11::text[]) AS t(seq, zone, recipient, domain)
-     WHERE NOT EXISTS (
-           SELECT 1 FROM suppressions s WHERE s.address = lower(t.recipient) OR s.domain = lower(t.domain))
-    RETURNING seq
-"""
-
-# A message of one chunk: the message row, its chunk and its deliveries in ONE statement.
-_INTAKE_ROWS = (
-    """
-    WITH message AS (
-        INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ($1, $2, $3, $4, $5::jsonb)
-    ), chunk AS (
-        INSERT INTO message_chunks (message_id, seq, data) SELECT $1, $6, $7 WHERE $7::bytea IS NOT NULL
-    )"""  # noqa: S608 (two constants: nothing from outside)
-    + _DELIVERY_ROWS
-)
-
-# Many one-chunk messages at once (group commit): every message row, chunk and delivery in
-# ONE statement, so one round trip and one WAL flush for all of them.
+# One-chunk messages, one or many at once (group commit): every message row, chunk and
+# delivery in ONE statement, so one round trip and one WAL flush for all of them.
+# Suppressed recipients (checked in the same statement) get no delivery row.
 _INTAKE_BATCH = """
     WITH message AS (
         INSERT INTO messages (id, mail_from, headers, body_size, meta)
@@ -249,16 +228,20 @@ _INTAKE_BATCH = """
 # A bigger message, whose leading chunks are stored already: its placeholder row
 # completed, with its last chunk and its deliveries. If garbage collection took the row,
 # the deferred foreign keys fail the commit.
-_COMPLETE_ROWS = (
-    """
+_COMPLETE_ROWS = """
     WITH message AS (
         UPDATE messages SET mail_from = $2, headers = $3, body_size = $4, meta = $5::jsonb, created = now()
          WHERE id = $1
     ), chunk AS (
         INSERT INTO message_chunks (message_id, seq, data) SELECT $1, $6, $7 WHERE $7::bytea IS NOT NULL
-    )"""  # noqa: S608 (two constants: nothing from outside)
-    + _DELIVERY_ROWS
-)
+    )
+    INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
+    SELECT $1, t.seq, t.zone, t.recipient, t.domain, coalesce($12::timestamptz, now())
+      FROM unnest($8::text[], $9::text[], $10::text[], $11::text[]) AS t(seq, zone, recipient, domain)
+     WHERE NOT EXISTS (
+           SELECT 1 FROM suppressions s WHERE s.address = lower(t.recipient) OR s.domain = lower(t.domain))
+    RETURNING seq
+"""
 
 # The first chunk of a message that needs more than one: under a placeholder row, which
 # has no deliveries (so nothing sees it) until the message is complete.
@@ -316,14 +299,17 @@ class IntakeTransaction:
         self._next_seq += 1
 
     async def written_chunks(self) -> AsyncIterator[bytes]:
-        """The chunks written so far, one by one."""
-        for seq in range(self._next_seq):
-            data = await self._pool.fetchval(
-                "SELECT data FROM message_chunks WHERE message_id = $1 AND seq = $2", self.message_id, seq
-            )
-            if data is None:
-                raise IntakeLost(f"message {self.message_id} was removed while it was being received")
-            yield data
+        """The chunks written so far, streamed in order by one cursor."""
+        if self._next_seq == 0:
+            return
+        read = 0
+        async with self._pool.acquire() as conn, conn.transaction():
+            query = "SELECT data FROM message_chunks WHERE message_id = $1 AND seq < $2 ORDER BY seq"
+            async for row in conn.cursor(query, self.message_id, self._next_seq, prefetch=4):
+                read += 1
+                yield row["data"]
+        if read < self._next_seq:
+            raise IntakeLost(f"message {self.message_id} was removed while it was being received")
 
     async def commit(self, message: NewMessage, last_chunk: bytes | None) -> set[str]:
         """Write the last chunk (if any) with the rows, and make it all visible at once.
@@ -356,15 +342,42 @@ class IntakeTransaction:
 
 
 async def _commit_one(pool: asyncpg.Pool, message: NewMessage, last_chunk: bytes | None) -> set[str]:
-    """A message of one chunk, in one statement (atomic by itself); the seqs that got a delivery."""
-    rows = await pool.fetch(_INTAKE_ROWS, *_row_args(message, 0, last_chunk))
-    if not rows:  # every recipient suppressed (rare): take the message back out
-        await pool.execute("DELETE FROM messages WHERE id = $1", message.id)
-    return {r["seq"] for r in rows}
+    """A message of one chunk; the seqs that got a delivery."""
+    kept = await _insert_messages(pool, [(message, last_chunk)])
+    return kept.get(message.id, set())
+
+
+async def _insert_messages(pool: asyncpg.Pool, items: list[tuple[NewMessage, bytes | None]]) -> dict[str, set[str]]:
+    """One-chunk messages in one statement (atomic by itself): message id -> seqs kept.
+    A message whose every recipient is suppressed is taken back out."""
+    messages = [m for m, _ in items]
+    deliveries = [(m, d) for m in messages for d in m.deliveries]
+    rows = await pool.fetch(
+        _INTAKE_BATCH,
+        [m.id for m in messages],
+        [m.mail_from for m in messages],
+        [m.headers for m in messages],
+        [m.body_size for m in messages],
+        [json.dumps(m.meta) for m in messages],
+        [chunk for _, chunk in items],
+        [m.id for m, _ in deliveries],
+        [d.seq for _, d in deliveries],
+        [d.zone for _, d in deliveries],
+        [d.recipient for _, d in deliveries],
+        [d.domain for _, d in deliveries],
+        [m.not_before for m, _ in deliveries],
+    )
+    kept: dict[str, set[str]] = {}
+    for row in rows:
+        kept.setdefault(row["id"], set()).add(row["seq"])
+    unkept = [m.id for m in messages if m.id not in kept]
+    if unkept:  # every recipient suppressed (rare)
+        await pool.execute("DELETE FROM messages WHERE id = ANY($1::text[])", unkept)
+    return kept
 
 
 def _row_args(message: NewMessage, chunk_seq: int, last_chunk: bytes | None) -> tuple[object, ...]:
-    """The parameters of _INTAKE_ROWS and _COMPLETE_ROWS."""
+    """The parameters of _COMPLETE_ROWS."""
     return (
         message.id,
         message.mail_from,
@@ -436,30 +449,7 @@ class GroupCommit:
 
     async def _write_batch(self, batch: list[_Waiting]) -> dict[str, set[str]]:
         self.batches += 1
-        messages = [w.message for w in batch]
-        deliveries = [(m, d) for m in messages for d in m.deliveries]
-        rows = await self._pool.fetch(
-            _INTAKE_BATCH,
-            [m.id for m in messages],
-            [m.mail_from for m in messages],
-            [m.headers for m in messages],
-            [m.body_size for m in messages],
-            [json.dumps(m.meta) for m in messages],
-            [w.last_chunk for w in batch],
-            [m.id for m, _ in deliveries],
-            [d.seq for _, d in deliveries],
-            [d.zone for _, d in deliveries],
-            [d.recipient for _, d in deliveries],
-            [d.domain for _, d in deliveries],
-            [m.not_before for m, _ in deliveries],
-        )
-        kept: dict[str, set[str]] = {}
-        for row in rows:
-            kept.setdefault(row["id"], set()).add(row["seq"])
-        unkept = [m.id for m in messages if m.id not in kept]
-        if unkept:  # every recipient suppressed (rare): take those messages back out
-            await self._pool.execute("DELETE FROM messages WHERE id = ANY($1::text[])", unkept)
-        return kept
+        return await _insert_messages(self._pool, [(w.message, w.last_chunk) for w in batch])
 
 
 def _settle(done: asyncio.Future[set[str]], kept: set[str]) -> None:
