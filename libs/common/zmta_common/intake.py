@@ -35,6 +35,11 @@ CHUNK_SIZE = 256 * 1024
 MAX_HEADER_SIZE = 1024 * 1024
 
 
+def too_many_recipients(limit: int) -> str:
+    """The one reply for a message over its recipient cap (SMTP's RCPT and the API's headers)."""
+    return f"452 4.5.3 Too many recipients (at most {limit})"
+
+
 class IntakeError(Exception):
     """The message cannot be queued. ``reply`` is a full SMTP reply; ``http_status`` fits the API."""
 
@@ -363,7 +368,7 @@ def _envelope_from_headers(env: Envelope, headers: HeaderBlock, max_recipients: 
     if not env.recipients:
         raise IntakeError("554 5.5.1 No recipients in the To, Cc or Bcc headers", 400)
     if max_recipients is not None and len(env.recipients) > max_recipients:
-        raise IntakeError(f"452 4.5.3 Too many recipients (at most {max_recipients})", 400)
+        raise IntakeError(too_many_recipients(max_recipients), 400)
     for address in [env.mail_from, *env.recipients]:
         if address and (reason := address_error(address)):
             raise IntakeError(f"553 5.1.3 <{address}> is not a valid address: {reason}", 400)

@@ -20,7 +20,7 @@ from zmta_common.bus import Bus, announce_queued
 from zmta_common.config import Config, SmtpInterface
 from zmta_common.headers import unsafe_character
 from zmta_common.hooks import Hooks, Reject
-from zmta_common.intake import Envelope, IntakeError, MessageIntake
+from zmta_common.intake import Envelope, IntakeError, MessageIntake, too_many_recipients
 from zmta_common.limits import AuthFailures
 from zmta_common.store import Store
 
@@ -195,7 +195,7 @@ class IngestHandler:
 
     def check_recipient(self, accepted: list[str], address: str) -> str | None:
         if len(accepted) >= self.interface.max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self.interface.max_recipients})"
+            return too_many_recipients(self.interface.max_recipients)
         if not address:
             return "501 5.1.3 Empty recipient address"
         if reason := address_error(address):
