@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
+from zmta_common.intake import CHUNK_SIZE
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -116,7 +117,8 @@ async def test_queued_lists_pages_and_cursors(api: Deployment) -> None:
 async def test_fetch_streams_the_stored_message(api: Deployment) -> None:
     async with httpx.AsyncClient(base_url=api.api_url) as client:
         message_id = await send(
-            client, {"from": "s@origin.test", "to": "f@list.test", "subject": "fetch me", "text": "line\n" * 60000}
+            client,
+            {"from": "s@origin.test", "to": "f@list.test", "subject": "fetch me", "text": "line\n" * (CHUNK_SIZE // 4)},
         )
         whole = await client.get(f"/fetch/{message_id}")
         body = await client.get(f"/fetch/{message_id}", params={"body": "yes"})
@@ -125,7 +127,7 @@ async def test_fetch_streams_the_stored_message(api: Deployment) -> None:
     stored = await api.store.get_message(message_id)
     assert stored is not None
     stored_body = b"".join([c async for c in api.store.iter_body(message_id)])
-    assert len(stored_body) > 256 * 1024  # more than one chunk
+    assert len(stored_body) > CHUNK_SIZE  # more than one chunk
     assert whole.status_code == 200
     assert whole.headers["content-type"].startswith("message/rfc822")
     assert whole.content == stored.headers + b"\r\n" + stored_body

@@ -10,7 +10,7 @@ import threading
 import psutil
 import pytest
 
-from tests.conftest import DeploymentFactory
+from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
 
 MB = 1024 * 1024
@@ -75,3 +75,28 @@ async def test_200_mb_message_does_not_grow_the_ingest_by_50_mb(deploy: Deployme
     assert message.body_size == 200 * len(BLOCK)
     # These lines have no whitespace to canonicalise: the relaxed body hash is the plain sha256.
     assert message.meta["dkim"]["bodyHash"] == base64.b64encode(sha).decode()
+
+
+async def has_chunks(d: Deployment) -> bool:
+    return (await d.store.row_counts())["message_chunks"] > 0
+
+
+async def nothing_stored(d: Deployment) -> bool:
+    return await d.store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
+
+
+async def test_a_client_gone_in_the_middle_of_a_big_message_leaves_nothing(deploy: DeploymentFactory) -> None:
+    """Chunks are written while the client goes on sending; when it goes away, the chunks
+    written (and the one being written) go with the message."""
+    d = await deploy(senders={})
+    with SmtpWire(d.smtp_port, timeout=60) as wire:
+        wire.command("EHLO client.test")
+        assert wire.command("MAIL FROM:<s@origin.test>")[0] == 250
+        assert wire.command("RCPT TO:<gone@a.test>")[0] == 250
+        assert wire.command("DATA")[0] == 354
+        wire.send(b"Subject: big\r\n\r\n" + BLOCK * 3)
+        await eventually(lambda: has_chunks(d), what="leading chunks stored")
+        for _ in range(4):
+            wire.send(BLOCK)
+    # The connection is closed without the end of DATA.
+    await eventually(lambda: nothing_stored(d), what="the abandoned message removed")

@@ -9,8 +9,9 @@ import pytest
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
+from zmta_common.intake import CHUNK_SIZE
 
-SLOW_CLIENT = "127.0.0.8"  # sends 400 KiB, then a byte a second
+SLOW_CLIENT = "127.0.0.8"  # sends one and a half chunks, then a byte a second
 IDLE_CLIENT = "127.0.0.9"  # opens connections and says nothing
 LEGIT_CLIENT = "127.0.0.10"
 
@@ -63,7 +64,9 @@ async def start_slow_client(port: int) -> AsyncWire:
     for line in ("EHLO slow.example", "MAIL FROM:<s@origin.test>", "RCPT TO:<a@a.test>"):
         assert (await wire.command(line))[0] == 250
     assert (await wire.command("DATA"))[0] == 354
-    wire.writer.write(b"Subject: slow\r\n\r\n" + (b"s" * 998 + b"\r\n") * 410)  # 400 KiB: past the first chunk
+    wire.writer.write(
+        b"Subject: slow\r\n\r\n" + (b"s" * 998 + b"\r\n") * (CHUNK_SIZE * 3 // 2000)
+    )  # past the first chunk
     await wire.writer.drain()
     return wire
 
@@ -102,7 +105,7 @@ async def test_slow_and_idle_clients_do_not_starve_a_legitimate_one(ingest: Depl
         assert "too many connections from 127.0.0.9" in refused[0]
         await asyncio.sleep(2)  # the slow clients are well into their trickle
         small = b"Subject: small\r\n\r\nhello\r\n"
-        big = b"Subject: big\r\n\r\n" + (b"b" * 998 + b"\r\n") * 600  # needs a chunk write of its own
+        big = b"Subject: big\r\n\r\n" + (b"b" * 998 + b"\r\n") * (CHUNK_SIZE * 2 // 1000)  # chunk writes of its own
         for body in (small, big, small):
             seconds, reply = await asyncio.to_thread(legit_transaction, port, body)
             assert reply[0] == 250, reply

@@ -8,6 +8,7 @@ import asyncio
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
+from zmta_common.intake import CHUNK_SIZE
 
 
 def start_data(d: Deployment) -> SmtpWire:
@@ -25,7 +26,7 @@ async def test_postgres_stopping_during_data_gives_4xx_and_leaves_nothing(deploy
     postgres = d.infra.postgres
     big = start_data(d)
     # More than one body chunk: leading chunks are stored when PostgreSQL goes.
-    big.send(b"Subject: big\r\n\r\n" + (b"b" * 78 + b"\r\n") * 8000)
+    big.send(b"Subject: big\r\n\r\n" + (b"b" * 78 + b"\r\n") * (CHUNK_SIZE // 50))
     small = start_data(d)
     small.send(b"Subject: small\r\n\r\nsmall body\r\n")
     await asyncio.sleep(0.5)

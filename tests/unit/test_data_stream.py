@@ -61,3 +61,13 @@ def test_random_blocks_of_random_bodies() -> None:
         body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) + b"\r\n"
         cuts = [rng.randint(0, len(body)) for _ in range(rng.randint(0, 6))]
         assert unstuff_in_blocks(body, cuts) == reference(body), (body, cuts)
+
+
+def test_long_blocks_with_lines_near_the_limit() -> None:
+    """Blocks of many lines, where the line-length scan steps from window to window."""
+    rng = random.Random(4)
+    for _ in range(200):
+        lengths = [rng.choice([0, 1, 500, 997, 998, 999, 1000]) for _ in range(rng.randint(1, 12))]
+        body = b"".join(b"z" * n + rng.choice([b"\r\n", b"\n"]) for n in lengths)
+        cuts = [rng.randint(0, len(body)) for _ in range(rng.randint(0, 2))]
+        assert unstuff_in_blocks(body, cuts) == reference(body), (lengths, cuts)

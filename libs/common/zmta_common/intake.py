@@ -31,7 +31,7 @@ from .store import IntakeTransaction, NewDelivery, NewMessage, Store
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 MAX_HEADER_SIZE = 1024 * 1024
 
 
@@ -159,6 +159,7 @@ class MessageIntake:
         self._body = bytearray()
         self._body_size = 0
         self._body_ends_crlf = True
+        self._writing: asyncio.Future[None] | None = None  # the chunk write in flight
 
     # -- streaming -----------------------------------------------------------
 
@@ -172,26 +173,59 @@ class MessageIntake:
         data = self._normaliser.feed(data)
         if self._in_head:
             self._feed_head(data)
-        else:
-            self._body += data
+        elif data:
+            self._add_body(data)
 
     @property
     def needs_flush(self) -> bool:
-        return len(self._body) >= CHUNK_SIZE
+        """A chunk is full, or a write is in flight (see :meth:`flush`)."""
+        return len(self._body) >= CHUNK_SIZE or self._writing is not None
 
     async def flush(self) -> None:
+        """Start writing the full chunks taken so far; give a write in flight a turn.
+
+        One write is kept in flight while the caller goes on reading: the store's work and
+        ours overlap, which is what makes a big message move at the speed of the slower of
+        the two rather than of their sum. Each write first waits for the one before, so
+        the chunks are written in order and at most two are held in memory. A failed
+        write is raised here or by :meth:`finish`.
+
+        A caller whose next data is already buffered never gives the event loop a turn
+        by itself, and a write makes progress (the rest of the chunk sent, the reply
+        read) only in such turns; so while a write is in flight every call yields once.
+        """
         while len(self._body) >= CHUNK_SIZE:
-            await self._write(bytes(self._body[:CHUNK_SIZE]))
+            with memoryview(self._body) as view:
+                chunk = bytes(view[:CHUNK_SIZE])
             del self._body[:CHUNK_SIZE]
+            await self._settle_write()
+            self._writing = asyncio.ensure_future(self._tx.write_chunk(chunk))
+        await asyncio.sleep(0)
+        if self._writing is not None and self._writing.done():
+            await self._settle_write()
 
-    async def _write(self, chunk: bytes) -> None:
-        self._account(chunk)
-        await self._tx.write_chunk(chunk)
+    async def _settle_write(self) -> None:
+        """Wait for the write in flight, if any; raise its failure."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing
 
-    def _account(self, chunk: bytes) -> None:
-        self._hasher.update(chunk)
-        self._body_size += len(chunk)
-        self._body_ends_crlf = chunk.endswith(b"\r\n")
+    async def _drop_write(self) -> None:
+        """Let the write in flight end, whatever its outcome, before the message is removed."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await asyncio.wait([writing])
+            if not writing.cancelled():
+                writing.exception()  # retrieved: the message is being dropped anyway
+
+    def _add_body(self, data: bytes) -> None:
+        """Append to the body, hashing it now: a piece is hashed while it is still in the
+        CPU's cache from the passes before (a fraction of the cost of a 256 KiB chunk)."""
+        self._hasher.update(data)
+        self._body_size += len(data)
+        # Line ends are whole in every piece (the normaliser holds back a CR at its end).
+        self._body_ends_crlf = data.endswith(b"\r\n")
+        self._body += data
 
     def _feed_head(self, data: bytes) -> None:
         self._head += data
@@ -213,7 +247,8 @@ class MessageIntake:
 
     def _end_head(self, head_end: int, body_start: int) -> None:
         self._in_head = False
-        self._body += self._head[body_start:]
+        if body_start < len(self._head):
+            self._add_body(bytes(self._head[body_start:]))
         del self._head[head_end:]
 
     # -- completion ----------------------------------------------------------
@@ -221,12 +256,15 @@ class MessageIntake:
     async def finish(self) -> QueuedMessage:
         """Commit the message. Raises IntakeError (nothing stored) when it cannot be queued."""
         try:
+            await self._settle_write()
             return await self._finish()
         except BaseException:
+            await self._drop_write()
             await self._tx.rollback()
             raise
 
     async def abort(self) -> None:
+        await self._drop_write()
         await self._tx.rollback()
 
     async def _finish(self) -> QueuedMessage:
@@ -240,17 +278,12 @@ class MessageIntake:
             if self._head and not self._head.endswith(b"\r\n"):
                 self._head += b"\r\n"
             self._in_head = False
-        else:
-            self._body += tail
-        if self._body_size and not self._body_ends_crlf and not self._body:
-            self._body += b"\r\n"
-        last_chunk = None
-        if self._body:
-            if not self._body.endswith(b"\r\n"):
-                self._body += b"\r\n"  # SMTP can only carry a body whose last line is ended
-            last_chunk = bytes(self._body)
-            self._body.clear()
-            self._account(last_chunk)
+        elif tail:
+            self._add_body(tail)
+        if self._body_size and not self._body_ends_crlf:
+            self._add_body(b"\r\n")  # SMTP can only carry a body whose last line is ended
+        last_chunk = bytes(self._body) if self._body else None
+        self._body.clear()
 
         headers = HeaderBlock.parse(bytes(self._head))
         env = self.envelope

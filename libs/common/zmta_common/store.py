@@ -269,33 +269,35 @@ class IntakeTransaction:
     A message of one chunk (most mail) is stored by :meth:`commit` in a single statement:
     last chunk, message row and delivery rows together.
 
-    A bigger message has its leading chunks written as they arrive, each in a short
-    transaction of its own on a connection taken from the pool for that write alone, under
-    a placeholder message row without deliveries; :meth:`commit` then completes the row and
+    A bigger message has its leading chunks written as they arrive, each by one statement
+    that commits by itself, on a connection taken for that write alone, under a
+    placeholder message row without deliveries; :meth:`commit` then completes the row and
     adds the deliveries in one transaction. So a client that sends slowly holds no database
     connection while it is slow, only while one of its chunks is written. The chunk writes
-    commit without waiting for their WAL flush (``synchronous_commit`` off): the final
-    commit waits for the WAL up to itself, and so for every chunk before it. A message
+    go through a pool of their own whose sessions commit without waiting for their WAL
+    flush (``synchronous_commit`` off), so a chunk costs one round trip: the final commit
+    waits for the WAL up to itself, and so for every chunk before it. A message
     abandoned part-way is deleted by :meth:`rollback`, or, if this process dies first, left
     as an orphan for the queue's garbage collection.
     """
 
-    def __init__(self, pool: asyncpg.Pool, message_id: str, group: GroupCommit | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, chunk_pool: asyncpg.Pool, message_id: str, group: GroupCommit | None = None
+    ) -> None:
         self._pool = pool
+        self._chunk_pool = chunk_pool  # sessions with synchronous_commit off
         self._group = group
         self.message_id = message_id
         self._next_seq = 0
 
     async def write_chunk(self, data: bytes) -> None:
         """Write a body chunk that is not the last one."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit TO off")
-            if self._next_seq == 0:
-                await conn.execute(_FIRST_CHUNK, self.message_id, data)
-            else:
-                status = await conn.execute(_NEXT_CHUNK, self.message_id, self._next_seq, data)
-                if status.split()[-1] != "1":
-                    raise IntakeLost(f"message {self.message_id} was removed while it was being received")
+        if self._next_seq == 0:
+            await self._chunk_pool.execute(_FIRST_CHUNK, self.message_id, data)
+        else:
+            status = await self._chunk_pool.execute(_NEXT_CHUNK, self.message_id, self._next_seq, data)
+            if status.split()[-1] != "1":
+                raise IntakeLost(f"message {self.message_id} was removed while it was being received")
         self._next_seq += 1
 
     async def written_chunks(self) -> AsyncIterator[bytes]:
@@ -458,19 +460,30 @@ def _settle(done: asyncio.Future[set[str]], kept: set[str]) -> None:
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, chunk_pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.chunk_pool = chunk_pool  # the leading chunks of big messages (see IntakeTransaction)
         self.group_commit = GroupCommit(pool)
 
     @classmethod
     async def connect(cls, dsn: str, max_size: int = 20, migrate: bool = True) -> Store:
+        """``max_size`` connections for the queue's work, and up to a quarter as many more
+        (opened only when used) for the chunks of big messages being received."""
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
-        store = cls(pool)
+        chunk_pool = await asyncpg.create_pool(
+            dsn,
+            min_size=0,
+            max_size=max(1, max_size // 4),
+            reset=_keep_session,
+            server_settings={"synchronous_commit": "off"},
+        )
+        store = cls(pool, chunk_pool)
         if migrate:
             await store.migrate()
         return store
 
     async def close(self) -> None:
+        await self.chunk_pool.close()
         await self.pool.close()
 
     async def migrate(self) -> int:
@@ -487,7 +500,7 @@ class Store:
     # -- intake --------------------------------------------------------------
 
     def begin_intake(self, message_id: str) -> IntakeTransaction:
-        return IntakeTransaction(self.pool, message_id, self.group_commit)
+        return IntakeTransaction(self.pool, self.chunk_pool, message_id, self.group_commit)
 
     # -- leasing -------------------------------------------------------------
 
@@ -713,7 +726,7 @@ class Store:
             chunks=[bytes(c) for c in row["chunks"]],
         )
 
-    async def iter_body(self, message_id: str, start: int = 0, batch: int = 4) -> AsyncIterator[bytes]:
+    async def iter_body(self, message_id: str, start: int = 0, batch: int = 2) -> AsyncIterator[bytes]:
         """Yield the body chunks from number ``start`` on, ``batch`` per query, no connection held between."""
         next_seq = start
         while True:

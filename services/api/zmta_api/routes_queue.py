@@ -36,7 +36,7 @@ from .models import (
 log = logging.getLogger(__name__)
 
 PAGE_MAX = 1000  # the original lists at most 1000 rows at once
-PREFETCH_CHUNKS = 2  # body chunks read with the message row by /fetch
+PREFETCH_CHUNKS = 1  # body chunks (of up to 1 MiB) read with the message row by /fetch
 
 SortKey = Literal["id", "created", "queued"]
 Order = Literal["asc", "desc"]

@@ -45,16 +45,26 @@ class DataUnstuffer:
         return block.replace(b"\r\n.", b"\r\n")
 
     def _measure(self, block: bytes) -> None:
+        """Track the longest line. Lines are found by looking back from ``MAX_LINE`` octets
+        ahead of a line start for the last LF (``rfind`` in C): none means that line is too
+        long, else the next line starts after it. About one step per ``MAX_LINE`` octets."""
         if self.too_long:
             return
-        if len(block) + self._line < MAX_LINE:
-            # Too short to hold a long line: only the line in progress grows.
-            last_lf = block.rfind(b"\n")
-            self._line = len(block) - last_lf - 1 if last_lf >= 0 else self._line + len(block)
+        first = block.find(b"\n")
+        if first < 0:
+            self._line += len(block)
+            self.too_long = self._line >= MAX_LINE
             return
-        lines = block.split(b"\n")
-        longest = max(self._line + len(lines[0]), max(map(len, lines[1:-1]), default=0))
-        self._line = len(lines[-1]) if len(lines) > 1 else self._line + len(block)
         # A line of n octets before its LF is n + 1 octets long.
-        if longest >= MAX_LINE or self._line >= MAX_LINE:
+        if self._line + first >= MAX_LINE:
             self.too_long = True
+            return
+        start, size = first + 1, len(block)
+        while size - start >= MAX_LINE:
+            last = block.rfind(b"\n", start, start + MAX_LINE)
+            if last < 0:
+                self.too_long = True
+                return
+            start = last + 1
+        last = block.rfind(b"\n", start)
+        self._line = size - (last + 1 if last >= 0 else start)

@@ -443,6 +443,7 @@ class IngestSMTP(SMTP):
                     block, first = block[2:], False
                 if last:
                     block = block[:-3]  # the ".\r\n" of the end mark; its CRLF ends the last line
+                self._reset_timeout()  # the socket timeout is for idleness, not for big mail
                 if watch is not None:
                     watch.received += len(block)
                 content = unstuffer.feed(block)
@@ -470,5 +471,4 @@ class IngestSMTP(SMTP):
                 await intake.flush()
         except Exception as exc:  # the store failed: drain DATA, then answer 451
             return exc
-        self._reset_timeout()  # the socket timeout is for idleness, not for big mail
         return None

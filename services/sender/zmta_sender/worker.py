@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 IDLE_WAIT = 1.0
 # On stop: the part of the grace period (at most) kept for giving back unfinished leases.
 RELEASE_RESERVE = 5.0
-PREFETCH_CHUNKS = 4  # read with the message row: 1 MiB at most, all of most messages
+PREFETCH_CHUNKS = 1  # read with the message row: 1 MiB at most (one chunk), all of most messages
 
 
 class Sender:
