@@ -6,21 +6,36 @@ import random
 
 import pytest
 
-from zmta_ingest.data_stream import MAX_LINE, DataUnstuffer
+from zmta_ingest.data_stream import MAX_LINE, DataBody
 
 
-def unstuff_in_blocks(body: bytes, cuts: list[int]) -> tuple[bytes, bool]:
-    unstuffer = DataUnstuffer()
+def unstuff_in_blocks(body: bytes, cuts: list[int], after: bytes = b"QUIT\r\n") -> tuple[bytes, bool]:
+    """Feed ``body``, the end mark and ``after`` cut at ``cuts``; check what follows the
+    end mark is given back whole; return the content and whether a line was too long."""
+    wire = body + b".\r\n" + after
+    stream = DataBody()
     out = b""
     start = 0
-    for cut in [*sorted(cuts), len(body)]:
-        out += unstuffer.feed(body[start:cut])
+    bounds = [*sorted(cuts), len(wire)]
+    for i, cut in enumerate(bounds):
+        content, rest = stream.feed(wire[start:cut])
+        out += content
         start = cut
-    return out, unstuffer.too_long
+        if rest is not None:
+            assert rest + wire[start:] == reference_rest(wire), (rest, bounds[i:])
+            return out, stream.too_long
+    raise AssertionError("the end mark was not found")
+
+
+def reference_rest(wire: bytes) -> bytes:
+    return (b"\r\n" + wire).split(b"\r\n.\r\n", 1)[1]
 
 
 def reference(body: bytes) -> tuple[bytes, bool]:
-    """Line by line, as RFC 5321 says it: lines end at CRLF, a leading dot goes."""
+    """Line by line, as RFC 5321 says it: DATA ends at the first line that is a lone dot,
+    lines end at CRLF, a leading dot goes."""
+    data = b"\r\n" + body + b".\r\n"
+    body = data[2 : data.find(b"\r\n.\r\n") + 2]
     lines = body.split(b"\r\n")
     out = [line[1:] if line.startswith(b".") else line for line in lines]
     too_long = (
@@ -43,6 +58,8 @@ CASES = [
     b"x" * 998 + b"\r\n" + b".y" * 499 + b"\r\n",  # exactly 1000 octets each
     b"x" * 999 + b"\r\n",  # 1001 octets
     b"a" * 600 + b"\r" + b"b" * 600 + b"\r\n",  # a bare CR does not end a line
+    b"end\r\n.\r\nRSET\r\n",  # DATA ends at the first lone dot; the rest is commands
+    b"a\n.\r\n\r.\r\n..\r\n",  # only a dot between CRLFs ends DATA
 ]
 
 
@@ -68,6 +85,6 @@ def test_long_blocks_with_lines_near_the_limit() -> None:
     rng = random.Random(4)
     for _ in range(200):
         lengths = [rng.choice([0, 1, 500, 997, 998, 999, 1000]) for _ in range(rng.randint(1, 12))]
-        body = b"".join(b"z" * n + rng.choice([b"\r\n", b"\n"]) for n in lengths)
+        body = b"".join(b"z" * n + rng.choice([b"\r\n", b"\n"]) for n in lengths) + b"\r\n"
         cuts = [rng.randint(0, len(body)) for _ in range(rng.randint(0, 2))]
         assert unstuff_in_blocks(body, cuts) == reference(body), (lengths, cuts)

@@ -64,6 +64,21 @@ def test_body_hash_matches_dkimpy_on_random_whitespace() -> None:
             assert hasher.b64digest() == dkimpy_body_hash(body, canon.encode()).decode(), (body, canon)
 
 
+@pytest.mark.parametrize("canon", ["relaxed", "simple"])
+def test_hash_of_a_big_body_in_big_and_tiny_pieces_matches_dkimpy(canon: str) -> None:
+    """Whitespace to relax and blank lines falling on the edges of pieces of every size."""
+    rng = random.Random(2026)
+    lines = [b"plain text line", b"two  spaces\tand tab ", b"", b"", b" lead", b"x" * 900]
+    body = b"\r\n".join(rng.choice(lines) for _ in range(9000)) + b"\r\n\r\n"
+    hasher = BodyHasher(canon)
+    i = 0
+    while i < len(body):
+        n = rng.choice([1, 2, 700, 65536, 300000])
+        hasher.update(body[i : i + n])
+        i += n
+    assert hasher.b64digest() == dkimpy_body_hash(body, canon.encode()).decode()
+
+
 def test_empty_relaxed_body_hash_is_the_known_value() -> None:
     assert BodyHasher("relaxed").b64digest() == "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
 

@@ -1,14 +1,15 @@
-"""The body of a DATA command, taken in blocks: dot-unstuffing and line lengths with bytes
-operations over each block, never a Python step per line.
+"""The body of a DATA command, taken in blocks: the end mark, dot-unstuffing and line
+lengths with bytes operations over each block, never a Python step per line.
 
-The reader (``smtp_server``) cuts the stream into blocks at places where the end mark
-``<CRLF>.<CRLF>`` cannot start, so a block never splits it; this module sees every block
-but the end mark and carries across block edges only what can straddle one: the last
-two octets (for a stuffed dot after a CRLF that ends the previous block) and the length of
-the line in progress.
+One search for ``<CRLF>.`` over a block finds both what ends DATA (``<CRLF>.<CRLF>``) and
+every stuffed dot; in ordinary text it finds nothing and the block passes as it is.
+Across block edges only what can straddle one is carried: the last four octets (a
+prefix of the end mark) and the length of the line in progress.
 
 The rules kept (RFC 5321 4.5.2 and 4.5.3.1.6):
 
+* Only ``<CRLF>.<CRLF>`` ends DATA; DATA starts at a line start, so a first line that is
+  a lone dot ends it at once.
 * A dot at the start of a line, after a CRLF (or at the start of DATA), is removed. A dot
   after a bare LF or CR is content: only CRLF ends a line here, as only
   ``<CRLF>.<CRLF>`` ends DATA.
@@ -19,52 +20,72 @@ The rules kept (RFC 5321 4.5.2 and 4.5.3.1.6):
 from __future__ import annotations
 
 MAX_LINE = 1000  # octets, CRLF included
+_LINE_START_DOT = b"\r\n."
+_KEEP = 4  # octets held back at a block's end: the most of the end mark that can be there
 
 
-class DataUnstuffer:
-    """Feed the blocks of one DATA body in order; :attr:`too_long` tells whether a line was
-    over :data:`MAX_LINE` octets."""
+class DataBody:
+    """Feed what the client sends after ``354`` in pieces of any size; :meth:`feed`
+    returns the content (dots unstuffed) and, once the end mark is seen, what followed it.
+
+    :attr:`too_long` tells whether a line was over :data:`MAX_LINE` octets.
+    """
 
     def __init__(self) -> None:
-        self._tail = b"\r\n"  # the last two octets seen: DATA starts at a line start
+        self._carry = b"\r\n"  # octets not handled yet; DATA starts at a line start
+        self._skip = 2  # octets at the start of the carry that are not content (that CRLF)
         self._line = 0  # octets of the line in progress, before its LF
         self.too_long = False
 
-    def feed(self, block: bytes) -> bytes:
-        """The block as content: its stuffed dots removed."""
-        if not block:
-            return block
-        self._measure(block)
-        tail = self._tail
-        self._tail = (tail + block[-2:])[-2:]
-        # A stuffed dot whose CRLF ended the previous block.
-        if tail == b"\r\n" and block[:1] == b".":
-            block = block[1:]
-        elif tail[-1:] == b"\r" and block[:2] == b"\n.":
-            block = b"\n" + block[2:]
-        return block.replace(b"\r\n.", b"\r\n")
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """``(content, rest)``: ``rest`` is ``None`` until the end mark, then the octets
+        after it (a pipelining client's next commands)."""
+        block = self._carry + data if self._carry else data
+        start = self._skip
+        pieces: list[bytes] = []
+        mark = block.find(_LINE_START_DOT)
+        while mark >= 0 and len(block) - mark >= 5:  # else too close to the end to tell
+            pieces.append(self._content(block, start, mark + 2))
+            if block.startswith(b"\r\n", mark + 3):  # the end mark
+                self._carry, self._skip = b"", 0
+                return b"".join(pieces), block[mark + 5 :]
+            self._measure(block, mark + 2, mark + 3)  # a stuffed dot counts on the wire
+            start = mark + 3
+            mark = block.find(_LINE_START_DOT, start)
+        # The carry may begin with octets already handled (DATA's leading CRLF, a removed
+        # dot): they are kept for the search, and skipped as content.
+        cut = mark if mark >= 0 else max(0, len(block) - _KEEP)
+        pieces.append(self._content(block, start, cut))
+        self._carry, self._skip = block[cut:], max(0, start - cut)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces), None
 
-    def _measure(self, block: bytes) -> None:
+    def _content(self, block: bytes, start: int, stop: int) -> bytes:
+        if stop <= start:
+            return b""
+        self._measure(block, start, stop)
+        return block if start == 0 and stop == len(block) else block[start:stop]
+
+    def _measure(self, block: bytes, start: int, stop: int) -> None:
         """Track the longest line. Lines are found by looking back from ``MAX_LINE`` octets
         ahead of a line start for the last LF (``rfind`` in C): none means that line is too
         long, else the next line starts after it. About one step per ``MAX_LINE`` octets."""
         if self.too_long:
             return
-        first = block.find(b"\n")
+        first = block.find(b"\n", start, stop)
         if first < 0:
-            self._line += len(block)
+            self._line += stop - start
             self.too_long = self._line >= MAX_LINE
             return
         # A line of n octets before its LF is n + 1 octets long.
-        if self._line + first >= MAX_LINE:
+        if self._line + first - start >= MAX_LINE:
             self.too_long = True
             return
-        start, size = first + 1, len(block)
-        while size - start >= MAX_LINE:
-            last = block.rfind(b"\n", start, start + MAX_LINE)
+        line_start = first + 1
+        while stop - line_start >= MAX_LINE:
+            last = block.rfind(b"\n", line_start, line_start + MAX_LINE)
             if last < 0:
                 self.too_long = True
                 return
-            start = last + 1
-        last = block.rfind(b"\n", start)
-        self._line = size - (last + 1 if last >= 0 else start)
+            line_start = last + 1
+        last = block.rfind(b"\n", line_start, stop)
+        self._line = stop - (last + 1 if last >= 0 else line_start)

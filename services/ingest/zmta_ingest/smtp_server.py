@@ -44,7 +44,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 from zmta_common.headers import CLIENT_VALUE_LIMIT, unsafe_character
 from zmta_common.intake import MessageIntake
 
-from .data_stream import DataUnstuffer
+from .data_stream import DataBody
 from .handler import aiosmtpd_names, client_ip
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 64 * 1024  # the most of DATA taken in one step
-END_MARK = b"\r\n.\r\n"
 _PATH = re.compile(r"^<(?:@[^:<>]+:)?([^<>]*)>(.*)$")  # a source route (@a,@b:) is ignored
 
 
@@ -418,42 +417,33 @@ class IngestSMTP(SMTP):
     async def _receive(self, intake: MessageIntake, watch: RateWatch | None) -> str:
         """Read DATA up to its end, feeding the intake; return the reply to send.
 
-        The stream is taken in blocks of up to :data:`BLOCK_SIZE`: the reader looks for the
-        end mark ``<CRLF>.<CRLF>`` (a search in C over its buffer) and otherwise hands out
-        everything that cannot be the start of it. A CRLF is put in front of the first
-        block, where the end mark may come at once (an empty message, or a first line that
-        is a lone dot). The reader's line limit is raised for the duration of DATA.
+        The stream is taken in blocks of up to :data:`BLOCK_SIZE` as they arrive
+        (:class:`DataBody` finds the end mark and unstuffs dots). What a pipelining client
+        sent after the end mark goes back into the reader for the command loop. The
+        reader's limit, which also sets its flow control, is raised for the duration.
         """
         reader = self._reader
-        unstuffer = DataUnstuffer()
+        body = DataBody()
         failure: BaseException | None = None
         line_limit = reader._limit  # type: ignore[attr-defined]
         reader._limit = BLOCK_SIZE  # type: ignore[attr-defined]
-        reader._buffer[:0] = b"\r\n"  # type: ignore[attr-defined]
-        first = True
         try:
             while True:
-                try:
-                    block = await reader.readuntil(END_MARK)
-                    last = True
-                except asyncio.LimitOverrunError as exc:
-                    block = await reader.readexactly(exc.consumed)
-                    last = False
-                if first:
-                    block, first = block[2:], False
-                if last:
-                    block = block[:-3]  # the ".\r\n" of the end mark; its CRLF ends the last line
+                data = await reader.read(BLOCK_SIZE)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", None)  # the client went away in DATA
                 self._reset_timeout()  # the socket timeout is for idleness, not for big mail
                 if watch is not None:
-                    watch.received += len(block)
-                content = unstuffer.feed(block)
-                if not unstuffer.too_long and failure is None and content:
+                    watch.received += len(data)
+                content, rest = body.feed(data)
+                if not body.too_long and failure is None and content:
                     failure = await self._feed(intake, content, watch)
-                if last:
+                if rest is not None:
+                    reader._buffer[:0] = rest  # type: ignore[attr-defined]
                     break
         finally:
             reader._limit = line_limit  # type: ignore[attr-defined]
-        if unstuffer.too_long:
+        if body.too_long:
             await intake.abort()
             return "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         if failure is not None:

@@ -45,6 +45,8 @@ class Watcher:
     def __init__(self, pids: dict[str, int]) -> None:
         self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.idle = {name: p.memory_info().rss for name, p in self.processes.items()}
+        self.cpu_start = {name: _cpu(p) for name, p in self.processes.items()}
+        self.cpu: dict[str, float] = {}
         self.peak = dict(self.idle)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -58,6 +60,12 @@ class Watcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.cpu = {name: _cpu(p) - self.cpu_start[name] for name, p in self.processes.items()}
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def _reply(conn: socket.socket) -> str:
@@ -127,10 +135,10 @@ def main(size: Annotated[int, typer.Option("--size", help="message body in MiB")
         watcher.stop()
         ours = (intake, done - start)
         print(f"zonemta-py: {size} MiB; intake {intake:.1f} s ({reply}); delivered after {done - start:.1f} s")
-        print(f"{'service':<18} {'idle MB':>8} {'peak MB':>8} {'growth MB':>10}")
+        print(f"{'service':<18} {'idle MB':>8} {'peak MB':>8} {'growth MB':>10} {'CPU s':>7}")
         for name in watcher.processes:
             idle, peak = watcher.idle[name] / MIB, watcher.peak[name] / MIB
-            print(f"{name:<18} {idle:>8.1f} {peak:>8.1f} {peak - idle:>10.1f}")
+            print(f"{name:<18} {idle:>8.1f} {peak:>8.1f} {peak - idle:>10.1f} {watcher.cpu[name]:>7.2f}")
         system.stop()
         system = None
         theirs = run_postfix(workdir, size)
