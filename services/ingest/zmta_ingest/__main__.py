@@ -1,5 +1,9 @@
 """``python -m zmta_ingest``: every enabled SMTP interface of the config, in one process.
 
+Several ingest processes can share the ports (``--reuse-port``: the kernel spreads new
+connections over them), each with its own ``--metrics-port``: that is how one machine's
+cores all take mail; in Kubernetes, pods do the same with their own addresses.
+
 ``python -m zmta_ingest hash-password`` reads a password on stdin and prints the argon2
 hash to put in ``smtp_interfaces.<name>.users``.
 """
@@ -65,7 +69,13 @@ async def finish_sessions(sessions: weakref.WeakSet[IngestSMTP], grace: float) -
     return len(busy)
 
 
-async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTDOWN_GRACE) -> None:
+async def main(
+    config: Config,
+    stop: asyncio.Event,
+    grace: float = DEFAULT_SHUTDOWN_GRACE,
+    reuse_port: bool = False,
+    metrics_port: int | None = None,
+) -> None:
     # Certificates, keys and password hashes are checked before anything starts.
     try:
         contexts = {
@@ -118,7 +128,12 @@ async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTD
 
         # A listen backlog for bursts of clients (asyncio's default of 100 drops connections).
         server = await loop.create_server(
-            factory, iface.host, iface.port, ssl=tls if implicit else None, backlog=LISTEN_BACKLOG
+            factory,
+            iface.host,
+            iface.port,
+            ssl=tls if implicit else None,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=reuse_port or None,
         )
         servers.append(server)
         log.info(
@@ -136,7 +151,8 @@ async def main(config: Config, stop: asyncio.Event, grace: float = DEFAULT_SHUTD
         await store.pool.fetchval("SELECT 1")
         return {"interfaces": len(servers), "nats": bus.nc.is_connected}
 
-    metrics_task = await metrics.serve(config.metrics.host, config.metrics.ingest_port, health)
+    port = config.metrics.ingest_port if metrics_port is None else metrics_port
+    metrics_task = await metrics.serve(config.metrics.host, port, health)
     await stop.wait()
     log.info("stopping", extra={"sessions": sum(1 for s in sessions if s.transport is not None), "grace": grace})
     for server in servers:
@@ -165,12 +181,18 @@ def start(
             "--shutdown-grace", min=0, help="seconds open SMTP sessions get to finish their transaction on SIGTERM"
         ),
     ] = DEFAULT_SHUTDOWN_GRACE,
+    reuse_port: Annotated[
+        bool, typer.Option("--reuse-port", help="share the SMTP ports with other ingest processes (SO_REUSEPORT)")
+    ] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="serve /metrics here instead of metrics.ingest_port")
+    ] = None,
 ) -> None:
     """Run the SMTP ingest interfaces (what happens without a command)."""
     if ctx.invoked_subcommand is None:
 
         async def run(config: Config, stop: asyncio.Event) -> None:
-            await main(config, stop, shutdown_grace)
+            await main(config, stop, shutdown_grace, reuse_port, metrics_port)
 
         service.run("ingest", run, config)
 

@@ -155,7 +155,7 @@ def measure(name: str, smtp_port: int, sink: SmtpSink, messages: int, sessions: 
     return Result(name, intake, done - start, messages)
 
 
-def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: int) -> Result:
+def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: int, ingest: int = 1) -> Result:
     postgres = PostgresCluster(workdir / "pg", durable=True)
     redis = RedisServer(workdir / "redis")
     nats = NatsServer(workdir / "nats")
@@ -194,7 +194,7 @@ def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: in
         )
         config = load_config(config_path)
         system = System(config_path, config, workdir / "logs")
-        system.start({"default": senders}, with_api=False)
+        system.start({"default": senders}, with_api=False, ingest=ingest)
 
         def cpu_now() -> dict[str, float]:
             cpu = {p.name: _cpu_seconds(p.proc.pid) for p in system.processes if p.proc is not None}
@@ -275,6 +275,7 @@ def main(
     size: Annotated[int, typer.Option("--size", help="message size in bytes")] = 10240,
     senders: Annotated[int, typer.Option(help="sender processes for our default zone")] = 1,
     runs: Annotated[int, typer.Option(min=1, help="runs of each relay, alternating")] = 3,
+    ingest: Annotated[int, typer.Option(min=1, help="our ingest processes, sharing the SMTP port")] = 1,
 ) -> None:
     """Push the same load through ZoneMTA-py and through Postfix; print rates, CPU and ratios."""
     print(f"load: {messages} messages of {size} bytes over {sessions} sessions (smtp-source -> relay -> smtp-sink)")
@@ -285,7 +286,7 @@ def main(
         workdir = Path(tempfile.mkdtemp(prefix="zmta-bench-"))
         workdir.chmod(0o755)
         try:
-            ours.append(run_ours(workdir / "ours", messages, sessions, size, senders))
+            ours.append(run_ours(workdir / "ours", messages, sessions, size, senders, ingest))
             _print_run(run, ours[-1])
             theirs.append(run_postfix(workdir, messages, sessions, size))
             _print_run(run, theirs[-1])

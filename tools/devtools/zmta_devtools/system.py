@@ -96,8 +96,9 @@ class System:
         self.processes.append(process)
         return process
 
-    def start(self, senders: dict[str, int] | None = None, with_api: bool = True) -> None:
-        """Start every service; ``senders`` maps zone -> number of sender processes (default 1 each)."""
+    def start(self, senders: dict[str, int] | None = None, with_api: bool = True, ingest: int = 1) -> None:
+        """Start every service; ``senders`` maps zone -> number of sender processes (default 1 each);
+        ``ingest`` processes share the SMTP ports (named ``ingest-0``... when more than one)."""
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         # All at once: the store's migrations take an advisory lock, so the first service to
@@ -109,7 +110,12 @@ class System:
             for _ in range(count):
                 started.append(self.start_sender(zone, wait=False))
         feeder = next(i for i in self.config.smtp_interfaces.values() if i.enabled)
-        started.append(self._spawn("ingest", "zmta_ingest", feeder.port))
+        if ingest == 1:
+            started.append(self._spawn("ingest", "zmta_ingest", feeder.port))
+        for index in range(ingest if ingest > 1 else 0):
+            port = free_port()  # ready when its metrics answer: the SMTP port is shared
+            extra = ("--reuse-port", "--metrics-port", str(port))
+            started.append(self._spawn(f"ingest-{index}", "zmta_ingest", port, *extra))
         if with_api:
             started.append(self._spawn("api", "zmta_api", self.config.api.port))
         for process in started:
