@@ -24,14 +24,15 @@ async def store(infra: Infra) -> AsyncIterator[Store]:
 async def add_message(store: Store, recipients: int, zone: str = "default", chunks: int = 1) -> str:
     message_id = new_queue_id()
     tx = store.begin_intake(message_id)
-    for n in range(chunks - 1):
-        await tx.write_chunk(f"chunk {n}\r\n".encode())
+    leading = [f"chunk {n}\r\n".encode() for n in range(chunks - 1)]
+    for chunk in leading:
+        await tx.write_chunk(chunk)
     await tx.commit(
         NewMessage(
             id=message_id,
             mail_from="s@origin.test",
             headers=b"Subject: t\r\n",
-            body_size=10,
+            body_size=sum(map(len, leading)) + len(b"last\r\n"),
             meta={"id": message_id},
             deliveries=[NewDelivery(seq_for(i), zone, f"r{i}@a.test", "a.test") for i in range(recipients)],
         ),

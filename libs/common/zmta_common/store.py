@@ -746,7 +746,8 @@ class Store:
         """The whole body of a message read with ``get_message(id, prefetched)``."""
         for chunk in message.chunks:
             yield chunk
-        if len(message.chunks) == prefetched:
+        # (The chunks add up to body_size: a message whose prefetch held all of it needs no query.)
+        if len(message.chunks) == prefetched and sum(map(len, message.chunks)) < message.body_size:
             async for chunk in self.iter_body(message.id, start=prefetched):
                 yield chunk
 

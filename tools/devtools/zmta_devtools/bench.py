@@ -38,7 +38,9 @@ import yaml
 
 from zmta_common.config import load_config
 
+from . import sizing
 from .servers import NatsServer, PostgresCluster, RedisServer, find_binary, free_port, wait_for_port
+from .sizing import Sizing
 from .system import System
 
 cli = typer.Typer(add_completion=False)
@@ -51,6 +53,7 @@ class Result:
     e2e_seconds: float
     messages: int
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds used
+    sizing: Sizing | None = None  # ours: what PostgreSQL and NATS did per message
 
     @property
     def intake_rate(self) -> float:
@@ -156,9 +159,9 @@ def measure(name: str, smtp_port: int, sink: SmtpSink, messages: int, sessions: 
 
 
 def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: int, ingest: int = 1) -> Result:
-    postgres = PostgresCluster(workdir / "pg", durable=True)
+    postgres = PostgresCluster(workdir / "pg", durable=True, statements=True)
     redis = RedisServer(workdir / "redis")
-    nats = NatsServer(workdir / "nats")
+    nats = NatsServer(workdir / "nats", monitor=True)
     sink = None
     system = None
     servers = [postgres, redis, nats]
@@ -202,9 +205,12 @@ def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: in
             cpu["nats"] = _cpu_seconds(nats.proc.pid) if nats.proc else 0.0
             return cpu
 
+        assert nats.monitor_port is not None
         idle = cpu_now()  # what starting up cost is not the load's
+        before = sizing.begin(postgres.url, nats.monitor_port)
         result = measure("zonemta-py", config.smtp_interfaces["feeder"].port, sink, messages, sessions, size)
         result.cpu = {name: seconds - idle.get(name, 0.0) for name, seconds in cpu_now().items()}
+        result.sizing = sizing.end(postgres.url, nats.monitor_port, before, messages)
         return result
     finally:
         if system is not None:
@@ -295,6 +301,7 @@ def main(
                 shutil.rmtree(workdir, ignore_errors=True)
         per_process = ", ".join(f"{name} {sec * 1000 / messages:.2f}" for name, sec in ours[-1].cpu.items())
         print(f"     our CPU s/1000 msg by process: {per_process}")
+        _print_sizing(ours[-1].sizing)
     mine, postfix = _medians(ours), _medians(theirs)
     print("medians:")
     for name, (intake, e2e, cpu) in (("zonemta-py", mine), ("postfix", postfix)):
@@ -303,6 +310,24 @@ def main(
         f"ratio ours/postfix (medians): intake {mine[0] / postfix[0]:.2f}, end-to-end {mine[1] / postfix[1]:.2f},"
         f" CPU per message {mine[2] / postfix[2]:.2f}"
     )
+    _print_statements(ours[-1].sizing)
+
+
+def _print_sizing(figures: Sizing | None) -> None:
+    if figures is not None:
+        print(
+            f"     per message: PostgreSQL {figures.statements:.1f} statements, {figures.transactions:.1f} commits,"
+            f" {figures.wal_bytes / 1024:.1f} KiB WAL; NATS {figures.nats_in:.1f} in, {figures.nats_out:.1f} out"
+        )
+
+
+def _print_statements(figures: Sizing | None) -> None:
+    if figures is None:
+        return
+    print("our PostgreSQL statements, last run (per message; pg_stat_statements):")
+    print(f"{'calls':>7} {'mean ms':>8} {'WAL B':>7}  statement")
+    for statement in figures.top:
+        print(f"{statement.calls:>7.2f} {statement.mean_ms:>8.2f} {statement.wal_bytes:>7.0f}  {statement.query}")
 
 
 def _print_run(run: int, result: Result) -> None:

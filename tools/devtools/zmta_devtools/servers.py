@@ -123,13 +123,20 @@ class ChildServer:
 class NatsServer(ChildServer):
     name = "nats"
 
+    def __init__(self, workdir: Path | None = None, port: int | None = None, monitor: bool = False) -> None:
+        super().__init__(workdir, port)
+        self.monitor_port = free_port(self.host) if monitor else None  # HTTP /varz, for benchmarks
+
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         store = self.workdir / "jetstream"
-        return [find_binary("nats-server"), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(store)]
+        command = [find_binary("nats-server"), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(store)]
+        if self.monitor_port is not None:
+            command += ["-m", str(self.monitor_port)]
+        return command
 
 
 class RedisServer(ChildServer):
@@ -170,13 +177,17 @@ def _pg_bin(name: str) -> str:
 
 
 class PostgresCluster(ChildServer):
-    """A throwaway cluster in ``workdir``; ``fsync`` off unless ``durable`` (benchmarks want it on)."""
+    """A throwaway cluster in ``workdir``; ``fsync`` off unless ``durable`` (benchmarks want it
+    on); with ``statements``, pg_stat_statements is loaded (the benchmark's sizing figures)."""
 
     name = "postgres"
 
-    def __init__(self, workdir: Path | None = None, port: int | None = None, durable: bool = False) -> None:
+    def __init__(
+        self, workdir: Path | None = None, port: int | None = None, durable: bool = False, statements: bool = False
+    ) -> None:
         super().__init__(workdir, port)
         self.durable = durable
+        self.statements = statements
         self.data = self.workdir / "data"
         self.sockets = self.workdir / "sock"
         self.log_path = self.data / "server.log"
@@ -223,6 +234,8 @@ class PostgresCluster(ChildServer):
         ]
         if not self.durable:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        if self.statements:
+            options += ["-c shared_preload_libraries=pg_stat_statements", "-c pg_stat_statements.track=all"]
         result = subprocess.run(
             _as_postgres(
                 [
