@@ -4,6 +4,7 @@ recipients, storing."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from dataclasses import dataclass
 from ipaddress import ip_network
@@ -259,3 +260,8 @@ class IngestHandler:
         metrics.message_drop.inc()
         log.warning("store failed", extra={"id": intake.id, "error": repr(exc)})
         return "451 4.3.0 Temporary failure while storing the message, try again later"
+
+
+# aiosmtpd inspects the signature of handle_EHLO on every connection (to tell its two
+# forms apart); a signature kept on the function is read instead of being worked out anew.
+IngestHandler.handle_EHLO.__signature__ = inspect.signature(IngestHandler.handle_EHLO)  # type: ignore[attr-defined]
