@@ -7,7 +7,6 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
-import aiosmtplib
 import pytest
 from redis.asyncio import Redis
 
@@ -15,6 +14,7 @@ from tests.conftest import Infra
 from zmta_common.config import Zone
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
 from zmta_sender.connections import ConnectionPool
+from zmta_sender.smtp_session import SmtpSession
 
 
 @pytest.fixture
@@ -130,10 +130,10 @@ async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis,
     pool = ConnectionPool(limits, idle_ttl=0.05)
     server = next(iter(infra.sinks.values()))
 
-    async def connect() -> aiosmtplib.SMTP:
-        smtp = aiosmtplib.SMTP(hostname=server.host, port=infra.sink_port, start_tls=False)
-        await smtp.connect()
-        return smtp
+    async def connect() -> SmtpSession:
+        return await SmtpSession.connect(
+            server.host, infra.sink_port, source_ip=None, connect_timeout=5, command_timeout=5
+        )
 
     key = (None, "mta.test", server.host, infra.sink_port, "a.test")
     conn = await pool.open("a.test", None, connect)
@@ -142,4 +142,4 @@ async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis,
     await asyncio.sleep(0.1)  # past idle_ttl: stale
     assert await pool.take(key) is None
     assert await limits.acquire_connection("other", "a.test", None, 15)  # freed at once, not in 15 s
-    assert not conn.smtp.is_connected
+    assert not conn.session.usable

@@ -4,7 +4,8 @@ As the original's connection cache, a connection that carried a message is parke
 for a few seconds (``idle_ttl``) unless it has carried ``max_uses`` messages; the
 next delivery from the same local address to the same recipient domain on the same
 server takes it instead of connecting, greeting and negotiating TLS again. A failed
-transaction closes its connection.
+transaction closes its connection, and a parked one is not taken again once the server
+said anything unasked on it (a 421 before hanging up).
 
 Every open connection, busy or parked, holds a slot of its recipient domain (and MX
 host group) in Redis (:class:`~zmta_common.limits.ZoneLimits`), so a domain's
@@ -25,11 +26,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aiosmtplib
-
 from zmta_common.limits import ZoneLimits
 
 from .errors import DeliveryError
+from .smtp_session import SmtpSession
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ SLOT_TTL = 15.0  # seconds a slot lives without renewal (a crashed sender's slot
 
 @dataclass(slots=True)
 class Connection:
-    smtp: aiosmtplib.SMTP
+    session: SmtpSession
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     slot_keys: list[str] = field(default_factory=list)
     uses: int = 0
@@ -76,17 +76,15 @@ class ConnectionPool:
         parked = self._idle.get(key)
         while parked:
             conn = parked.pop()
-            if conn.smtp.is_connected and time.monotonic() - conn.idle_since < self.idle_ttl:
+            if conn.session.usable and time.monotonic() - conn.idle_since < self.idle_ttl:
                 self.reuses += 1
                 return conn
             self._forget(conn)
-            conn.smtp.close()
+            conn.session.close()
             await self._free_slot(conn)
         return None
 
-    async def open(
-        self, domain: str, group: str | None, connect: Callable[[], Awaitable[aiosmtplib.SMTP]]
-    ) -> Connection:
+    async def open(self, domain: str, group: str | None, connect: Callable[[], Awaitable[SmtpSession]]) -> Connection:
         """A new connection, once a slot for ``domain`` (and ``group``) is free."""
         conn_id = uuid.uuid4().hex
         keys: list[str] = []
@@ -98,12 +96,12 @@ class ConnectionPool:
                     raise DeliveryError(f"no free connection slot for {domain} in {self.slot_wait:.0f}s", "rate")
                 await asyncio.sleep(0.1)
         try:
-            smtp = await connect()
+            session = await connect()
         except BaseException:
             if self.limits is not None:
                 await self.limits.release_connection(conn_id, keys)
             raise
-        conn = Connection(smtp, id=conn_id, slot_keys=keys)
+        conn = Connection(session, id=conn_id, slot_keys=keys)
         self._open[conn_id] = conn
         return conn
 
@@ -118,7 +116,7 @@ class ConnectionPool:
         """Park a connection after a successful transaction (or QUIT it when it is used up)."""
         conn.uses += 1
         conn.last_sent = time.monotonic()
-        if conn.uses >= self.max_uses or not conn.smtp.is_connected:
+        if conn.uses >= self.max_uses or not conn.session.usable:
             await self.discard(conn)
             return
         conn.idle_since = time.monotonic()
@@ -127,7 +125,7 @@ class ConnectionPool:
     async def discard(self, conn: Connection) -> None:
         """QUIT (or drop) a connection and free its slot."""
         self._forget(conn)
-        await close(conn.smtp)
+        await conn.session.quit(timeout=5)  # QUIT politely; just dropped when the server is gone or slow
         await self._free_slot(conn)
 
     async def _free_slot(self, conn: Connection) -> None:
@@ -146,7 +144,7 @@ class ConnectionPool:
         parked, self._idle = self._idle, defaultdict(list)
         for key, conns in parked.items():
             for conn in conns:
-                expired = now - conn.idle_since >= self.idle_ttl or not conn.smtp.is_connected
+                expired = now - conn.idle_since >= self.idle_ttl or not conn.session.usable
                 if expired or await self._wanted(conn):
                     await self.discard(conn)
                 else:
@@ -176,12 +174,3 @@ class ConnectionPool:
             for conn in conns:
                 await self.discard(conn)
         self._idle.clear()
-
-
-async def close(smtp: aiosmtplib.SMTP) -> None:
-    """QUIT politely; just drop the socket when the server is gone or slow."""
-    try:
-        if smtp.is_connected:
-            await smtp.quit(timeout=5)
-    except (aiosmtplib.SMTPException, OSError):
-        smtp.close()

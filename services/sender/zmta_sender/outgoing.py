@@ -1,9 +1,9 @@
 """The bytes that go on the wire for one delivery: Received header, headers, body, dot-stuffed.
 
-Dot-stuffing is done here rather than by aiosmtplib because the body is streamed
-from the store in chunks and aiosmtplib only stuffs a whole message held in
-memory. A line that starts with a dot gets a second dot even when the line start
-falls on the edge between two chunks, or between a CR and its LF.
+Dot-stuffing is done here, as the body is streamed from the store in chunks: the
+SMTP session (:mod:`.smtp_session`) writes the chunks as they are. A line that starts
+with a dot gets a second dot even when the line start falls on the edge between two
+chunks, or between a CR and its LF.
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""One delivery attempt over SMTP with aiosmtplib, the body streamed from the store.
-
-aiosmtplib 5.1.3 (pinned) sends DATA only from a message held whole in memory, so
-:func:`stream_data` writes the already dot-stuffed chunks to the protocol itself,
-with back-pressure, and then reads the final reply. That uses the protocol's
-private ``_response_pending`` flag and ``_drain_helper``.
+"""One delivery attempt over SMTP (:class:`~.smtp_session.SmtpSession`), the body streamed from the store.
 
 The addresses of the recipient's MX hosts are tried in order until one takes the
 transaction. Failing to connect (or a 4xx greeting, or TLS that the delivery's
@@ -20,12 +15,10 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiosmtplib
-from aiosmtplib import SMTPResponse
-
 from .connections import Connection, ConnectionPool, PoolKey
 from .errors import DeliveryError
 from .mx import Target
+from .smtp_session import Reply, SmtpBroken, SmtpError, SmtpRefused, SmtpSession
 from .tls import NONE, REQUIRED, TlsOutcome, TlsPolicy, outcome
 
 log = logging.getLogger(__name__)
@@ -75,6 +68,7 @@ class Attempt:
     connect_timeout: float
     command_timeout: float
     tls: TlsPolicy
+    size: int | None = None  # of the message, declared (SIZE=) to a server that takes it
 
 
 @dataclass(slots=True)
@@ -99,7 +93,7 @@ async def deliver(
     for target in targets:
         key: PoolKey = (attempt.source_ip, attempt.ehlo_name, target.ip, target.port, domain)
         reused = await pool.take(key)
-        if reused is not None and not attempt.tls.satisfied_by(outcome(reused.smtp)):
+        if reused is not None and not attempt.tls.satisfied_by(outcome(reused.session)):
             await pool.discard(reused)  # parked before the domain's policy demanded more
             reused = None
         if reused is not None:
@@ -133,16 +127,16 @@ async def _send(
     """One transaction; the connection goes back to the pool if it succeeded, else it is closed."""
     try:
         await pool.pace(conn)
-        tls = outcome(conn.smtp)
-        response = await _transaction(conn.smtp, attempt, target, chunks, tls)
+        tls = outcome(conn.session)
+        response = await _transaction(conn.session, attempt, target, chunks, tls)
     except BaseException:
         await pool.discard(conn)
         raise
     await pool.give(key, conn)
-    return Accepted(target, f"{response.code} {response.message}", tls)
+    return Accepted(target, str(response), tls)
 
 
-async def _connect(attempt: Attempt, target: Target) -> aiosmtplib.SMTP:
+async def _connect(attempt: Attempt, target: Target) -> SmtpSession:
     """Connect, greet and STARTTLS as the delivery's TLS policy says."""
     policy = attempt.tls
     try:
@@ -153,11 +147,13 @@ async def _connect(attempt: Attempt, target: Target) -> aiosmtplib.SMTP:
         return await _opportunistic(attempt, target)
     except TlsFailure as exc:
         raise exc.deferral(policy, target) from None
-    except (ssl.SSLError, aiosmtplib.SMTPException) as exc:
-        raise _as_error(exc, target) from None
+    except SmtpRefused as exc:
+        raise ReplyError(exc.code, exc.text, "connect", target) from None
+    except SmtpBroken as exc:
+        raise DeliveryError(f"{target.host}[{target.ip}]:{target.port}: {exc}", "network") from None
 
 
-async def _opportunistic(attempt: Attempt, target: Target) -> aiosmtplib.SMTP:
+async def _opportunistic(attempt: Attempt, target: Target) -> SmtpSession:
     """Verified TLS if the certificate allows, else unverified TLS, else (once) plain text."""
     contexts = attempt.tls.contexts
     server = f"{target.host}[{target.ip}]:{target.port}"
@@ -177,58 +173,48 @@ async def _opportunistic(attempt: Attempt, target: Target) -> aiosmtplib.SMTP:
 
 async def _open(
     attempt: Attempt, target: Target, context: ssl.SSLContext | None, required: bool = False
-) -> aiosmtplib.SMTP:
+) -> SmtpSession:
     """A greeted session; with ``context``, upgraded by STARTTLS (if offered, or else TlsFailure if ``required``)."""
-    smtp = aiosmtplib.SMTP(
-        hostname=target.ip,
-        port=target.port,
-        local_hostname=attempt.ehlo_name,
-        source_address=(attempt.source_ip, 0) if attempt.source_ip else None,
-        timeout=attempt.command_timeout,
-        start_tls=False,  # done below, so that SNI names the MX host rather than its IP
+    session = await SmtpSession.connect(
+        target.ip,
+        target.port,
+        source_ip=attempt.source_ip,
+        connect_timeout=attempt.connect_timeout,
+        command_timeout=attempt.command_timeout,
     )
     try:
-        await smtp.connect(timeout=attempt.connect_timeout)
-    except OSError as exc:
-        raise DeliveryError(f"{target.host}[{target.ip}]:{target.port}: {exc}", "network") from None
-    try:
-        await smtp.ehlo()
-        if context is not None and smtp.supports_extension("starttls"):
-            await _starttls(smtp, target, context)
-            await smtp.ehlo()  # RFC 3207 §4.2: what the server offers is learnt again over TLS
+        await session.ehlo(attempt.ehlo_name)
+        if context is not None and session.supports("STARTTLS"):
+            await _starttls(session, target, context)
+            await session.ehlo(attempt.ehlo_name)  # RFC 3207 §4.2: what the server offers is learnt again over TLS
         elif required:
             raise TlsFailure("no STARTTLS", offered=False)
     except BaseException:
-        smtp.close()
+        session.close()
         raise
-    return smtp
+    return session
 
 
-async def _starttls(smtp: aiosmtplib.SMTP, target: Target, context: ssl.SSLContext) -> None:
+async def _starttls(session: SmtpSession, target: Target, context: ssl.SSLContext) -> None:
     try:
-        await smtp.starttls(server_hostname=target.host.strip("[]"), tls_context=context)
+        # SNI and the certificate check name the MX host, not the address connected to.
+        await session.starttls(context, server_hostname=target.host.strip("[]"))
     except ssl.SSLCertVerificationError as exc:
         reason = exc.verify_message or exc.reason
         raise TlsFailure(f"certificate verify failed: {reason}", certificate=True) from None
-    except aiosmtplib.SMTPResponseException as exc:
-        raise TlsFailure(f"refused STARTTLS: {exc.code} {exc.message}") from None
-    except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+    except SmtpRefused as exc:
+        raise TlsFailure(f"refused STARTTLS: {exc.code} {exc.text}") from None
+    except (SmtpError, OSError) as exc:  # ssl.SSLError is an OSError
         raise TlsFailure(f"TLS handshake failed: {exc}") from None
 
 
-def _as_error(exc: BaseException, target: Target) -> Exception:
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return ReplyError(exc.code, exc.message, "connect", target)
-    return DeliveryError(f"{target.host}[{target.ip}]:{target.port}: {exc}", "network")
-
-
 async def _transaction(
-    smtp: aiosmtplib.SMTP, attempt: Attempt, target: Target, chunks: ChunkSource, tls: TlsOutcome
-) -> SMTPResponse:
+    session: SmtpSession, attempt: Attempt, target: Target, chunks: ChunkSource, tls: TlsOutcome
+) -> Reply:
     # 8BITMIME declared wherever offered: a body may carry 8-bit text (RFC 6152).
-    options = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") else []
+    options = ["BODY=8BITMIME"] if session.supports("8BITMIME") else []
     if _needs_smtputf8(attempt):
-        if not smtp.supports_extension("smtputf8"):
+        if not session.supports("SMTPUTF8"):
             address = attempt.recipient if not attempt.recipient.isascii() else attempt.mail_from
             raise DeliveryError(
                 f"{target.host}[{target.ip}] does not support SMTPUTF8, which the address <{address}> needs",
@@ -236,35 +222,15 @@ async def _transaction(
                 permanent=True,
             )
         options.append("SMTPUTF8")
-    stage = "mail"
     try:
-        await smtp.mail(attempt.mail_from, options=options, encoding="utf-8")
-        stage = "rcpt"
-        await smtp.rcpt(attempt.recipient, encoding="utf-8")
-        stage = "data"
-        return await stream_data(smtp, chunks(), attempt.command_timeout)
-    except aiosmtplib.SMTPResponseException as exc:
-        raise ReplyError(exc.code, exc.message, stage, target, tls) from None
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        raise ConnectionBroken(f"{target.host}[{target.ip}] during {stage}: {exc}", stage) from None
+        return await session.send(attempt.mail_from, attempt.recipient, chunks(), options, attempt.size)
+    except SmtpRefused as exc:
+        raise ReplyError(exc.code, exc.text, exc.stage, target, tls) from None
+    except SmtpBroken as exc:
+        raise ConnectionBroken(f"{target.host}[{target.ip}] during {exc.stage}: {exc}", exc.stage) from None
+    except OSError as exc:  # reading the body from the store, as before: deferred as a network failure
+        raise ConnectionBroken(f"{target.host}[{target.ip}] during data: {exc}", "data") from None
 
 
 def _needs_smtputf8(attempt: Attempt) -> bool:
     return not (attempt.mail_from.isascii() and attempt.recipient.isascii())
-
-
-async def stream_data(smtp: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeout: float) -> SMTPResponse:
-    """Send DATA with the body streamed from ``chunks`` (already dot-stuffed, end mark included)."""
-    response = await smtp.execute_command(b"DATA", timeout=timeout)
-    if response.code != 354:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    protocol = smtp.protocol
-    assert protocol is not None
-    protocol._response_pending = True  # keep a reply the server sends before we finish
-    async for chunk in chunks:
-        protocol.write(chunk)
-        await protocol._drain_helper()
-    response = await protocol.read_response(timeout=timeout)
-    if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    return response

@@ -25,10 +25,10 @@ import ssl
 import time
 from dataclasses import dataclass
 
-import aiosmtplib
-
 from zmta_common import metrics
 from zmta_common.config import TlsMode
+
+from .smtp_session import SmtpSession
 
 NONE: TlsMode = "none"
 OPPORTUNISTIC: TlsMode = "opportunistic"
@@ -107,10 +107,10 @@ class TlsOutcome:
         delivery_tls.inc(version=self.version, verified="yes" if self.verified else "no", zone=zone)
 
 
-def outcome(smtp: aiosmtplib.SMTP) -> TlsOutcome:
+def outcome(session: SmtpSession) -> TlsOutcome:
     """The TLS state of a connected session."""
-    ssl_object = smtp.get_transport_info("ssl_object") if smtp.is_connected else None
-    if not isinstance(ssl_object, ssl.SSLObject):
+    ssl_object = session.ssl_object
+    if ssl_object is None:
         return TlsOutcome()
     cipher = ssl_object.cipher()
     return TlsOutcome(

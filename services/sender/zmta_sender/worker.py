@@ -282,6 +282,7 @@ class Sender:
             tls, targets = await self._tls(delivery.domain, targets)
             local, targets = self._same_family(local, targets, delivery)
             ehlo_name = local.name if local else self.config.hostname
+            head = await self._head(message, context, ehlo_name)
             attempt = Attempt(
                 mail_from=delivery.mail_from,
                 recipient=delivery.recipient,
@@ -290,9 +291,9 @@ class Sender:
                 connect_timeout=self.zone.connect_timeout,
                 command_timeout=self.zone.command_timeout,
                 tls=tls,
+                size=len(head) + 2 + message.body_size,  # as wire_chunks sends it, less the dot-stuffing
             )
             group = None if self.zone.smarthost else self.zone.mx_group(targets[0].host)
-            head = await self._head(message, context, ehlo_name)
             await self.hooks.run("sender:connect", context, targets[0].host)
             chunks = functools.partial(self._chunks, head, message)
             accepted = await deliver(attempt, targets, chunks, self.connections, group)
