@@ -143,3 +143,29 @@ async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis,
     assert await pool.take(key) is None
     assert await limits.acquire_connection("other", "a.test", None, 15)  # freed at once, not in 15 s
     assert not conn.session.usable
+
+
+async def test_a_connection_taken_while_the_upkeep_runs_is_not_parked_again(redis: Redis, infra: Infra) -> None:
+    """take() frees a stale connection's slot (an await) while the upkeep task goes over the
+    parked connections: the one take() hands out must not stay parked for another delivery."""
+    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 5}}))
+    pool = ConnectionPool(limits, idle_ttl=30)
+    server = next(iter(infra.sinks.values()))
+
+    async def connect() -> SmtpSession:
+        return await SmtpSession.connect(
+            server.host, infra.sink_port, source_ip=None, connect_timeout=5, command_timeout=5
+        )
+
+    key = (None, "mta.test", server.host, infra.sink_port, "a.test")
+    good = await pool.open("a.test", None, connect)
+    await pool.give(key, good)
+    stale = await pool.open("a.test", None, connect)
+    await pool.give(key, stale)  # parked last: found first
+    stale.session.close()  # the server dropped it
+    upkeep = asyncio.create_task(pool.maintain())
+    taken = await pool.take(key)
+    await upkeep
+    assert taken is good
+    assert pool.idle == 0  # in use, so not parked
+    await pool.discard(good)

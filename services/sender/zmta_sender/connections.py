@@ -73,16 +73,23 @@ class ConnectionPool:
         """A parked connection for the same server and domain that is still open, if there is one.
         A stale one found on the way is dropped (no QUIT on this delivery's time), and its slot
         freed at once: it would otherwise hold the domain's limit until the slot expires."""
+        # Chosen before the first await: the upkeep task swaps the parked lists out while
+        # it runs, and a list held across an await could hand out a connection it also has.
         parked = self._idle.get(key)
+        found, stale = None, []
         while parked:
             conn = parked.pop()
             if conn.session.usable and time.monotonic() - conn.idle_since < self.idle_ttl:
-                self.reuses += 1
-                return conn
+                found = conn
+                break
+            stale.append(conn)
+        for conn in stale:
             self._forget(conn)
             conn.session.close()
             await self._free_slot(conn)
-        return None
+        if found is not None:
+            self.reuses += 1
+        return found
 
     async def open(self, domain: str, group: str | None, connect: Callable[[], Awaitable[SmtpSession]]) -> Connection:
         """A new connection, once a slot for ``domain`` (and ``group``) is free."""
