@@ -23,6 +23,7 @@ from typing import NoReturn
 
 MAX_LINE = 8192  # octets in one reply line (RFC 5321 says 512; real servers exceed it)
 MAX_REPLY = 32768  # octets in one whole reply, continuation lines included (EHLO is the longest)
+BODY_WRITE = 64 * 1024  # octets of the body gathered for one write
 _KEYWORD = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)[ =]?(.*)")
 
 
@@ -203,16 +204,29 @@ class SmtpSession:
             raise refusal
 
     async def _body(self, chunks: AsyncIterable[bytes]) -> None:
-        """Each chunk written and drained before the next is taken from the store (back-pressure)."""
+        """The body in writes of at least :data:`BODY_WRITE` octets (small pieces, such as the
+        header block and the end mark, go with their neighbours: one system call for most
+        messages), each drained before more is taken from the store (back-pressure)."""
+        pending: list[bytes] = []
+        size = 0
         async for chunk in chunks:
-            self._write(chunk, "data")
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self._writer.drain()
-            except TimeoutError:
-                self._broken(f"the server took nothing for {self.timeout:g}s", "data")
-            except OSError as exc:
-                self._broken(f"connection lost: {exc}", "data")
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= BODY_WRITE:
+                await self._write_body(pending)
+                pending, size = [], 0
+        if pending:
+            await self._write_body(pending)
+
+    async def _write_body(self, pieces: list[bytes]) -> None:
+        self._write(pieces[0] if len(pieces) == 1 else b"".join(pieces), "data")
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            self._broken(f"the server took nothing for {self.timeout:g}s", "data")
+        except OSError as exc:
+            self._broken(f"connection lost: {exc}", "data")
 
     async def _command(self, command: str, stage: str) -> Reply:
         self._write(_line(command), stage)
