@@ -153,3 +153,14 @@ async def test_messages_that_finish_together_are_committed_together(store: Store
     assert await store.row_counts() == {"messages": 60, "message_chunks": 60, "deliveries": 60}
     body = b"".join([c async for c in store.iter_body(messages[7].id)])
     assert body == b"body\r\n"
+
+
+async def test_messages_of_a_batch_are_read_in_one_go(store: Store) -> None:
+    first = await add_message(store, 1)
+    second = await add_message(store, 2, chunks=2)
+    found = await store.get_messages([second, "1a2b3c4d5e6f700000", first, second], prefetch=1)
+    assert [m.id if m else None for m in found] == [second, None, first, second]
+    assert found[0] is not found[3]  # a plugin may change one delivery's copy, not the other's
+    assert found[0] is not None and found[0].chunks == [b"chunk 0\r\n"]
+    assert found[2] is not None and found[2].chunks == [b"last\r\n"]
+    assert found[2].meta == {"id": first}

@@ -70,6 +70,13 @@ log = logging.getLogger(__name__)
 IDLE_WAIT = 1.0
 # On stop: the part of the grace period (at most) kept for giving back unfinished leases.
 RELEASE_RESERVE = 5.0
+
+
+class Unread:
+    """A message not read with its batch: the delivery reads it itself."""
+
+
+UNREAD = Unread()
 PREFETCH_CHUNKS = 1  # read with the message row: 1 MiB at most (one chunk), all of most messages
 
 
@@ -234,17 +241,29 @@ class Sender:
             log.warning("work request failed", extra={"zone": self.zone_name, "error": repr(exc)})
             return 0
         deliveries = WorkReply.decode(reply.data).deliveries
-        for delivery in deliveries:
-            task = asyncio.create_task(self._deliver(delivery), name=f"deliver:{delivery.id}.{delivery.seq}")
+        messages = await self._messages(deliveries)
+        for delivery, message in zip(deliveries, messages, strict=True):
+            task = asyncio.create_task(self._deliver(delivery, message), name=f"deliver:{delivery.id}.{delivery.seq}")
             self._in_flight.add(task)
             self._unreported[task] = delivery
             task.add_done_callback(self._in_flight.discard)
         return len(deliveries)
 
-    async def _deliver(self, delivery: LeasedDelivery) -> None:
+    async def _messages(self, deliveries: list[LeasedDelivery]) -> list[StoredMessage | Unread | None]:
+        """The messages of a batch of deliveries, read in one query; if that fails, each
+        delivery reads its own (and fails as it would have)."""
+        if not deliveries:
+            return []
+        try:
+            return list(await self.store.get_messages([d.id for d in deliveries], prefetch=PREFETCH_CHUNKS))
+        except Exception as exc:
+            log.warning("messages not read", extra={"zone": self.zone_name, "error": repr(exc)})
+            return [UNREAD] * len(deliveries)
+
+    async def _deliver(self, delivery: LeasedDelivery, message: StoredMessage | Unread | None) -> None:
         started = time.time()
         try:
-            report = await self._attempt(delivery)
+            report = await self._attempt(delivery, message)
         except Exception as exc:  # a bug must not lose the delivery: defer it
             log.exception("delivery crashed", extra={"id": delivery.id, "seq": delivery.seq})
             report = self._report(delivery, DEFERRED, f"451 4.3.0 Internal error: {exc!r}", "other")
@@ -257,8 +276,9 @@ class Sender:
         report.time = started
         await self._publish(report)
 
-    async def _attempt(self, delivery: LeasedDelivery) -> DeliveryReport | None:
-        message = await self.store.get_message(delivery.id, prefetch=PREFETCH_CHUNKS)
+    async def _attempt(self, delivery: LeasedDelivery, message: StoredMessage | Unread | None) -> DeliveryReport | None:
+        if isinstance(message, Unread):
+            message = await self.store.get_message(delivery.id, prefetch=PREFETCH_CHUNKS)
         if message is None:
             log.info("message gone", extra={"id": delivery.id, "seq": delivery.seq, "zone": self.zone_name})
             return None
