@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 Main = Callable[[Config, asyncio.Event], Awaitable[None]]
 
+
+# Collections of the youngest generation after this many allocations (Python's default: 700).
+GC_THRESHOLDS = (20000, 10, 10)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 
@@ -53,6 +57,11 @@ def run(service: str, main: Main, config_path: Path | None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(config, stop)
 
+    # What was made so far (modules, config) lives as long as the process: frozen, the
+    # cyclic garbage collector no longer walks it; and it runs less often, as the garbage
+    # of a message is nearly all freed by reference counting the moment it is dropped.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         # uvloop: the same asyncio API, a faster loop (libuv) for every service.
         uvloop.run(runner())
