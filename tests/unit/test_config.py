@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from zmta_common.config import ConfigError, load_config
+from zmta_common.config import DEFAULT_DOMAIN_CONNECTIONS, ConfigError, Zone, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -82,3 +82,30 @@ def test_dsn_zone_defaults_to_bounces_then_the_default_zone(tmp_path: Path) -> N
     assert load_config(write(tmp_path, "zones:\n  default: {}\n")).dsn_zone == "default"
     with pytest.raises(ConfigError, match=r"bounce\.zone 'nowhere'"):
         load_config(write(tmp_path, "bounce:\n  zone: nowhere\n"))
+
+
+def test_domain_policy_is_merged_field_by_field() -> None:
+    """A domain's own entry, then the "*" entry, then the built-in default, for each field."""
+    zone = Zone.model_validate(
+        {
+            "tls": "none",
+            "domains": {
+                "*": {"tls": "required", "rate": "100/min", "disabled_addresses": ["192.0.2.9"]},
+                "big.test": {"connections": 40},
+                "slow.test": {"rate": "1/min", "tls": "opportunistic"},
+                "Open.Test": {"connections": None},  # explicitly without a limit
+            },
+        }
+    )
+    other = zone.domain_policy("other.test")  # "*" without connections no longer lifts every limit
+    assert (other.connections, other.rate, other.tls) == (DEFAULT_DOMAIN_CONNECTIONS, "100/min", "required")
+    assert other.disabled_addresses == ["192.0.2.9"]
+    big = zone.domain_policy("big.test")  # its own connections, the rest from "*"
+    assert (big.connections, big.rate, big.tls, big.disabled_addresses) == (40, "100/min", "required", ["192.0.2.9"])
+    slow = zone.domain_policy("slow.test")  # an entry without connections keeps the default
+    assert (slow.connections, slow.rate, slow.tls) == (DEFAULT_DOMAIN_CONNECTIONS, "1/min", "opportunistic")
+    assert zone.domain_policy("open.test").connections is None
+    assert zone.tls_mode("slow.test") == "opportunistic"
+    assert zone.tls_mode("other.test") == "required"
+    assert Zone().domain_policy("any.test").connections == DEFAULT_DOMAIN_CONNECTIONS
+    assert Zone(tls="required").tls_mode("any.test") == "required"

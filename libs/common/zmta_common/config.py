@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -222,6 +231,15 @@ class DomainPolicy(Limit):
 DEFAULT_DOMAIN_CONNECTIONS = 5
 
 
+def _merge_policies(*layers: DomainPolicy | None) -> DomainPolicy:
+    """The built-in default, then each layer's explicitly set fields over it."""
+    fields: dict[str, Any] = {"connections": DEFAULT_DOMAIN_CONNECTIONS}
+    for layer in layers:
+        if layer is not None:
+            fields.update({name: getattr(layer, name) for name in layer.model_fields_set})
+    return DomainPolicy.model_validate(fields)
+
+
 class Zone(Section):
     # Parallel deliveries of one sender process for this zone.
     connections: int = Field(default=10, ge=1, le=10000)
@@ -251,22 +269,24 @@ class Zone(Section):
     # Per MX host name pattern ("*.mail.protection.outlook.com"): one limit for all the
     # recipient domains whose best MX host matches, counted together.
     mx_hosts: dict[str, Limit] = Field(default_factory=dict)
+    # domain_policy's merged entries, made on first use ("": every other domain).
+    _merged_policies: dict[str, DomainPolicy] = PrivateAttr(default_factory=dict)
 
     def domain_policy(self, domain: str) -> DomainPolicy:
-        policy = self.domains.get(domain) or self.domains.get("*")
-        if policy is None:
-            return DomainPolicy(connections=DEFAULT_DOMAIN_CONNECTIONS)
-        if policy.connections is None and domain in self.domains and "*" in self.domains:
-            return policy.model_copy(update={"connections": self.domains["*"].connections})
-        return policy
+        """The policy for ``domain``, field by field: what its own entry sets, else what the
+        ``"*"`` entry sets, else the built-in default (:data:`DEFAULT_DOMAIN_CONNECTIONS`
+        connections, nothing else). The one place where the entries are merged."""
+        merged = self._merged_policies
+        if not merged:
+            merged[""] = _merge_policies(self.domains.get("*"))  # every domain without an entry
+            for key, policy in self.domains.items():
+                if key != "*":
+                    merged[key] = _merge_policies(self.domains.get("*"), policy)
+        return merged.get(domain) or merged[""]
 
     def tls_mode(self, domain: str) -> TlsMode:
-        """The TLS mode for ``domain``: its own entry's, else the "*" entry's, else the zone's."""
-        for key in (domain, "*"):
-            policy = self.domains.get(key)
-            if policy is not None and policy.tls is not None:
-                return policy.tls
-        return self.tls
+        """The TLS mode for ``domain``: its policy's (see :meth:`domain_policy`), else the zone's."""
+        return self.domain_policy(domain).tls or self.tls
 
     def mx_group(self, mx_host: str) -> str | None:
         """The ``mx_hosts`` pattern that ``mx_host`` falls under, if any."""
