@@ -12,6 +12,8 @@ import httpx
 from redis.asyncio import Redis
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
+from zmta_common import bus as zbus
+from zmta_common.events import DELIVERED, DeliveryReport, reported_subject
 from zmta_common.limits import PREFIX
 
 
@@ -216,3 +218,42 @@ async def test_a_delivery_longer_than_its_lease_is_not_sent_twice(deploy: Deploy
     await eventually(lambda: _no_rows(d, message_id), what="the row removed")
     await asyncio.sleep(7)  # long enough for a second copy to arrive, if one was sent
     assert len(sink.messages) == 1
+
+
+async def test_a_report_published_twice_is_counted_once(deploy: DeploymentFactory) -> None:
+    """JetStream may hand the queue a report again (a redelivery, or the sender re-publishing
+    it after a lost acknowledgement): its outcome is applied, counted and logged once."""
+    d = await deploy(senders={})
+    ids = [
+        queued_id(await asyncio.to_thread(d.smtp_send, "s@origin.test", [f"{name}@a.test"], b"Subject: x\r\n\r\nx\r\n"))
+        for name in ("twice", "marker")
+    ]
+    leases = {lease.id: lease for lease in await d.store.lease("default", 10, 60, "test-sender")}
+    bus = await zbus.connect(d.nats.url, "test")
+    try:
+        reports = [
+            DeliveryReport(
+                id=i,
+                seq=leases[i].seq,
+                zone="default",
+                lease_token=leases[i].lease_token,
+                status=DELIVERED,
+                response="250 ok",
+            )
+            for i in ids
+        ]
+        # The same report under two message ids (so that JetStream's duplicate filter lets both
+        # through), then another message's report, which is applied after them.
+        for n, report in enumerate([reports[0], reports[0], reports[1]]):
+            await bus.js.publish(reported_subject("default"), report.encode(), headers={"Nats-Msg-Id": f"r{n}"})
+    finally:
+        await bus.close()
+
+    def queue_log() -> str:
+        return d.system.get("queue").tail_log(400)
+
+    # The queue counts an outcome, then logs it: the marker's line follows the duplicate's.
+    await eventually(lambda: f'"id": "{ids[1]}"' in queue_log(), what="the last report applied and logged")
+    metrics = await queue_metrics(d)
+    assert 'zonemta_delivery_status{result="delivered",status="delivered",zone="default"} 2.0' in metrics
+    assert queue_log().count(f'"event": "delivered", "id": "{ids[0]}"') == 1

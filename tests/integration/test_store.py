@@ -105,14 +105,16 @@ async def test_outcomes_respect_lease_tokens_and_remove_finished_messages(store:
         ],
         rejected=[(message_id, "003", stale)],
     )
-    assert await store.apply_outcomes(batch) == []  # the stale rejection removed nothing
+    assert await store.apply_outcomes(batch) == {(message_id, "002")}  # the stale ones changed nothing
     rows = {r.seq: r for r in await store.deliveries_of(message_id)}
     assert rows["001"].attempts == 0  # stale token: untouched
     assert (rows["002"].attempts, rows["002"].last_response, rows["002"].leased) == (1, "451 later", False)
 
     removed = await store.apply_outcomes(OutcomeBatch(rejected=[(message_id, "003", leases["003"].lease_token)]))
-    assert removed == [(message_id, "003")]
-    await store.apply_outcomes(OutcomeBatch(delivered=[(message_id, "001"), (message_id, "002")]))
+    assert removed == {(message_id, "003")}
+    delivered = OutcomeBatch(delivered=[(message_id, "001"), (message_id, "002")])
+    assert await store.apply_outcomes(delivered) == {(message_id, "001"), (message_id, "002")}
+    assert await store.apply_outcomes(delivered) == set()  # a report applied twice counts once
     assert await store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
 
 

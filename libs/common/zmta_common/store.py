@@ -600,27 +600,29 @@ class Store:
 
     # -- outcomes ------------------------------------------------------------
 
-    async def apply_outcomes(self, batch: OutcomeBatch) -> list[tuple[str, str]]:
-        """Apply a batch of results in one transaction; return the rejected rows removed.
+    async def apply_outcomes(self, batch: OutcomeBatch) -> set[tuple[str, str]]:
+        """Apply a batch of results in one transaction; return the (id, seq) of the rows it
+        changed: a result applied before (a redelivered report) or too late changes none.
 
         Delivered rows go whatever their lease token (the mail *was* delivered); deferred
         and rejected rows change only while the reporter still holds the lease.
         """
-        removed_rejects: list[tuple[str, str]] = []
+        applied: set[tuple[str, str]] = set()
         ids = sorted({d[0] for d in batch.delivered} | {d[0] for d in batch.deferred} | {d[0] for d in batch.rejected})
         if not ids:
-            return removed_rejects
+            return applied
         async with self.pool.acquire() as conn, conn.transaction():
             # Lock the messages first, in id order, so concurrent appliers cannot deadlock
             # and exactly one of them sees the last row of a message go.
             await conn.execute("SELECT 1 FROM messages WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids)
             if batch.delivered:
-                await conn.execute(
+                rows = await conn.fetch(
                     "DELETE FROM deliveries d USING unnest($1::text[], $2::text[]) AS r(id, seq)"
-                    " WHERE d.id = r.id AND d.seq = r.seq",
+                    " WHERE d.id = r.id AND d.seq = r.seq RETURNING d.id, d.seq",
                     [d[0] for d in batch.delivered],
                     [d[1] for d in batch.delivered],
                 )
+                applied.update((r["id"], r["seq"]) for r in rows)
             if batch.rejected:
                 rows = await conn.fetch(
                     "DELETE FROM deliveries d"
@@ -631,9 +633,9 @@ class Store:
                     [d[1] for d in batch.rejected],
                     [uuid.UUID(d[2]) for d in batch.rejected],
                 )
-                removed_rejects = [(r["id"], r["seq"]) for r in rows]
+                applied.update((r["id"], r["seq"]) for r in rows)
             if batch.deferred:
-                await conn.execute(
+                rows = await conn.fetch(
                     """
                     UPDATE deliveries d
                        SET next_attempt = r.next_attempt, attempts = d.attempts + 1,
@@ -643,6 +645,7 @@ class Store:
                       FROM unnest($1::text[], $2::text[], $3::uuid[], $4::timestamptz[],
                                   $5::text[]) AS r(id, seq, token, next_attempt, response)
                      WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token
+                    RETURNING d.id, d.seq
                     """,
                     [d[0] for d in batch.deferred],
                     [d[1] for d in batch.deferred],
@@ -650,12 +653,13 @@ class Store:
                     [d[3] for d in batch.deferred],
                     [d[4] for d in batch.deferred],
                 )
+                applied.update((r["id"], r["seq"]) for r in rows)
             await conn.execute(
                 "DELETE FROM messages m WHERE m.id = ANY($1::text[])"
                 " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = m.id)",
                 ids,
             )
-        return removed_rejects
+        return applied
 
     async def delivery_attempts(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], AttemptHistory]:
         """How often, and since when, each (id, seq) still in the queue has failed."""

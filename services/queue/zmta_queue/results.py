@@ -113,10 +113,15 @@ class ResultApplier:
                 batch.rejected.append((report.id, report.seq, report.lease_token))
         for report in delayed:
             await self._publish_bounce(report, DELAYED)
-        await self.store.apply_outcomes(batch)
+        applied = await self.store.apply_outcomes(batch)
         await self._release(reports)
         rejected_ids = {id(r) for r in rejected}
         for report in reports:
+            if (report.id, report.seq) not in applied:
+                # Applied before (JetStream redelivered the report), overtaken, or its bounce
+                # not published: not counted, so that each outcome is counted once.
+                log.info("outcome not applied", extra={"id": report.id, "seq": report.seq, "status": report.status})
+                continue
             status = REJECTED if id(report) in rejected_ids else report.status
             metrics.count_delivery(status, report.zone)
             entry = {
