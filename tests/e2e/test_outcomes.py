@@ -257,3 +257,23 @@ async def test_a_report_published_twice_is_counted_once(deploy: DeploymentFactor
     metrics = await queue_metrics(d)
     assert 'zonemta_delivery_status{result="delivered",status="delivered",zone="default"} 2.0' in metrics
     assert queue_log().count(f'"event": "delivered", "id": "{ids[0]}"') == 1
+
+
+async def test_reports_come_back_well_inside_the_lease(deploy: DeploymentFactory) -> None:
+    """A report the queue fetched and never acknowledged (killed in between) is handed out
+    again long before the lease it reports on runs out."""
+    d = await deploy({"queue": {"lease_time": 12}}, senders={})
+    bus = await zbus.connect(d.nats.url, "test")
+    try:
+
+        async def consumer_ack_wait() -> float | None:
+            try:
+                info = await bus.js.consumer_info("ZMTA_RESULTS", "zmta-queue")
+            except Exception:  # not created yet
+                return None
+            return info.config.ack_wait
+
+        ack_wait = await eventually(consumer_ack_wait, what="the queue's results consumer")
+    finally:
+        await bus.close()
+    assert ack_wait == 4.0  # a third of the lease

@@ -41,6 +41,8 @@ from zmta_common.store import AttemptHistory, OutcomeBatch, Store
 
 log = logging.getLogger(__name__)
 
+REPORT_ACK_WAIT = 60.0  # seconds, at most (see ResultApplier.ack_wait)
+
 CONSUMER = "zmta-queue"
 
 
@@ -63,7 +65,15 @@ class ResultApplier:
         self.batch = batch
 
     async def run(self, stop: asyncio.Event) -> None:
-        await consume(self.js, STREAM_RESULTS, CONSUMER, self.apply, stop, batch=self.batch)
+        await consume(self.js, STREAM_RESULTS, CONSUMER, self.apply, stop, batch=self.batch, ack_wait=self.ack_wait)
+
+    @property
+    def ack_wait(self) -> float:
+        """How long a fetched report may stay unacknowledged before JetStream hands it out
+        again: well inside the lease it reports on (which the sender stopped renewing when it
+        published the report), so that a queue killed after fetching it does not let the
+        lease expire and the delivery be sent a second time."""
+        return max(1.0, min(REPORT_ACK_WAIT, self.config.queue.lease_time / 3))
 
     async def apply(self, msgs: list[Msg]) -> None:
         reports: list[tuple[Msg, DeliveryReport]] = []
