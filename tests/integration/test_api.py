@@ -73,6 +73,17 @@ async def test_send_raw_without_recipients_is_refused(api: Deployment) -> None:
     assert "No recipients" in response.json()["error"]
 
 
+async def test_send_raw_refuses_a_line_smtp_would_refuse(api: Deployment) -> None:
+    """One rule for both intakes: a line of more than 1000 octets (RFC 5321 4.5.3.1.6)."""
+    head = b"From: s@origin.test\r\nTo: x@a.test\r\nSubject: long\r\n\r\n"
+    async with httpx.AsyncClient(base_url=api.api_url) as client:
+        longest = await client.post("/send-raw", content=head + b"y" * 998 + b"\r\n")
+        too_long = await client.post("/send-raw", content=head + b"y" * 999 + b"\r\n")
+    assert longest.status_code == 200, longest.text
+    assert too_long.status_code == 400
+    assert "Line too long" in too_long.json()["error"]
+
+
 async def test_oversized_bodies_get_413(api: Deployment) -> None:
     big = b"From: s@origin.test\r\nTo: x@a.test\r\n\r\n" + b"x" * 70000
     async with httpx.AsyncClient(base_url=api.api_url) as client:

@@ -151,6 +151,14 @@ async def test_overlong_line_is_refused(ingest: Deployment) -> None:
         wire.send(b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\n")
         code, text = wire.command(b".")
         assert code == 500, text
+        assert "Line too long" in text
+        # The dot added for transparency does not count (RFC 5321 4.5.3.1.6): 998 octets pass.
+        assert wire.command("MAIL FROM:<s@origin.test>")[0] == 250
+        wire.command("RCPT TO:<a@a.test>")
+        assert wire.command("DATA")[0] == 354
+        wire.send(b"Subject: longest\r\n\r\n" + b"." + b"." * 998 + b"\r\n")
+        code, text = wire.command(b".")
+        assert code == 250, text
 
 
 async def test_bare_line_ends_cannot_smuggle_a_second_message(ingest: Deployment) -> None:

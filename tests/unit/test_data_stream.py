@@ -1,4 +1,4 @@
-"""DATA taken in blocks: dot-unstuffing and line lengths across every block edge."""
+"""DATA taken in blocks: the end mark and dot-unstuffing across every block edge."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from zmta_ingest.data_stream import MAX_LINE, DataBody
+from zmta_ingest.data_stream import DataBody
 
 
-def unstuff_in_blocks(body: bytes, cuts: list[int], after: bytes = b"QUIT\r\n") -> tuple[bytes, bool]:
+def unstuff_in_blocks(body: bytes, cuts: list[int], after: bytes = b"QUIT\r\n") -> bytes:
     """Feed ``body``, the end mark and ``after`` cut at ``cuts``; check what follows the
-    end mark is given back whole; return the content and whether a line was too long."""
+    end mark is given back whole; return the content."""
     wire = body + b".\r\n" + after
     stream = DataBody()
     out = b""
@@ -23,7 +23,7 @@ def unstuff_in_blocks(body: bytes, cuts: list[int], after: bytes = b"QUIT\r\n") 
         start = cut
         if rest is not None:
             assert rest + wire[start:] == reference_rest(wire), (rest, bounds[i:])
-            return out, stream.too_long
+            return out
     raise AssertionError("the end mark was not found")
 
 
@@ -31,17 +31,14 @@ def reference_rest(wire: bytes) -> bytes:
     return (b"\r\n" + wire).split(b"\r\n.\r\n", 1)[1]
 
 
-def reference(body: bytes) -> tuple[bytes, bool]:
+def reference(body: bytes) -> bytes:
     """Line by line, as RFC 5321 says it: DATA ends at the first line that is a lone dot,
     lines end at CRLF, a leading dot goes."""
     data = b"\r\n" + body + b".\r\n"
     body = data[2 : data.find(b"\r\n.\r\n") + 2]
     lines = body.split(b"\r\n")
     out = [line[1:] if line.startswith(b".") else line for line in lines]
-    too_long = (
-        any(len(segment) + 1 > MAX_LINE for segment in body.split(b"\n")[:-1]) or len(body.split(b"\n")[-1]) >= MAX_LINE
-    )
-    return b"\r\n".join(out), too_long
+    return b"\r\n".join(out)
 
 
 CASES = [
@@ -78,13 +75,3 @@ def test_random_blocks_of_random_bodies() -> None:
         body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) + b"\r\n"
         cuts = [rng.randint(0, len(body)) for _ in range(rng.randint(0, 6))]
         assert unstuff_in_blocks(body, cuts) == reference(body), (body, cuts)
-
-
-def test_long_blocks_with_lines_near_the_limit() -> None:
-    """Blocks of many lines, where the line-length scan steps from window to window."""
-    rng = random.Random(4)
-    for _ in range(200):
-        lengths = [rng.choice([0, 1, 500, 997, 998, 999, 1000]) for _ in range(rng.randint(1, 12))]
-        body = b"".join(b"z" * n + rng.choice([b"\r\n", b"\n"]) for n in lengths) + b"\r\n"
-        cuts = [rng.randint(0, len(body)) for _ in range(rng.randint(0, 2))]
-        assert unstuff_in_blocks(body, cuts) == reference(body), (lengths, cuts)

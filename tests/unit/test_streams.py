@@ -8,7 +8,7 @@ import dkim
 import pytest
 
 from zmta_common.dkim_hash import BodyHasher
-from zmta_common.intake import LineEndNormaliser
+from zmta_common.intake import MAX_LINE, LineEndNormaliser, LineLimit
 from zmta_sender.outgoing import DotStuffer
 
 BODIES = [
@@ -131,3 +131,25 @@ def test_dot_stuffing_survives_every_chunk_edge(body: bytes) -> None:
 def test_missing_final_crlf_is_added_before_the_end_mark() -> None:
     stuffer = DotStuffer()
     assert stuffer.feed(b"no newline") + stuffer.end() == b"no newline\r\n.\r\n"
+
+
+def line_too_long(text: bytes) -> bool:
+    """As RFC 5321 4.5.3.1.6 says it: a line, its CRLF included, holds at most 1000 octets."""
+    lines = text.split(b"\n")
+    return any(len(line) + 1 > MAX_LINE for line in lines[:-1]) or len(lines[-1]) >= MAX_LINE
+
+
+def test_line_limit_in_pieces_of_any_size() -> None:
+    rng = random.Random(4)
+    for _ in range(300):
+        lengths = [rng.choice([0, 1, 500, 997, 998, 999, 1000, 2500]) for _ in range(rng.randint(1, 12))]
+        text = b"".join(b"z" * n + b"\r\n" for n in lengths)
+        if rng.random() < 0.3:
+            text += b"z" * rng.choice([10, 999, 1000])  # a last line without its line end
+        limit = LineLimit()
+        i = 0
+        while i < len(text):
+            n = rng.choice([1, 3, 999, 1000, 4096, 100000])
+            limit.feed(text[i : i + n])
+            i += n
+        assert limit.exceeded == line_too_long(text), (lengths, len(text))

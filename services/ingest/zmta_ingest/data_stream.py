@@ -1,10 +1,11 @@
-"""The body of a DATA command, taken in blocks: the end mark, dot-unstuffing and line
-lengths with bytes operations over each block, never a Python step per line.
+"""The body of a DATA command, taken in blocks: the end mark and dot-unstuffing with bytes
+operations over each block, never a Python step per line. (Line lengths are the intake's
+rule: :class:`zmta_common.intake.LineLimit`, the same for SMTP and HTTP.)
 
 One search for ``<CRLF>.`` over a block finds both what ends DATA (``<CRLF>.<CRLF>``) and
 every stuffed dot; in ordinary text it finds nothing and the block passes as it is.
 Across block edges only what can straddle one is carried: the last four octets (a
-prefix of the end mark) and the length of the line in progress.
+prefix of the end mark).
 
 The rules kept (RFC 5321 4.5.2 and 4.5.3.1.6):
 
@@ -13,29 +14,21 @@ The rules kept (RFC 5321 4.5.2 and 4.5.3.1.6):
 * A dot at the start of a line, after a CRLF (or at the start of DATA), is removed. A dot
   after a bare LF or CR is content: only CRLF ends a line here, as only
   ``<CRLF>.<CRLF>`` ends DATA.
-* A line may hold 1000 octets with its CRLF. Lines are measured between LFs, so a bare LF,
-  which the intake turns into a line end, also ends a line for this count.
 """
 
 from __future__ import annotations
 
-MAX_LINE = 1000  # octets, CRLF included
 _LINE_START_DOT = b"\r\n."
 _KEEP = 4  # octets held back at a block's end: the most of the end mark that can be there
 
 
 class DataBody:
     """Feed what the client sends after ``354`` in pieces of any size; :meth:`feed`
-    returns the content (dots unstuffed) and, once the end mark is seen, what followed it.
-
-    :attr:`too_long` tells whether a line was over :data:`MAX_LINE` octets.
-    """
+    returns the content (dots unstuffed) and, once the end mark is seen, what followed it."""
 
     def __init__(self) -> None:
         self._carry = b"\r\n"  # octets not handled yet; DATA starts at a line start
         self._skip = 2  # octets at the start of the carry that are not content (that CRLF)
-        self._line = 0  # octets of the line in progress, before its LF
-        self.too_long = False
 
     def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         """``(content, rest)``: ``rest`` is ``None`` until the end mark, then the octets
@@ -45,47 +38,21 @@ class DataBody:
         pieces: list[bytes] = []
         mark = block.find(_LINE_START_DOT)
         while mark >= 0 and len(block) - mark >= 5:  # else too close to the end to tell
-            pieces.append(self._content(block, start, mark + 2))
+            pieces.append(_slice(block, start, mark + 2))
             if block.startswith(b"\r\n", mark + 3):  # the end mark
                 self._carry, self._skip = b"", 0
                 return b"".join(pieces), block[mark + 5 :]
-            self._measure(block, mark + 2, mark + 3)  # a stuffed dot counts on the wire
             start = mark + 3
             mark = block.find(_LINE_START_DOT, start)
         # The carry may begin with octets already handled (DATA's leading CRLF, a removed
         # dot): they are kept for the search, and skipped as content.
         cut = mark if mark >= 0 else max(0, len(block) - _KEEP)
-        pieces.append(self._content(block, start, cut))
+        pieces.append(_slice(block, start, cut))
         self._carry, self._skip = block[cut:], max(0, start - cut)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces), None
 
-    def _content(self, block: bytes, start: int, stop: int) -> bytes:
-        if stop <= start:
-            return b""
-        self._measure(block, start, stop)
-        return block if start == 0 and stop == len(block) else block[start:stop]
 
-    def _measure(self, block: bytes, start: int, stop: int) -> None:
-        """Track the longest line. Lines are found by looking back from ``MAX_LINE`` octets
-        ahead of a line start for the last LF (``rfind`` in C): none means that line is too
-        long, else the next line starts after it. About one step per ``MAX_LINE`` octets."""
-        if self.too_long:
-            return
-        first = block.find(b"\n", start, stop)
-        if first < 0:
-            self._line += stop - start
-            self.too_long = self._line >= MAX_LINE
-            return
-        # A line of n octets before its LF is n + 1 octets long.
-        if self._line + first - start >= MAX_LINE:
-            self.too_long = True
-            return
-        line_start = first + 1
-        while stop - line_start >= MAX_LINE:
-            last = block.rfind(b"\n", line_start, line_start + MAX_LINE)
-            if last < 0:
-                self.too_long = True
-                return
-            line_start = last + 1
-        last = block.rfind(b"\n", line_start, stop)
-        self._line = stop - (last + 1 if last >= 0 else line_start)
+def _slice(block: bytes, start: int, stop: int) -> bytes:
+    if stop <= start:
+        return b""
+    return block if start == 0 and stop == len(block) else block[start:stop]

@@ -436,16 +436,13 @@ class IngestSMTP(SMTP):
                 if watch is not None:
                     watch.received += len(data)
                 content, rest = body.feed(data)
-                if not body.too_long and failure is None and content:
+                if failure is None and content:
                     failure = await self._feed(intake, content, watch)
                 if rest is not None:
                     reader._buffer[:0] = rest  # type: ignore[attr-defined]
                     break
         finally:
             reader._limit = line_limit  # type: ignore[attr-defined]
-        if body.too_long:
-            await intake.abort()
-            return "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         if failure is not None:
             await intake.abort()
             return self.event_handler.store_failure(intake, failure)
