@@ -588,15 +588,15 @@ class Store:
         )
         return int(result.split()[-1])
 
-    async def holds_lease(self, message_id: str, seq: str, token: str) -> bool:
-        return bool(
-            await self.pool.fetchval(
-                "SELECT 1 FROM deliveries WHERE id = $1 AND seq = $2 AND lease_token = $3",
-                message_id,
-                seq,
-                uuid.UUID(token),
-            )
+    async def leased_recipient(self, message_id: str, seq: str, token: str) -> str | None:
+        """The recipient of a delivery while ``token`` still holds its lease, else None."""
+        recipient: str | None = await self.pool.fetchval(
+            "SELECT recipient FROM deliveries WHERE id = $1 AND seq = $2 AND lease_token = $3",
+            message_id,
+            seq,
+            uuid.UUID(token),
         )
+        return recipient
 
     # -- outcomes ------------------------------------------------------------
 

@@ -187,11 +187,12 @@ class ResultApplier:
 
     async def _publish_bounce(self, report: DeliveryReport, kind: str) -> bool:
         """Publish the bounce (or delay) event of a report that still holds its lease."""
-        if not await self.store.holds_lease(report.id, report.seq, report.lease_token):
+        # The one row of the report: reading every row of the message made the bounces of a
+        # message to n recipients cost n squared.
+        recipient = await self.store.leased_recipient(report.id, report.seq, report.lease_token)
+        if recipient is None:
             return False  # already applied, or the lease passed to another sender
         message = await self.store.get_message(report.id)
-        rows = await self.store.deliveries_of(report.id)
-        recipient = next((r.recipient for r in rows if r.seq == report.seq), "")
         event = BounceEvent(
             id=report.id,
             seq=report.seq,
