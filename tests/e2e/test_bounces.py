@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.e2e.test_outcomes import queued_id
+from zmta_common import bus as zbus
 from zmta_devtools.servers import free_port
 
 SENDER = "sender@b.test"  # b.test's MX is the sink at 127.0.0.3: DSNs arrive there
@@ -234,3 +235,24 @@ async def _gone(d: Deployment, message_id: str) -> bool:
 async def _deferred(d: Deployment, message_id: str, attempts: int) -> list:
     rows = await d.store.deliveries_of(message_id)
     return rows if rows and rows[0].attempts >= attempts else []
+
+
+async def test_a_dsn_refused_for_good_ends_its_bounce_event(deploy: DeploymentFactory, sinks: dict) -> None:
+    """A plugin's 5xx for the DSN (intake hooks run for DSNs too) ends the bounce event: it
+    is not handed out again, so its notifications are not published again and again."""
+    d = await deploy({"plugins": {"tests.dsn_refusing_plugin": {}}})
+    sinks["127.0.0.2"].handler.scripted_rcpt["nobody@a.test"] = ["550 5.1.1 <nobody@a.test>: User unknown"]
+    await send(d, ["nobody@a.test"], "refused dsn")
+
+    def bounce_log() -> str:
+        return d.system.get("bounce").tail_log(400)
+
+    await eventually(lambda: '"event": "dsn refused"' in bounce_log(), what="the DSN refused")
+    bus = await zbus.connect(d.nats.url, "test")
+    try:
+        info = await bus.js.consumer_info("ZMTA_BOUNCES", "zmta-bounce")
+    finally:
+        await bus.close()
+    assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
+    assert bounce_log().count('"event": "dsn refused"') == 1
+    assert "No delivery status notifications here" in bounce_log()

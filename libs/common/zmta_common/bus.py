@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from .events import STREAMS, MessageQueued, queued_subject
+from .events import STREAM_NOTIFY, STREAMS, MessageQueued, queued_subject
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
@@ -59,6 +59,12 @@ async def connect(url: str, name: str) -> Bus:
     return bus
 
 
+# A bounce event is retried for BOUNCE_RETRY_SPAN at most, and each try may publish its
+# notifications again: their stream must recognise them as duplicates for all that time.
+BOUNCE_RETRY_SPAN = 6 * 3600.0
+DUPLICATE_WINDOWS = {STREAM_NOTIFY: BOUNCE_RETRY_SPAN + 3600.0}
+
+
 async def ensure_streams(js: JetStreamContext) -> None:
     for name, subjects in STREAMS.items():
         config = StreamConfig(
@@ -67,7 +73,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             # Publishers set Nats-Msg-Id, so a re-sent event within this window is stored once.
-            duplicate_window=120.0,
+            duplicate_window=DUPLICATE_WINDOWS.get(name, 120.0),
         )
         try:
             await js.add_stream(config)
@@ -84,12 +90,14 @@ async def consume(
     stop: asyncio.Event,
     batch: int = 100,
     ack_wait: float = 60,
+    max_deliver: int = -1,
 ) -> None:
     """Feed batches of a stream's messages to ``handle`` until ``stop`` is set.
 
     A durable pull consumer with explicit acks: ``handle`` acks (or naks) each
     message once its effect is safe, so a message survives a crash of this process.
-    Replicas using the same ``durable`` share the stream's messages.
+    Replicas using the same ``durable`` share the stream's messages. ``max_deliver``
+    bounds the deliveries of one message (-1: no bound).
     """
     # Created or updated here (the server takes a create request for an existing consumer
     # as an update), so a release that adds a subject to a stream reaches old consumers.
@@ -101,6 +109,7 @@ async def consume(
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait,
             max_ack_pending=10000,
+            max_deliver=max_deliver,
             filter_subjects=STREAMS[stream],
         ),
     )

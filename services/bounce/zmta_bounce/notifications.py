@@ -5,6 +5,13 @@ For a failed delivery: the HTTP notifications are put on their own durable strea
 the DSN is queued; for a delayed one only the "delayed" DSN. Each event is
 acknowledged only after all of that is committed, so a crash or a store failure
 leaves it on the stream to be handled again: a DSN may go out twice, never not at all.
+
+An event that cannot be handled is retried with a growing delay (5 s doubling up to 10
+minutes) for about six hours (:data:`MAX_TRIES`), then given up with an error in the log;
+one whose DSN is refused for good (a plugin's 5xx in ``message:headers``,
+``message:store`` or ``queue:route``, which run for DSNs as for any message, or a
+``bounce.zone`` that no longer exists) is given up at once. Its notifications, published
+again by each try, are recognised as duplicates by their stream for longer than that.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from zmta_common.config import Config
 from zmta_common.events import FAILED, NOTIFY_SUBJECT, STREAM_BOUNCES, BounceEvent, Notification, SchemaError
 from zmta_common.headers import HeaderBlock
 from zmta_common.hooks import Hooks, Reject
-from zmta_common.intake import Envelope, MessageIntake
+from zmta_common.intake import Envelope, IntakeError, MessageIntake
 from zmta_common.store import Store
 
 from . import dsn, webhooks
@@ -27,6 +34,9 @@ from . import dsn, webhooks
 log = logging.getLogger(__name__)
 
 CONSUMER = "zmta-bounce"
+FIRST_RETRY = 5.0  # seconds before an event that could not be handled is tried again
+LONGEST_RETRY = 600.0
+MAX_TRIES = 45  # 5 s doubling to 10 minutes: about six hours (bus.BOUNCE_RETRY_SPAN)
 
 
 class BounceConsumer:
@@ -38,7 +48,7 @@ class BounceConsumer:
         self.handled = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await consume(self.bus.js, STREAM_BOUNCES, CONSUMER, self.handle, stop, batch=50)
+        await consume(self.bus.js, STREAM_BOUNCES, CONSUMER, self.handle, stop, batch=50, max_deliver=MAX_TRIES)
 
     async def handle(self, msgs: list[Msg]) -> None:
         for msg in msgs:
@@ -50,12 +60,28 @@ class BounceConsumer:
                 continue
             try:
                 await self.notify(event)
+            except IntakeError as exc:
+                if not exc.reply.startswith("5"):
+                    await self._retry(msg, event, exc)
+                    continue
+                log.error("dsn refused", extra={"id": event.id, "seq": event.seq, "reply": exc.reply})
+                await msg.term()  # for good: trying again would only publish it all again
+                continue
             except Exception as exc:  # the store is down: the event stays on the stream
-                log.warning("bounce not handled yet", extra={"id": event.id, "seq": event.seq, "error": repr(exc)})
-                await msg.nak(delay=5)
+                await self._retry(msg, event, exc)
                 continue
             self.handled += 1
             await msg.ack()
+
+    async def _retry(self, msg: Msg, event: BounceEvent, exc: Exception) -> None:
+        tries = msg.metadata.num_delivered or 1
+        extra = {"id": event.id, "seq": event.seq, "tries": tries, "error": repr(exc)}
+        if tries >= MAX_TRIES:
+            log.error("bounce given up", extra=extra)
+            await msg.term()
+            return
+        log.warning("bounce not handled yet", extra=extra)
+        await msg.nak(delay=min(LONGEST_RETRY, FIRST_RETRY * 2 ** (tries - 1)))
 
     async def notify(self, event: BounceEvent) -> None:
         log.info(
