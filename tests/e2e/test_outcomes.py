@@ -282,3 +282,37 @@ async def test_reports_come_back_well_inside_the_lease(deploy: DeploymentFactory
     finally:
         await bus.close()
     assert ack_wait == 4.0  # a third of the lease
+
+
+async def test_a_lease_is_kept_while_its_report_waits_for_nats(deploy: DeploymentFactory, sinks: dict) -> None:
+    """NATS goes away while a delivery is in DATA and stays away for longer than the lease:
+    the sender keeps the lease until its report is on the stream, so the message is not
+    handed out and sent a second time."""
+    lease_time = 4.0
+    d = await deploy({"queue": {"lease_time": lease_time}})
+    sink = sinks["127.0.0.2"]
+    sink.handler.data_delay = 2.0
+    try:
+        message_id = queued_id(
+            await asyncio.to_thread(d.smtp_send, "s@origin.test", ["once@a.test"], b"Subject: once\r\n\r\nx\r\n")
+        )
+
+        async def leased() -> bool:
+            rows = await d.store.deliveries_of(message_id)
+            return bool(rows) and rows[0].leased
+
+        await eventually(leased, what="the delivery leased")
+        await asyncio.to_thread(d.nats.stop)  # the delivery goes on; its report cannot be published
+        await eventually(lambda: len(sink.messages) == 1, what="the message delivered")
+        # Past a whole lease after the delivery, with NATS still down: the lease still holds.
+        await asyncio.sleep(lease_time * 1.5)
+        assert await leased(), "the lease ran out while the report waited for NATS"
+        await asyncio.to_thread(d.nats.start)
+        await eventually(lambda: _rows_gone(d, message_id), timeout=30, what="the report applied")
+    finally:
+        sink.handler.data_delay = 0.0
+    assert len(sink.messages) == 1
+
+
+async def _rows_gone(d: Deployment, message_id: str) -> bool:
+    return not await d.store.deliveries_of(message_id)

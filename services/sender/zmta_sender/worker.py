@@ -120,6 +120,9 @@ class Sender:
         self._in_flight: set[asyncio.Task[None]] = set()
         # Deliveries whose outcome is not known yet, by task: the leases to give back on stop.
         self._unreported: dict[asyncio.Task[None], LeasedDelivery] = {}
+        # Deliveries whose outcome is known and whose report is not on the stream yet (NATS
+        # may be down): their leases are renewed too, or another sender would send them again.
+        self._publishing: dict[asyncio.Task[None], LeasedDelivery] = {}
         self._wake = asyncio.Event()
 
     @property
@@ -189,7 +192,7 @@ class Sender:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), lease_time / 3)
-            deliveries = list(self._unreported.values())
+            deliveries = [*self._unreported.values(), *self._publishing.values()]
             try:
                 # The domain-limit places too, or the delivery would stop counting against its limit.
                 await self.limits.renew([f"{d.id}.{d.seq}" for d in deliveries], time.time() + lease_time)
@@ -274,7 +277,13 @@ class Sender:
         if report is None:
             return
         report.time = started
-        await self._publish(report)
+        if task is not None:
+            self._publishing[task] = delivery
+        try:
+            await self._publish(report)
+        finally:
+            if task is not None:
+                self._publishing.pop(task, None)
 
     async def _attempt(self, delivery: LeasedDelivery, message: StoredMessage | Unread | None) -> DeliveryReport | None:
         if isinstance(message, Unread):
