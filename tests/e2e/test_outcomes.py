@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from zmta_common import bus as zbus
-from zmta_common.events import DELIVERED, DeliveryReport, reported_subject
+from zmta_common.events import DELIVERED, DeliveryReport, WorkRequest, reported_subject, work_subject
 from zmta_common.limits import PREFIX
 
 
@@ -316,3 +316,32 @@ async def test_a_lease_is_kept_while_its_report_waits_for_nats(deploy: Deploymen
 
 async def _rows_gone(d: Deployment, message_id: str) -> bool:
     return not await d.store.deliveries_of(message_id)
+
+
+async def test_deliveries_whose_work_reply_was_lost_come_back_soon(deploy: DeploymentFactory) -> None:
+    """A sender asks for work and is gone before the answer (or the answer is lost): the
+    deliveries leased for it are free again after the short claim, not after a whole lease."""
+    d = await deploy({"queue": {"lease_time": 120}}, senders={})
+    message_id = queued_id(
+        await asyncio.to_thread(d.smtp_send, "s@origin.test", ["lost@a.test"], b"Subject: lost\r\n\r\nx\r\n")
+    )
+    bus = await zbus.connect(d.nats.url, "test")
+    try:
+        request = WorkRequest(zone="default", sender="gone-sender", max=10, slice_index=0, slice_count=1)
+        # A reply subject nobody listens on: the answer is lost.
+        await bus.nc.publish(work_subject("default"), request.encode(), reply="_INBOX.nobody.listens")
+    finally:
+        await bus.close()
+
+    async def leased() -> bool:
+        rows = await d.store.deliveries_of(message_id)
+        return bool(rows) and rows[0].leased
+
+    await eventually(leased, what="the delivery leased for the lost request")
+    # Free within the claim (15 s), where the lease is 120 s.
+    await eventually(lambda: _not_leased(d, message_id), timeout=30, what="the claim run out")
+
+
+async def _not_leased(d: Deployment, message_id: str) -> bool:
+    rows = await d.store.deliveries_of(message_id)
+    return bool(rows) and not rows[0].leased

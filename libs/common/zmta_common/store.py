@@ -573,20 +573,21 @@ class Store:
         )
         return int(result.split()[-1])
 
-    async def renew_leases(self, leases: Sequence[tuple[str, str, str]], lease_time: float) -> int:
+    async def renew_leases(self, leases: Sequence[tuple[str, str, str]], lease_time: float) -> set[tuple[str, str]]:
         """Extend leases a sender is still working on to ``lease_time`` seconds from now, so
         that a long delivery is not leased to another sender as well. Tuples are (id, seq,
-        lease_token); a lease that has changed hands is left alone. Returns the rows renewed."""
+        lease_token); a lease that has changed hands is left alone. Returns the (id, seq) of
+        the rows renewed."""
         if not leases:
-            return 0
-        result = await self.pool.execute(
+            return set()
+        rows = await self.pool.fetch(
             "UPDATE deliveries d SET lease_expires = now() + make_interval(secs => $4)"
             " FROM unnest($1::text[], $2::text[], $3::uuid[]) AS r(id, seq, token)"
-            " WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token",
+            " WHERE d.id = r.id AND d.seq = r.seq AND d.lease_token = r.token RETURNING d.id, d.seq",
             *_lease_arrays(leases),
             lease_time,
         )
-        return int(result.split()[-1])
+        return {(r["id"], r["seq"]) for r in rows}
 
     async def leased_recipient(self, message_id: str, seq: str, token: str) -> str | None:
         """The recipient of a delivery while ``token`` still holds its lease, else None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 
 # How long the paused zones and domains (from the store, set through the api) are cached.
 PAUSES_TTL = 2.0
+# Deliveries are leased for this long at first (at most queue.lease_time): the sender that
+# gets them extends the lease to queue.lease_time at once. If the reply never reached it
+# (NATS or the sender gone meanwhile), they are free again this soon, not a lease later.
+CLAIM_TIME = 15.0
+# Work requests answered at once (each one's leasing waits on the store and Redis).
+CONCURRENT_REQUESTS = 16
 
 
 class WorkDesk:
@@ -42,11 +49,25 @@ class WorkDesk:
         }
         self._pauses: dict[str, set[str]] = {}  # zone -> paused domains, "" for the whole zone
         self._pauses_read = float("-inf")
+        self._answering: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
     async def start(self, nc: NATS) -> None:
         await nc.subscribe(WORK_SUBJECT_ALL, queue=QUEUE_GROUP_QUEUE, cb=self.on_request)
 
     async def on_request(self, msg: Msg) -> None:
+        """Answer in a task of its own: NATS hands a subscription's messages over one at a
+        time, and one zone's slow leasing must not hold up every other sender."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._answer(msg))
+        self._answering.add(task)
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self._answering.discard(task)
+        self._slots.release()
+
+    async def _answer(self, msg: Msg) -> None:
         try:
             request = WorkRequest.decode(msg.data)
             requester = Slice(request.slice_index, request.slice_count)
@@ -60,7 +81,10 @@ class WorkDesk:
                 deliveries = await self.lease(request, requester)
             except Exception as exc:  # the store or Redis is down: the sender asks again later
                 log.warning("lease failed", extra={"zone": request.zone, "error": repr(exc)})
-        await msg.respond(WorkReply(deliveries=deliveries).encode())
+        try:
+            await msg.respond(WorkReply(deliveries=deliveries).encode())
+        except Exception as exc:  # NATS gone: the claims run out by themselves (CLAIM_TIME)
+            log.warning("work reply not sent", extra={"zone": request.zone, "error": repr(exc)})
 
     async def lease(self, request: WorkRequest, requester: Slice) -> list[LeasedDelivery]:
         """Lease ready deliveries of the requester's slice that fit the zone's limits."""
@@ -70,7 +94,7 @@ class WorkDesk:
         limits = self.limits[request.zone]
         assignment = self.assignments[request.zone]
         want = min(request.max, self.config.queue.max_batch)
-        lease_time = self.config.queue.lease_time
+        lease_time = min(CLAIM_TIME, self.config.queue.lease_time)  # extended by the sender
         alive = await assignment.seen(requester)
         addresses: dict[tuple[str, str], str] = {}
 

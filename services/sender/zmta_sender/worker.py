@@ -243,7 +243,7 @@ class Sender:
         except Exception as exc:  # NATS reconnecting
             log.warning("work request failed", extra={"zone": self.zone_name, "error": repr(exc)})
             return 0
-        deliveries = WorkReply.decode(reply.data).deliveries
+        deliveries = await self._confirm(WorkReply.decode(reply.data).deliveries)
         messages = await self._messages(deliveries)
         for delivery, message in zip(deliveries, messages, strict=True):
             task = asyncio.create_task(self._deliver(delivery, message), name=f"deliver:{delivery.id}.{delivery.seq}")
@@ -251,6 +251,21 @@ class Sender:
             self._unreported[task] = delivery
             task.add_done_callback(self._in_flight.discard)
         return len(deliveries)
+
+    async def _confirm(self, deliveries: list[LeasedDelivery]) -> list[LeasedDelivery]:
+        """Extend the short claims the queue leased with to the whole lease; only what is
+        still ours is delivered. If the store or Redis cannot be reached, nothing is: the
+        claims run out soon and the deliveries are leased again."""
+        if not deliveries:
+            return []
+        lease_time = self.config.queue.lease_time
+        try:
+            await self.limits.renew([f"{d.id}.{d.seq}" for d in deliveries], time.time() + lease_time)
+            ours = await self.store.renew_leases([(d.id, d.seq, d.lease_token) for d in deliveries], lease_time)
+        except Exception as exc:
+            log.warning("leases not confirmed", extra={"zone": self.zone_name, "error": repr(exc)})
+            return []
+        return [d for d in deliveries if (d.id, d.seq) in ours]
 
     async def _messages(self, deliveries: list[LeasedDelivery]) -> list[StoredMessage | Unread | None]:
         """The messages of a batch of deliveries, read in one query; if that fails, each
