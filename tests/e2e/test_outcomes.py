@@ -345,3 +345,29 @@ async def test_deliveries_whose_work_reply_was_lost_come_back_soon(deploy: Deplo
 async def _not_leased(d: Deployment, message_id: str) -> bool:
     rows = await d.store.deliveries_of(message_id)
     return bool(rows) and not rows[0].leased
+
+
+async def test_a_redis_outage_is_not_a_delivery_attempt(deploy: DeploymentFactory, sinks: dict) -> None:
+    """Redis goes away while a delivery is under way: the delivery is given back without an
+    attempt counted (no "delivery crashed", no deferral), and goes out once Redis is back."""
+    d = await deploy({"plugins": {"tests.slow_fetch_plugin": {"seconds": 2.0}}})
+    redis = d.infra.redis
+
+    def sender_log() -> str:
+        return d.system.get("sender-default-0").tail_log(300)
+
+    try:
+        message_id = queued_id(
+            await asyncio.to_thread(d.smtp_send, "s@origin.test", ["slow@a.test"], b"Subject: r\r\n\r\nx\r\n")
+        )
+        await eventually(lambda: '"event": "fetch held"' in sender_log(), what="the delivery held at sender:fetch")
+        await asyncio.to_thread(redis.stop)
+        await eventually(
+            lambda: "redis unavailable, delivery given back" in sender_log(), what="the delivery given back"
+        )
+        (row,) = await d.store.deliveries_of(message_id)
+        assert row.attempts == 0 and row.last_response is None, row
+        assert "delivery crashed" not in sender_log()
+    finally:
+        await asyncio.to_thread(redis.start)
+    await eventually(lambda: len(sinks["127.0.0.2"].messages) == 1, timeout=40, what="delivered after Redis is back")

@@ -26,6 +26,7 @@ import httpx
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from redis.exceptions import RedisError
 
 from zmta_common import local_address
 from zmta_common.bus import Bus
@@ -196,8 +197,11 @@ class Sender:
             try:
                 # The domain-limit places too, or the delivery would stop counting against its limit.
                 await self.limits.renew([f"{d.id}.{d.seq}" for d in deliveries], time.time() + lease_time)
+            except Exception as exc:  # Redis is down: the places may run out (the leases must not)
+                log.warning("in-flight places not renewed", extra={"zone": self.zone_name, "error": repr(exc)})
+            try:
                 await self.store.renew_leases([(d.id, d.seq, d.lease_token) for d in deliveries], lease_time)
-            except Exception as exc:  # the store or Redis is down: leases may expire, as after a crash
+            except Exception as exc:  # the store is down: leases may expire, as after a crash
                 log.warning("leases not renewed", extra={"zone": self.zone_name, "error": repr(exc)})
 
     async def _release(self, deliveries: list[LeasedDelivery]) -> None:
@@ -282,6 +286,15 @@ class Sender:
         started = time.time()
         try:
             report = await self._attempt(delivery, message)
+        except RedisError as exc:
+            # Redis (limits, connection slots, blacklist) is out: no fault of the delivery's,
+            # and no attempt. Its lease goes back; the queue leases nothing until Redis is back.
+            log.warning("redis unavailable, delivery given back", extra={"id": delivery.id, "error": repr(exc)})
+            task = asyncio.current_task()
+            if task is not None:
+                self._unreported.pop(task, None)
+            await self._release([delivery])
+            return
         except Exception as exc:  # a bug must not lose the delivery: defer it
             log.exception("delivery crashed", extra={"id": delivery.id, "seq": delivery.seq})
             report = self._report(delivery, DEFERRED, f"451 4.3.0 Internal error: {exc!r}", "other")
