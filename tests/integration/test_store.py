@@ -166,3 +166,14 @@ async def test_messages_of_a_batch_are_read_in_one_go(store: Store) -> None:
     assert found[0] is not None and found[0].chunks == [b"chunk 0\r\n"]
     assert found[2] is not None and found[2].chunks == [b"last\r\n"]
     assert found[2].meta == {"id": first}
+
+
+async def test_a_commit_that_went_through_is_not_reported_failed(store: Store) -> None:
+    """A commit retried after it went through (the connection lost while the server was
+    committing) finds the message queued and says so, rather than have the client send it
+    again."""
+    message = one_chunk_message(["a@x.test", "b@x.test"])
+    seqs = {d.seq for d in message.deliveries}
+    assert await store.begin_intake(message.id).commit(message, b"body\r\n") == seqs
+    assert await store.begin_intake(message.id).commit(message, b"body\r\n") == seqs
+    assert await store.row_counts() == {"messages": 1, "message_chunks": 1, "deliveries": 2}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from typing import Any
 import asyncpg
 
 from .ids import new_object_id
+
+log = logging.getLogger(__name__)
 
 # Each entry migrates from version i to i + 1. Append only; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -318,7 +322,23 @@ class IntakeTransaction:
 
         Recipients on the suppression list get no delivery row; returns the seqs that got
         one. When none did, nothing of the message is kept.
+
+        A commit can fail after it went through: the connection lost while the server was
+        committing, or a retry of it finding the message already there. The message is then
+        looked for before the failure is passed on, so that a client is not told to send
+        again what is queued already (it would be delivered twice).
         """
+        try:
+            return await self._commit(message, last_chunk)
+        except _UNCERTAIN as exc:
+            kept = await _committed_anyway(self._pool, message.id)
+            if kept is None:
+                raise
+            log.warning("commit failed but went through", extra={"id": message.id, "error": repr(exc)})
+            self._next_seq = 0
+            return kept
+
+    async def _commit(self, message: NewMessage, last_chunk: bytes | None) -> set[str]:
         if self._next_seq == 0:
             if self._group is not None:
                 return await self._group.commit(message, last_chunk)
@@ -341,6 +361,34 @@ class IntakeTransaction:
         # The server may be gone: the orphan is then garbage-collected later.
         with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             await self._pool.execute("DELETE FROM messages WHERE id = $1", self.message_id)
+
+
+# Failures after which a commit may have gone through all the same.
+_UNCERTAIN = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.UniqueViolationError,  # a retry found the message: the first try went through
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+COMMIT_CHECK_TIME = 10.0  # seconds spent finding out, while the server comes back
+
+
+async def _committed_anyway(pool: asyncpg.Pool, message_id: str) -> set[str] | None:
+    """The seqs of a message's deliveries if the message is queued (None if it is not, or
+    if the server cannot say within COMMIT_CHECK_TIME)."""
+    deadline = time.monotonic() + COMMIT_CHECK_TIME
+    while True:
+        try:
+            rows = await pool.fetch(
+                "SELECT d.seq FROM messages m JOIN deliveries d ON d.id = m.id WHERE m.id = $1", message_id
+            )
+            return {r["seq"] for r in rows} or None
+        except _UNCERTAIN:
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.5)
 
 
 async def _commit_one(pool: asyncpg.Pool, message: NewMessage, last_chunk: bytes | None) -> set[str]:
