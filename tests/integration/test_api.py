@@ -115,6 +115,10 @@ async def test_counters_cover_all_zones(api: Deployment) -> None:
         bounces = (await client.get("/counter/zone/bounces")).json()
     assert everything["zone"] == "all"
     assert everything["active"]["rows"] == default["active"]["rows"] >= 2
+    # One entry per zone, keyed by its name, zeros included: what the web admin's home page reads.
+    entries = {e["key"]: e["value"] for e in everything["active"]["entries"]}
+    assert entries == {"bounces": 0, "default": default["active"]["rows"]}
+    assert {e["key"] for e in everything["deferred"]["entries"]} == {"bounces", "default"}
     assert bounces["active"] == {"entries": [], "rows": 0}
     assert default["deferred"]["rows"] == 0
 

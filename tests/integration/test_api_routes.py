@@ -204,6 +204,27 @@ async def test_drop_one_delivery_then_the_message(api: Deployment) -> None:
     assert [c async for c in api.store.iter_body(message_id)] == []
 
 
+async def test_the_web_admins_whole_message_routes(api: Deployment) -> None:
+    """zmta-webadmin sends now and deletes a whole message with an empty seq and a trailing
+    slash, and follows no redirect."""
+    async with httpx.AsyncClient(base_url=api.api_url, follow_redirects=False) as client:
+        message_id = await send(client, {"from": "s@origin.test", "to": ["w1@list.test", "w2@list.test"], "text": "x"})
+        await api.store.pool.execute(
+            "UPDATE deliveries SET next_attempt = now() + interval '1 hour' WHERE id = $1", message_id
+        )
+        send_now = await client.put(f"/message/{message_id}/")
+        ready = await api.store.pool.fetchval(
+            "SELECT count(*) FROM deliveries WHERE id = $1 AND next_attempt <= now()", message_id
+        )
+        without_slash = await client.put(f"/message/{message_id}")
+        deleted = await client.delete(f"/message/{message_id}/")
+    assert (send_now.status_code, send_now.json()) == (200, {"success": True})
+    assert ready == 2
+    assert without_slash.status_code == 200
+    assert (deleted.status_code, deleted.json()) == (200, {"success": True})
+    assert await api.store.get_message(message_id) is None
+
+
 async def test_leased_deliveries_are_neither_dropped_nor_retried(api: Deployment) -> None:
     async with httpx.AsyncClient(base_url=api.api_url) as client:
         message_id = await send(client, {"from": "s@origin.test", "to": "busy@b.test", "text": "x"})

@@ -890,19 +890,22 @@ class Store:
         )
         return [QueuedRow(**dict(r)) for r in rows]
 
-    async def retry_now(self, message_id: str, seq: str) -> tuple[str, str | None]:
-        """Make a delivery ready at once (the original's "send now"), unless a sender holds it.
+    async def retry_now(self, message_id: str, seq: str | None) -> tuple[str, str | None]:
+        """Make a delivery (or, without ``seq``, every delivery of the message) ready at once
+        (the original's "send now"), unless a sender holds it.
 
         Returns ("ready", zone), ("leased", zone) or ("missing", None)."""
         zone = await self.pool.fetchval(
-            "UPDATE deliveries SET next_attempt = now() WHERE id = $1 AND seq = $2"
-            " AND (lease_expires IS NULL OR lease_expires <= now()) RETURNING zone",
+            "WITH ready AS (UPDATE deliveries SET next_attempt = now() WHERE id = $1 AND ($2::text IS NULL OR seq = $2)"
+            " AND (lease_expires IS NULL OR lease_expires <= now()) RETURNING zone) SELECT min(zone) FROM ready",
             message_id,
             seq,
         )
         if zone is not None:
             return "ready", zone
-        zone = await self.pool.fetchval("SELECT zone FROM deliveries WHERE id = $1 AND seq = $2", message_id, seq)
+        zone = await self.pool.fetchval(
+            "SELECT min(zone) FROM deliveries WHERE id = $1 AND ($2::text IS NULL OR seq = $2)", message_id, seq
+        )
         return ("leased", zone) if zone is not None else ("missing", None)
 
     async def drop_deliveries(self, message_id: str, seq: str | None = None) -> tuple[list[tuple[str, str]], int]:

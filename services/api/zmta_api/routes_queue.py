@@ -74,6 +74,8 @@ def router(services: Services) -> APIRouter:
         if zone is not None:
             check_zone(config, zone)
         rows = await store.domain_counts(zone)
+        if zone is None:
+            return _zone_counters(sorted(config.zones), rows)
         active = [{"key": domain, "value": queued} for _, domain, queued, _ in rows if queued]
         deferred = [{"key": domain, "value": waiting} for _, domain, _, waiting in rows if waiting]
         return CounterResponse(
@@ -84,7 +86,8 @@ def router(services: Services) -> APIRouter:
 
     @api.get("/counter/zone/", response_model=CounterResponse)
     async def counter_all() -> CounterResponse:
-        """Queued (active) and deferred rows over all zones, per recipient domain."""
+        """Queued (active) and deferred rows, one entry per zone keyed by its name (zeros
+        included), as the original answers and its web admin's home page reads them."""
         return await counters(None)
 
     @api.get("/counter/zone/{zone}", response_model=CounterResponse, responses=error_responses(404))
@@ -152,18 +155,29 @@ def router(services: Services) -> APIRouter:
         meta["headers"] = HeaderBlock.parse(message.headers).as_list()
         return MessageResponse(meta=meta, messages=[_delivery_view(r) for r in rows])
 
+    async def retry(message_id: str, seq: str | None) -> Success:
+        what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
+        state, zone = await store.retry_now(message_id, seq)
+        if state == "missing" or zone is None:
+            raise ApiError(404, f"{what} is not in the queue", "seq" if seq else "id")
+        if state == "leased":
+            raise ApiError(409, f"{what} is being delivered right now", "seq" if seq else "id")
+        log.info("retry now", extra={"id": message_id, "seq": seq, "zone": zone})
+        await wake(zone)
+        return Success(success=True)
+
     @api.put("/message/{message_id}/{seq}", response_model=Success, responses=error_responses(400, 404, 409))
     async def retry_now(message_id: MessageId, seq: Seq) -> Success:
         """Send now: the delivery is ready at once, whatever its retry schedule said (the
         original's manual retry). 409 while a sender holds it."""
-        state, zone = await store.retry_now(message_id, seq)
-        if state == "missing" or zone is None:
-            raise ApiError(404, f"delivery {message_id}.{seq} is not in the queue", "seq")
-        if state == "leased":
-            raise ApiError(409, f"delivery {message_id}.{seq} is being delivered right now", "seq")
-        log.info("retry now", extra={"id": message_id, "seq": seq, "zone": zone})
-        await wake(zone)
-        return Success(success=True)
+        return await retry(message_id, seq)
+
+    @api.put("/message/{message_id}", response_model=Success, responses=error_responses(400, 404, 409))
+    @api.put("/message/{message_id}/", response_model=Success, include_in_schema=False)
+    async def retry_message(message_id: MessageId) -> Success:
+        """Send now, every delivery of the message that no sender holds (the web admin asks
+        with an empty seq: ``/message/<id>/``)."""
+        return await retry(message_id, None)
 
     async def drop(message_id: str, seq: str | None) -> Success:
         removed, leased = await store.drop_deliveries(message_id, seq)
@@ -183,6 +197,7 @@ def router(services: Services) -> APIRouter:
         return await drop(message_id, seq)
 
     @api.delete("/message/{message_id}", response_model=Success, responses=error_responses(400, 404, 409))
+    @api.delete("/message/{message_id}/", response_model=Success, include_in_schema=False)
     async def drop_message(message_id: MessageId) -> Success:
         """Remove every delivery of the message that no sender holds (no bounce); 409 when all
         that are left are being delivered."""
@@ -285,6 +300,18 @@ def _read_cursor(cursor: str) -> dict[str, Any]:
         key = [moment, *key[1:]]
     data["k"] = key
     return data
+
+
+def _zone_counters(zones: list[str], rows: list[tuple[str, str, int, int]]) -> CounterResponse:
+    active, deferred = dict.fromkeys(zones, 0), dict.fromkeys(zones, 0)
+    for zone, _, queued, waiting in rows:
+        active[zone] = active.get(zone, 0) + queued
+        deferred[zone] = deferred.get(zone, 0) + waiting
+    return CounterResponse(
+        zone="all",
+        active=Counter(entries=[{"key": z, "value": n} for z, n in active.items()], rows=sum(active.values())),
+        deferred=Counter(entries=[{"key": z, "value": n} for z, n in deferred.items()], rows=sum(deferred.values())),
+    )
 
 
 def _ms(value: datetime | None) -> int:
