@@ -37,6 +37,21 @@ async def test_routes_in_the_originals_shapes(d: Deployment) -> None:
     assert both.status_code == 400
 
 
+async def test_the_web_admins_suppression_form(d: Deployment) -> None:
+    """zmta-webadmin posts both fields, the one it does not use empty, as JSON or as a form."""
+    async with httpx.AsyncClient(base_url=d.api_url) as api:
+        as_json = await api.post("/suppressionlist", json={"address": "Admin@A.test", "domain": ""})
+        as_form = await api.post("/suppressionlist", data={"address": "", "domain": "Form.test"})
+        unknown_field = await api.post("/suppressionlist", json={"mailbox": "x@a.test"})
+        not_json = await api.post("/suppressionlist", content=b"{", headers={"Content-Type": "application/json"})
+    assert as_json.status_code == 200, as_json.text
+    assert as_json.json()["suppressed"]["address"] == "admin@a.test"
+    assert as_form.status_code == 200, as_form.text
+    assert as_form.json()["suppressed"]["domain"] == "form.test"
+    assert (unknown_field.status_code, unknown_field.json()["field"]) == (400, "mailbox")
+    assert not_json.status_code == 400
+
+
 async def test_suppressed_recipients_are_dropped_at_intake(d: Deployment) -> None:
     async with httpx.AsyncClient(base_url=d.api_url) as api:
         await api.post("/suppressionlist", json={"address": "gone@a.test"})

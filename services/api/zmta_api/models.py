@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class AddressObject(BaseModel):
@@ -131,8 +131,13 @@ class MessageResponse(BaseModel):
 
 class SuppressionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    address: str | None = None
-    domain: str | None = None
+    address: str | None = Field(default=None, max_length=1000)
+    domain: str | None = Field(default=None, max_length=1000)
+
+    @field_validator("address", "domain", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value: object) -> object:
+        return None if value == "" else value
 
 
 class SuppressionList(BaseModel):

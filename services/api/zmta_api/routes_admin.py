@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from zmta_common import metrics
 from zmta_common.addresses import address_error
@@ -48,9 +50,17 @@ def router(services: Services) -> APIRouter:
         """Suppressed addresses and domains, newest first: mail to them is dropped silently."""
         return SuppressionList(suppressed=await store.list_suppressions())
 
-    @api.post("/suppressionlist", response_model=SuppressionAdded, responses=error_responses(400), tags=["suppression"])
-    async def suppress(entry: SuppressionRequest) -> SuppressionAdded:
-        """Suppress an address (``{"address": ...}``) or a whole domain (``{"domain": ...}``)."""
+    @api.post(
+        "/suppressionlist",
+        response_model=SuppressionAdded,
+        responses=error_responses(400),
+        tags=["suppression"],
+        openapi_extra={"requestBody": _SUPPRESSION_BODY},
+    )
+    async def suppress(request: Request) -> SuppressionAdded:
+        """Suppress an address (``{"address": ...}``) or a whole domain (``{"domain": ...}``),
+        as JSON or as a form; an empty field counts as absent (the web admin sends both)."""
+        entry = await _suppression_request(request)
         if (entry.address is None) == (entry.domain is None):
             raise ApiError(400, "give either an address or a domain", "address")
         if entry.address is not None:
@@ -177,3 +187,31 @@ def _domain(value: str) -> str:
 
 def _pause_view(entry: Pause) -> PauseEntry:
     return PauseEntry(zone=entry.zone, domain=entry.domain, created=iso(entry.created))
+
+
+_SUPPRESSION_BODY = {
+    "required": True,
+    "content": {
+        media: {"schema": SuppressionRequest.model_json_schema()}
+        for media in ("application/json", "application/x-www-form-urlencoded")
+    },
+}
+
+
+async def _suppression_request(request: Request) -> SuppressionRequest:
+    """The entry from a JSON or a form body (the original took both)."""
+    body = await request.body()
+    fields: object
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        fields = {key: values[-1] for key, values in parse_qs(body.decode("utf-8", "replace")).items()}
+    else:
+        try:
+            fields = json.loads(body or b"{}")
+        except ValueError:
+            raise ApiError(400, "the body is neither JSON nor a form", "address") from None
+    try:
+        return SuppressionRequest.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "address"
+        raise ApiError(400, f"{field}: {error['msg']}", field) from None
