@@ -46,6 +46,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 MessageId = Annotated[str, Path(pattern=r"^[0-9a-f]{14,24}$", description="queue id of the message")]
 Seq = Annotated[str, Path(pattern=r"^[0-9a-f]{3,8}$", description="seq of the delivery (recipient number, hex)")]
 ZoneName = Annotated[str, Path(max_length=200, description="name of a sending zone")]
+# Where the original takes any value and answers success (its web admin counts on that).
+AnyId = Annotated[str, Path(max_length=200, description="queue id of the message, or seq of the delivery")]
 
 
 def check_zone(config: Config, zone: str) -> None:

@@ -197,6 +197,13 @@ class Success(BaseModel):
     success: bool
 
 
+class Outcome(Success):
+    """Success, and why nothing changed where nothing did: the original answers success all
+    the same on these routes, and its web admin takes anything else for a failure."""
+
+    message: str | None = None
+
+
 class PauseEntry(BaseModel):
     zone: str
     domain: str | None = Field(description="null: the whole zone is paused")

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -19,17 +20,17 @@ from zmta_common.headers import HeaderBlock
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import DeliveryRow, QueuedRow
 
-from .common import ApiError, MessageId, Seq, Services, ZoneName, check_zone, error_responses, iso
+from .common import AnyId, ApiError, MessageId, Services, ZoneName, check_zone, error_responses, iso
 from .models import (
     BlacklistResponse,
     Counter,
     CounterResponse,
     DeferredInfo,
     MessageResponse,
+    Outcome,
     QueuedDelivery,
     QueuedList,
     SkipDomains,
-    Success,
     ZoneEntry,
 )
 
@@ -155,52 +156,58 @@ def router(services: Services) -> APIRouter:
         meta["headers"] = HeaderBlock.parse(message.headers).as_list()
         return MessageResponse(meta=meta, messages=[_delivery_view(r) for r in rows])
 
-    async def retry(message_id: str, seq: str | None) -> Success:
+    async def retry(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
-        state, zone = await store.retry_now(message_id, seq)
+        state, zone = await store.retry_now(message_id, seq) if _well_formed(message_id, seq) else ("missing", None)
         if state == "missing" or zone is None:
-            raise ApiError(404, f"{what} is not in the queue", "seq" if seq else "id")
+            return Outcome(success=True, message=f"{what} is not in the queue")
         if state == "leased":
-            raise ApiError(409, f"{what} is being delivered right now", "seq" if seq else "id")
+            return Outcome(success=True, message=f"{what} is being delivered right now")
         log.info("retry now", extra={"id": message_id, "seq": seq, "zone": zone})
         await wake(zone)
-        return Success(success=True)
+        return Outcome(success=True)
 
-    @api.put("/message/{message_id}/{seq}", response_model=Success, responses=error_responses(400, 404, 409))
-    async def retry_now(message_id: MessageId, seq: Seq) -> Success:
+    # The original answers these with success whatever happened (a delivery gone already,
+    # held by a sender, an id that cannot be one), and its web admin shows an error page for
+    # any other status: so do we, saying in "message" why nothing changed.
+
+    @api.put("/message/{message_id}/{seq}", response_model=Outcome, response_model_exclude_none=True)
+    async def retry_now(message_id: AnyId, seq: AnyId) -> Outcome:
         """Send now: the delivery is ready at once, whatever its retry schedule said (the
-        original's manual retry). 409 while a sender holds it."""
+        original's manual retry); not while a sender holds it."""
         return await retry(message_id, seq)
 
-    @api.put("/message/{message_id}", response_model=Success, responses=error_responses(400, 404, 409))
-    @api.put("/message/{message_id}/", response_model=Success, include_in_schema=False)
-    async def retry_message(message_id: MessageId) -> Success:
+    @api.put("/message/{message_id}", response_model=Outcome, response_model_exclude_none=True)
+    @api.put(
+        "/message/{message_id}/", response_model=Outcome, response_model_exclude_none=True, include_in_schema=False
+    )
+    async def retry_message(message_id: AnyId) -> Outcome:
         """Send now, every delivery of the message that no sender holds (the web admin asks
         with an empty seq: ``/message/<id>/``)."""
         return await retry(message_id, None)
 
-    async def drop(message_id: str, seq: str | None) -> Success:
-        removed, leased = await store.drop_deliveries(message_id, seq)
+    async def drop(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
+        removed, leased = await store.drop_deliveries(message_id, seq) if _well_formed(message_id, seq) else ([], 0)
         if not removed:
-            if leased:
-                raise ApiError(409, f"{what} is being delivered right now", "seq" if seq else "id")
-            raise ApiError(404, f"{what} is not in the queue", "seq" if seq else "id")
+            why = "is being delivered right now" if leased else "is not in the queue"
+            return Outcome(success=True, message=f"{what} {why}")
         for removed_seq, zone in removed:
             log.info("dropped by api", extra={"id": message_id, "seq": removed_seq, "zone": zone})
-        return Success(success=True)
+        return Outcome(success=True)
 
-    @api.delete("/message/{message_id}/{seq}", response_model=Success, responses=error_responses(400, 404, 409))
-    async def drop_delivery(message_id: MessageId, seq: Seq) -> Success:
-        """Remove one delivery (no bounce), unless a sender holds it (409); the message goes
-        with its last delivery."""
+    @api.delete("/message/{message_id}/{seq}", response_model=Outcome, response_model_exclude_none=True)
+    async def drop_delivery(message_id: AnyId, seq: AnyId) -> Outcome:
+        """Remove one delivery (no bounce), unless a sender holds it; the message goes with
+        its last delivery."""
         return await drop(message_id, seq)
 
-    @api.delete("/message/{message_id}", response_model=Success, responses=error_responses(400, 404, 409))
-    @api.delete("/message/{message_id}/", response_model=Success, include_in_schema=False)
-    async def drop_message(message_id: MessageId) -> Success:
-        """Remove every delivery of the message that no sender holds (no bounce); 409 when all
-        that are left are being delivered."""
+    @api.delete("/message/{message_id}", response_model=Outcome, response_model_exclude_none=True)
+    @api.delete(
+        "/message/{message_id}/", response_model=Outcome, response_model_exclude_none=True, include_in_schema=False
+    )
+    async def drop_message(message_id: AnyId) -> Outcome:
+        """Remove every delivery of the message that no sender holds (no bounce)."""
         return await drop(message_id, None)
 
     @api.get(
@@ -312,6 +319,14 @@ def _zone_counters(zones: list[str], rows: list[tuple[str, str, int, int]]) -> C
         active=Counter(entries=[{"key": z, "value": n} for z, n in active.items()], rows=sum(active.values())),
         deferred=Counter(entries=[{"key": z, "value": n} for z, n in deferred.items()], rows=sum(deferred.values())),
     )
+
+
+_ID = re.compile(r"[0-9a-f]{14,24}")
+_SEQ = re.compile(r"[0-9a-f]{3,8}")
+
+
+def _well_formed(message_id: str, seq: str | None) -> bool:
+    return bool(_ID.fullmatch(message_id)) and (seq is None or bool(_SEQ.fullmatch(seq)))
 
 
 def _ms(value: datetime | None) -> int:
