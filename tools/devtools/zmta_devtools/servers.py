@@ -9,6 +9,7 @@ rspamd with a minimal private configuration.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import os
 import pwd
@@ -27,10 +28,37 @@ class ServerError(RuntimeError):
     pass
 
 
+PORTS_FROM = 20000  # free_port's ports: from here up to the kernel's ephemeral range
+_handed_out: collections.deque[int] = collections.deque(maxlen=4000)  # not handed out again soon
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    """A port free on ``host`` now, for a server about to start. Taken below the kernel's
+    ephemeral range: a port from bind(0) comes from that range, where any outgoing
+    connection may take it as its local port before the server has bound it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ephemeral = _ephemeral_ports_start()
+    if ephemeral - PORTS_FROM >= 1000:
+        for port in random.sample(range(PORTS_FROM, ephemeral), 100):
+            if port in _handed_out:
+                continue  # free now, but a server may be about to bind it
+            with socket.socket(family) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.append(port)
+            return port
+    with socket.socket(family) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_address(port: int, prefix: str = "127.0.8.") -> str:
