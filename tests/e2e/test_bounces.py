@@ -18,7 +18,9 @@ import pytest
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.e2e.test_outcomes import queued_id
+from zmta_bounce.notifications import CONSUMER as BOUNCE_CONSUMER
 from zmta_common import bus as zbus
+from zmta_common.events import STREAM_BOUNCES
 from zmta_devtools.servers import free_port
 
 SENDER = "sender@b.test"  # b.test's MX is the sink at 127.0.0.3: DSNs arrive there
@@ -250,7 +252,7 @@ async def test_a_dsn_refused_for_good_ends_its_bounce_event(deploy: DeploymentFa
     await eventually(lambda: '"event": "dsn refused"' in bounce_log(), what="the DSN refused")
     bus = await zbus.connect(d.nats.url, "test")
     try:
-        info = await bus.js.consumer_info("ZMTA_BOUNCES", "zmta-bounce")
+        info = await bus.js.consumer_info(STREAM_BOUNCES, BOUNCE_CONSUMER)
     finally:
         await bus.close()
     assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)

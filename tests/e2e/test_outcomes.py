@@ -13,8 +13,9 @@ from redis.asyncio import Redis
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from zmta_common import bus as zbus
-from zmta_common.events import DELIVERED, DeliveryReport, WorkRequest, reported_subject, work_subject
+from zmta_common.events import DELIVERED, STREAM_RESULTS, DeliveryReport, WorkRequest, reported_subject, work_subject
 from zmta_common.limits import PREFIX
+from zmta_queue.results import CONSUMER as RESULTS_CONSUMER
 
 
 async def queue_metrics(d: Deployment) -> str:
@@ -273,7 +274,7 @@ async def test_reports_come_back_well_inside_the_lease(deploy: DeploymentFactory
 
         async def consumer_ack_wait() -> float | None:
             try:
-                info = await bus.js.consumer_info("ZMTA_RESULTS", "zmta-queue")
+                info = await bus.js.consumer_info(STREAM_RESULTS, RESULTS_CONSUMER)
             except Exception:  # not created yet
                 return None
             return info.config.ack_wait

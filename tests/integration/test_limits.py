@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from tests.conftest import Infra
 from zmta_common.config import Zone
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
-from zmta_sender.connections import ConnectionPool
+from zmta_sender.connections import ConnectionPool, PoolKey
 from zmta_sender.smtp_session import SmtpSession
 
 
@@ -125,9 +125,8 @@ async def test_mx_group_rate_spans_domains(redis: Redis) -> None:
     assert await limits.admit(candidates("b.test", 1, group, start=5), 10, time.time() + 60) == []
 
 
-async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis, infra: Infra) -> None:
-    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 1}}))
-    pool = ConnectionPool(limits, idle_ttl=0.05)
+def sink_session(infra: Infra) -> tuple[Callable[[], Awaitable[SmtpSession]], PoolKey]:
+    """How to open a session to one of the test sinks, and the pool key of such sessions."""
     server = next(iter(infra.sinks.values()))
 
     async def connect() -> SmtpSession:
@@ -135,7 +134,13 @@ async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis,
             server.host, infra.sink_port, source_ip=None, connect_timeout=5, command_timeout=5
         )
 
-    key = (None, "mta.test", server.host, infra.sink_port, "a.test")
+    return connect, (None, "mta.test", server.host, infra.sink_port, "a.test")
+
+
+async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis, infra: Infra) -> None:
+    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 1}}))
+    pool = ConnectionPool(limits, idle_ttl=0.05)
+    connect, key = sink_session(infra)
     conn = await pool.open("a.test", None, connect)
     await pool.give(key, conn)  # parked, holding the domain's only slot
     assert not await limits.acquire_connection("other", "a.test", None, 15)
@@ -150,14 +155,7 @@ async def test_a_connection_taken_while_the_upkeep_runs_is_not_parked_again(redi
     parked connections: the one take() hands out must not stay parked for another delivery."""
     limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 5}}))
     pool = ConnectionPool(limits, idle_ttl=30)
-    server = next(iter(infra.sinks.values()))
-
-    async def connect() -> SmtpSession:
-        return await SmtpSession.connect(
-            server.host, infra.sink_port, source_ip=None, connect_timeout=5, command_timeout=5
-        )
-
-    key = (None, "mta.test", server.host, infra.sink_port, "a.test")
+    connect, key = sink_session(infra)
     good = await pool.open("a.test", None, connect)
     await pool.give(key, good)
     stale = await pool.open("a.test", None, connect)

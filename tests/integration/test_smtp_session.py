@@ -241,6 +241,14 @@ async def connect(server: ScriptedServer, source_ip: str | None = None) -> SmtpS
     return session
 
 
+async def refused_send(server: ScriptedServer) -> tuple[SmtpSession, SmtpRefused]:
+    """Connect and send one message that the server refuses; the session and the refusal."""
+    session = await connect(server)
+    with pytest.raises(SmtpRefused) as refused:
+        await session.send("from@origin.test", "rcpt@session.test", body())
+    return session, refused.value
+
+
 async def body(text: bytes = b"Hello.\r\n.a line with a dot\r\n") -> AsyncIterator[bytes]:
     async def source() -> AsyncIterator[bytes]:
         yield text
@@ -297,11 +305,9 @@ async def test_one_command_per_round_trip_without_pipelining(server: ScriptedSer
 
 async def test_a_refused_recipient_in_a_pipelined_group_sends_no_body(server: ScriptedServer) -> None:
     server.replies["RCPT"] = ["550-5.1.1 No such user\r\n550 5.1.1 Really not"]
-    session = await connect(server)
-    with pytest.raises(SmtpRefused) as refused:
-        await session.send("from@origin.test", "rcpt@session.test", body())
-    assert (refused.value.stage, refused.value.code) == ("rcpt", 550)
-    assert refused.value.text == "5.1.1 No such user\n5.1.1 Really not"
+    session, refusal = await refused_send(server)
+    assert (refusal.stage, refusal.code) == ("rcpt", 550)
+    assert refusal.text == "5.1.1 No such user\n5.1.1 Really not"
     # DATA's 554 was read and dropped: the session is in step, and RSET makes it ready for another.
     assert session.usable
     await session.rset()
@@ -320,10 +326,8 @@ async def test_a_refused_recipient_then_no_usable_reply_to_data(server: Scripted
         server.replies["DATA"] = ["354 go ahead anyway"]
     else:
         server.hang_up = ["DATA"]
-    session = await connect(server)
-    with pytest.raises(SmtpRefused) as refused:
-        await session.send("from@origin.test", "rcpt@session.test", body())
-    assert (refused.value.stage, refused.value.code) == ("rcpt", 550)
+    session, refusal = await refused_send(server)
+    assert (refusal.stage, refusal.code) == ("rcpt", 550)
     assert not session.usable
     await asyncio.sleep(0.05)
     assert server.commands[-1] == "DATA" and server.messages == []
@@ -334,10 +338,8 @@ async def test_a_refused_sender_is_refused_at_mail(server: ScriptedServer, pipel
     if not pipelining:
         server.extensions.remove("PIPELINING")
     server.replies["MAIL"] = ["451 4.3.0 Try later"]
-    session = await connect(server)
-    with pytest.raises(SmtpRefused) as refused:
-        await session.send("from@origin.test", "rcpt@session.test", body())
-    assert (refused.value.stage, refused.value.code, refused.value.text) == ("mail", 451, "4.3.0 Try later")
+    session, refusal = await refused_send(server)
+    assert (refusal.stage, refusal.code, refusal.text) == ("mail", 451, "4.3.0 Try later")
     mail = "MAIL FROM:<from@origin.test>"
     assert server.commands[1:] == ([mail, *ENVELOPE[1:]] if pipelining else [mail])
     assert server.messages == []
@@ -346,21 +348,17 @@ async def test_a_refused_sender_is_refused_at_mail(server: ScriptedServer, pipel
 
 async def test_a_refused_data_command_is_refused_at_data(server: ScriptedServer) -> None:
     server.replies["DATA"] = ["452 4.3.1 Insufficient system storage"]
-    session = await connect(server)
-    with pytest.raises(SmtpRefused) as refused:
-        await session.send("from@origin.test", "rcpt@session.test", body())
-    assert (refused.value.stage, refused.value.code) == ("data", 452)
+    session, refusal = await refused_send(server)
+    assert (refusal.stage, refusal.code) == ("data", 452)
     assert server.commands[-1] == "DATA" and server.messages == []
     session.close()
 
 
 async def test_a_final_refusal_after_the_body_is_refused_at_data(server: ScriptedServer) -> None:
     server.replies["BODY"] = ["554-5.7.1 Message refused\r\n554 5.7.1 as spam"]
-    session = await connect(server)
-    with pytest.raises(SmtpRefused) as refused:
-        await session.send("from@origin.test", "rcpt@session.test", body())
-    assert (refused.value.stage, refused.value.code) == ("data", 554)
-    assert refused.value.text == "5.7.1 Message refused\n5.7.1 as spam"
+    session, refusal = await refused_send(server)
+    assert (refusal.stage, refusal.code) == ("data", 554)
+    assert refusal.text == "5.7.1 Message refused\n5.7.1 as spam"
     assert len(server.messages) == 1  # the body went
     session.close()
 

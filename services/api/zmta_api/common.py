@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -43,11 +44,19 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # Queue ids (ids.new_queue_id) and delivery seqs (ids.seq_for), as path parameters.
-MessageId = Annotated[str, Path(pattern=r"^[0-9a-f]{14,24}$", description="queue id of the message")]
-Seq = Annotated[str, Path(pattern=r"^[0-9a-f]{3,8}$", description="seq of the delivery (recipient number, hex)")]
+ID_PATTERN = r"[0-9a-f]{14,24}"  # a queue id
+SEQ_PATTERN = r"[0-9a-f]{3,8}"  # a delivery's seq (recipient number, hex)
+MessageId = Annotated[str, Path(pattern=f"^{ID_PATTERN}$", description="queue id of the message")]
 ZoneName = Annotated[str, Path(max_length=200, description="name of a sending zone")]
 # Where the original takes any value and answers success (its web admin counts on that).
 AnyId = Annotated[str, Path(max_length=200, description="queue id of the message, or seq of the delivery")]
+
+
+def well_formed(message_id: str, seq: str | None = None) -> bool:
+    """Whether ``message_id`` (and ``seq``) can be a queue id (and a seq) at all."""
+    return re.fullmatch(ID_PATTERN, message_id) is not None and (
+        seq is None or re.fullmatch(SEQ_PATTERN, seq) is not None
+    )
 
 
 def check_zone(config: Config, zone: str) -> None:

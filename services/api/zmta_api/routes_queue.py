@@ -7,7 +7,6 @@ import base64
 import binascii
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -20,7 +19,7 @@ from zmta_common.headers import HeaderBlock
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import DeliveryRow, QueuedRow
 
-from .common import AnyId, ApiError, MessageId, Services, ZoneName, check_zone, error_responses, iso
+from .common import AnyId, ApiError, MessageId, Services, ZoneName, check_zone, error_responses, iso, well_formed
 from .models import (
     BlacklistResponse,
     Counter,
@@ -158,7 +157,7 @@ def router(services: Services) -> APIRouter:
 
     async def retry(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
-        state, zone = await store.retry_now(message_id, seq) if _well_formed(message_id, seq) else ("missing", None)
+        state, zone = await store.retry_now(message_id, seq) if well_formed(message_id, seq) else ("missing", None)
         if state == "missing" or zone is None:
             return Outcome(success=True, message=f"{what} is not in the queue")
         if state == "leased":
@@ -188,7 +187,7 @@ def router(services: Services) -> APIRouter:
 
     async def drop(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
-        removed, leased = await store.drop_deliveries(message_id, seq) if _well_formed(message_id, seq) else ([], 0)
+        removed, leased = await store.drop_deliveries(message_id, seq) if well_formed(message_id, seq) else ([], 0)
         if not removed:
             why = "is being delivered right now" if leased else "is not in the queue"
             return Outcome(success=True, message=f"{what} {why}")
@@ -319,14 +318,6 @@ def _zone_counters(zones: list[str], rows: list[tuple[str, str, int, int]]) -> C
         active=Counter(entries=[{"key": z, "value": n} for z, n in active.items()], rows=sum(active.values())),
         deferred=Counter(entries=[{"key": z, "value": n} for z, n in deferred.items()], rows=sum(deferred.values())),
     )
-
-
-_ID = re.compile(r"[0-9a-f]{14,24}")
-_SEQ = re.compile(r"[0-9a-f]{3,8}")
-
-
-def _well_formed(message_id: str, seq: str | None) -> bool:
-    return bool(_ID.fullmatch(message_id)) and (seq is None or bool(_SEQ.fullmatch(seq)))
 
 
 def _ms(value: datetime | None) -> int:
