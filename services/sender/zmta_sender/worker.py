@@ -284,34 +284,31 @@ class Sender:
 
     async def _deliver(self, delivery: LeasedDelivery, message: StoredMessage | Unread | None) -> None:
         started = time.time()
+        task = asyncio.current_task()
+        assert task is not None  # (_take_work runs each delivery as a task of its own)
         try:
             report = await self._attempt(delivery, message)
         except RedisError as exc:
             # Redis (limits, connection slots, blacklist) is out: no fault of the delivery's,
             # and no attempt. Its lease goes back; the queue leases nothing until Redis is back.
             log.warning("redis unavailable, delivery given back", extra={"id": delivery.id, "error": repr(exc)})
-            task = asyncio.current_task()
-            if task is not None:
-                self._unreported.pop(task, None)
+            self._unreported.pop(task, None)
             await self._release([delivery])
             return
         except Exception as exc:  # a bug must not lose the delivery: defer it
             log.exception("delivery crashed", extra={"id": delivery.id, "seq": delivery.seq})
             report = self._report(delivery, DEFERRED, f"451 4.3.0 Internal error: {exc!r}", "other")
-        # The outcome is known: on stop this delivery is awaited while it reports, never cancelled.
-        task = asyncio.current_task()
-        if task is not None:
-            self._unreported.pop(task, None)
+        # The outcome is known: on stop this delivery is awaited while it reports, never
+        # cancelled; its lease is renewed until the report is on the stream.
+        self._unreported.pop(task, None)
         if report is None:
             return
         report.time = started
-        if task is not None:
-            self._publishing[task] = delivery
+        self._publishing[task] = delivery
         try:
             await self._publish(report)
         finally:
-            if task is not None:
-                self._publishing.pop(task, None)
+            self._publishing.pop(task, None)
 
     async def _attempt(self, delivery: LeasedDelivery, message: StoredMessage | Unread | None) -> DeliveryReport | None:
         if isinstance(message, Unread):
