@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
+from zmta_common.limits import Blacklist
 
 
 def send(d: Deployment, rcpts: list[str]) -> None:
@@ -59,11 +60,15 @@ async def test_a_blacklisted_address_is_left_for_another(deploy: DeploymentFacto
     await eventually(lambda: sinks["127.0.0.2"].messages, what="delivery from the other address")
     redis = Redis.from_url(d.config.dbs.redis)
     try:
-        marks = {m.decode() for m in await redis.zrange("zmta:blacklist", 0, -1)}
+        marks = await Blacklist(redis).entries()
     finally:
         await redis.aclose()
-    (first,) = [m for m in marks if m.startswith("a.test|")]
-    assert sinks["127.0.0.2"].messages[0].peer[0] != first.split("|")[1]
+    (first,) = [m for m in marks if m.domain == "a.test"]
+    delivered = sinks["127.0.0.2"].messages[0]
+    assert delivered.peer[0] != first.address
+    # The mark records the delivery and the reply that set it.
+    assert f" id {first.id}.{first.seq}\r\n".encode() in delivered.data
+    assert listed in first.response
 
     # twice@b.test: both addresses listed, so the delivery waits in the queue, not bounced.
     async def waiting() -> bool:

@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from zmta_common import bus as zbus
+from zmta_common import redis_keys
 from zmta_common.events import DELIVERED, STREAM_RESULTS, DeliveryReport, WorkRequest, reported_subject, work_subject
-from zmta_common.limits import PREFIX
 from zmta_queue.results import CONSUMER as RESULTS_CONSUMER
 
 
@@ -212,7 +212,7 @@ async def test_a_delivery_longer_than_its_lease_is_not_sent_twice(deploy: Deploy
     # Past its first lease, the delivery still holds its place under the domain's limit.
     await asyncio.sleep(4)
     redis = Redis.from_url(d.config.dbs.redis)
-    places = await redis.zrange(f"{PREFIX}inflight:default:d:a.test", 0, -1, withscores=True)
+    places = await redis.zrange(redis_keys.inflight_prefix("default") + "d:a.test", 0, -1, withscores=True)
     await redis.aclose()
     assert [(member.decode(), score > time.time()) for member, score in places] == [(f"{message_id}.001", True)]
     await eventually(lambda: sink.messages, timeout=30, what="the slow delivery")

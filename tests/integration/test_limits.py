@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import Infra
-from zmta_common.config import Zone
+from tests.conftest import MANY_DOMAINS, Infra
+from zmta_common import redis_keys
+from zmta_common.config import Dns, Zone
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
+from zmta_common.mx import MxLookup
 from zmta_sender.connections import ConnectionPool, PoolKey
 from zmta_sender.smtp_session import SmtpSession
 
@@ -83,8 +85,23 @@ async def test_mx_group_limit_spans_domains(redis: Redis) -> None:
 
 async def test_group_of_reads_the_senders_dns_cache(redis: Redis) -> None:
     limits = ZoneLimits(redis, "z", zone(mx_hosts={"*.outlook.test": {"connections": 2}}))
-    await redis.set("zmta:dns:a.test", '[["a-test.mail.outlook.test", ["192.0.2.1"]], ["backup.test", []]]')
+    await redis.set(redis_keys.dns("a.test"), '[["a-test.mail.outlook.test", ["192.0.2.1"]], ["backup.test", []]]')
     assert await limits.group_of(["a.test", "unknown.test"]) == {"a.test": "*.outlook.test", "unknown.test": None}
+
+
+async def test_group_of_looks_up_a_domain_no_sender_has_resolved(redis: Redis, infra: Infra) -> None:
+    """A cold burst to a big provider is held to its mx_hosts limit from the first lease:
+    the queue resolves what the senders have not cached yet, and caches it for them."""
+    lookup = MxLookup(Dns(nameservers=["127.0.0.1"], port=infra.dns.port, timeout=2), redis)
+    limits = ZoneLimits(redis, "z", zone(mx_hosts={"mx.many.test": {"connections": 2}}), lookup)
+    cold = [MANY_DOMAINS[0], MANY_DOMAINS[1], "nowhere.invalid"]
+    assert await redis.get(redis_keys.dns(MANY_DOMAINS[0])) is None
+    groups = await limits.group_of(cold)
+    assert groups == {MANY_DOMAINS[0]: "mx.many.test", MANY_DOMAINS[1]: "mx.many.test", "nowhere.invalid": None}
+    assert await redis.get(redis_keys.dns(MANY_DOMAINS[0])) is not None  # the senders find it cached
+    admitted = await limits.admit([Candidate(f"m{d}.001", d, groups[d]) for d in cold], 10, time.time() + 60)
+    assert admitted == [0, 1, 2]
+    assert await limits.admit(candidates(MANY_DOMAINS[2], 1, "mx.many.test"), 10, time.time() + 60) == []
 
 
 async def test_connection_slots(redis: Redis) -> None:

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.conftest import Infra, create_database
+from zmta_common.domains import domain_of
 from zmta_common.ids import new_queue_id, seq_for
-from zmta_common.store import MIGRATIONS, NewDelivery, NewMessage, OutcomeBatch, Store
+from zmta_common.store import MIGRATIONS, NewDelivery, NewMessage, OutcomeBatch, Store, _canonical_domains
 
 
 @pytest.fixture
@@ -177,3 +178,67 @@ async def test_a_commit_that_went_through_is_not_reported_failed(store: Store) -
     assert await store.begin_intake(message.id).commit(message, b"body\r\n") == seqs
     assert await store.begin_intake(message.id).commit(message, b"body\r\n") == seqs
     assert await store.row_counts() == {"messages": 1, "message_chunks": 1, "deliveries": 2}
+
+
+async def test_suppressions_and_pauses_match_every_spelling_of_a_domain(store: Store) -> None:
+    a_label = "xn--exmple-cua.test"
+    await store.add_suppression(address="Jöe@Exämple.test")
+    await store.add_suppression(domain="Strändchen.TEST.")
+    message_id = new_queue_id()
+    recipients = [f"JÖE@{a_label}", "anyone@xn--strndchen-x2a.test", f"kept@{a_label}"]
+    await store.begin_intake(message_id).commit(
+        NewMessage(
+            id=message_id,
+            mail_from="s@origin.test",
+            headers=b"Subject: t\r\n",
+            body_size=6,
+            meta={},
+            deliveries=[NewDelivery(seq_for(i), "default", r, domain_of(r)) for i, r in enumerate(recipients)],
+        ),
+        b"body\r\n",
+    )
+    rows = await store.pool.fetch("SELECT recipient, domain FROM deliveries WHERE id = $1", message_id)
+    assert [(r["recipient"], r["domain"]) for r in rows] == [(f"kept@{a_label}", a_label)]
+
+    # A pause written with the U-label holds the A-label deliveries back, and is lifted by either spelling.
+    await store.add_pause("default", "EXÄMPLE.test")
+    assert [(p.zone, p.domain) for p in await store.list_pauses()] == [("default", a_label)]
+    paused = {p.domain or "" for p in await store.list_pauses()}
+    assert await store.lease("default", 10, 60, "t", skip_domains=list(paused)) == []
+    assert await store.remove_pause("default", a_label)
+
+
+async def test_keys_written_before_the_canonical_form_are_rewritten(infra: Infra) -> None:
+    name = await create_database(infra)
+    store = await Store.connect(f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/{name}", migrate=False)
+    try:
+        earlier = MIGRATIONS.index(_canonical_domains)
+        async with store.pool.acquire() as conn:
+            await conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            for version, step in enumerate(MIGRATIONS[:earlier]):
+                assert isinstance(step, str)
+                await conn.execute(step)
+                await conn.execute("INSERT INTO schema_version VALUES ($1)", version + 1)
+            await conn.execute(
+                "INSERT INTO messages (id, mail_from, headers, body_size, meta) VALUES ('m1', '', '', 0, '{}')"
+            )
+            await conn.execute(
+                "INSERT INTO deliveries (id, seq, zone, recipient, domain)"
+                " VALUES ('m1', '001', 'default', 'a@exämple.test', 'exämple.test')"
+            )
+            await conn.execute("INSERT INTO pauses (zone, domain) VALUES ('default', 'exämple.test')")
+            await conn.execute(
+                "INSERT INTO suppressions (id, address)"
+                " VALUES ('s1', 'jöe@exämple.test'), ('s2', 'jöe@xn--exmple-cua.test')"
+            )
+            await conn.execute("INSERT INTO suppressions (id, domain) VALUES ('s3', 'strändchen.test')")
+        await store.migrate()
+        assert await store.pool.fetchval("SELECT domain FROM deliveries") == "xn--exmple-cua.test"
+        assert await store.pool.fetchval("SELECT domain FROM pauses") == "xn--exmple-cua.test"
+        rows = await store.pool.fetch("SELECT id, coalesce(address, domain) AS key FROM suppressions ORDER BY id")
+        assert [(r["id"], r["key"]) for r in rows] == [
+            ("s2", "jöe@xn--exmple-cua.test"),
+            ("s3", "xn--strndchen-x2a.test"),
+        ]
+    finally:
+        await store.close()

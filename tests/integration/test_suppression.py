@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from tests.conftest import Deployment, DeploymentFactory
+
+ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,21 @@ async def test_routes_in_the_originals_shapes(d: Deployment) -> None:
     assert all("created" in e for e in listing["suppressed"])
     assert (bad.status_code, bad.json()["field"]) == (400, "address")
     assert both.status_code == 400
+
+
+async def test_created_is_written_like_every_other_time_of_the_api(d: Deployment) -> None:
+    """The format of /queued, /pause and /blacklist (JavaScript's toISOString, as the original's
+    JSON writes a Date): UTC, milliseconds, Z."""
+    async with httpx.AsyncClient(base_url=d.api_url) as api:
+        added = (await api.post("/suppressionlist", json={"address": "when@a.test"})).json()["suppressed"]
+        held = (await api.post("/pause/default")).json()["paused"]
+        await api.delete("/pause/default")
+        listing = (await api.get("/suppressionlist")).json()["suppressed"]
+    (entry,) = [e for e in listing if e["id"] == added["id"]]
+    assert ISO.fullmatch(entry["created"]), entry["created"]
+    assert ISO.fullmatch(held["created"])  # the same format as another route's time
+    created = datetime.fromisoformat(entry["created"].replace("Z", "+00:00"))
+    assert abs(created - datetime.now(UTC)) < timedelta(minutes=1)
 
 
 async def test_the_web_admins_suppression_form(d: Deployment) -> None:

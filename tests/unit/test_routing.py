@@ -1,8 +1,9 @@
 import pytest
 
 from zmta_common.config import Config, Zone
+from zmta_common.domains import domain_of
 from zmta_common.headers import HeaderBlock
-from zmta_common.routing import UnknownZoneError, domain_of, route
+from zmta_common.routing import UnknownZoneError, route
 
 
 def make_config() -> Config:

@@ -38,6 +38,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from .domains import canonical_domain
+
 CONFIG_FILE_ENV = "ZMTA_CONFIG_FILE"
 _yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
 
@@ -293,10 +295,21 @@ class Zone(Section):
         host = mx_host.lower().rstrip(".")
         return next((pattern for pattern in self.mx_hosts if fnmatch.fnmatchcase(host, pattern)), None)
 
-    @field_validator("domains", "mx_hosts")
+    @field_validator("domains")
+    @classmethod
+    def _canonical_domains(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {canonical_domain(k): v for k, v in value.items()}
+
+    @field_validator("mx_hosts")
     @classmethod
     def _lower_patterns(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # MX host names come from DNS, so they are A-labels already.
         return {k.strip().lower(): v for k, v in value.items()}
+
+    @field_validator("dkim_fallback_domain", "dkim_platform_domain")
+    @classmethod
+    def _canonical_domain(cls, value: str | None) -> str | None:
+        return canonical_domain(value) if value else value
 
     @field_validator("throttling")
     @classmethod
@@ -317,8 +330,8 @@ class Zone(Section):
 
     @field_validator("sender_domains", "recipient_domains")
     @classmethod
-    def _lower(cls, value: list[str]) -> list[str]:
-        return [d.strip().lower() for d in value]
+    def _canonical_list(cls, value: list[str]) -> list[str]:
+        return [canonical_domain(d) for d in value]
 
     @field_validator("routing_headers")
     @classmethod
@@ -467,8 +480,8 @@ class DkimKey(Section):
 
     @field_validator("domain")
     @classmethod
-    def _lower_domain(cls, value: str) -> str:
-        return value.strip().lower()
+    def _canonical(cls, value: str) -> str:
+        return canonical_domain(value)
 
 
 class Dkim(Section):

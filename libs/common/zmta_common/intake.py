@@ -23,10 +23,11 @@ from email.utils import format_datetime, getaddresses, parsedate_to_datetime
 from .addresses import address_error
 from .config import Config
 from .dkim_hash import BodyHasher
+from .domains import domain_of
 from .headers import HeaderBlock, is_continuation, is_field_start
 from .hooks import Hooks, Reject
 from .ids import new_queue_id, seq_for
-from .routing import ZONE_HEADER, UnknownZoneError, domain_of, route
+from .routing import ZONE_HEADER, UnknownZoneError, route
 from .store import IntakeTransaction, NewDelivery, NewMessage, Store
 
 log = logging.getLogger(__name__)

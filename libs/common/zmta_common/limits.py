@@ -19,33 +19,41 @@ as the original's skipDomains. Blacklisted local addresses live here too, and th
 refused SMTP AUTH attempts per client address (:class:`AuthFailures`).
 
 Every check-and-take is one Lua script, so pods and queue replicas cannot race.
-Key names are built inside the scripts, so this needs one Redis, not a cluster.
+The scripts append domains to key prefixes of :mod:`zmta_common.redis_keys`, so this
+needs one Redis, not a cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
+from . import redis_keys
 from .config import Zone, parse_rate
+from .domains import canonical_domain
+from .mx import DnsFailure, Hosts, MxLookup, parse_hosts
 
-PREFIX = "zmta:"
+# MX lookups the queue runs at once for domains that no sender has resolved yet.
+MX_LOOKUPS = 20
 
-# ARGV: prefix, zone, now, lease_expiry, want, then 9 per candidate:
-# member, domain, group ("" for none), domain connections, domain rate count, domain rate period,
-# group connections, group rate count, group rate period (0 for no limit).
+# ARGV: the zone's skip key, inflight, rate and lease prefixes, now, lease_expiry, want,
+# then 9 per candidate: member, domain, group ("" for none), domain connections, domain
+# rate count, domain rate period, group connections, group rate count, group rate period
+# (0 for no limit).
 _ADMIT = """
-local prefix, zone = ARGV[1], ARGV[2]
-local now, expiry, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local skip_key = prefix .. 'skip:' .. zone
+local skip_key, inflight, rate, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now, expiry, want = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local first = 8
 local admitted = {}
 
 local function room(kind, name, connections)
     if connections <= 0 then return true end
-    local key = prefix .. 'inflight:' .. zone .. ':' .. kind .. ':' .. name
+    local key = inflight .. kind .. ':' .. name
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     return redis.call('ZCARD', key) < connections
 end
@@ -54,23 +62,23 @@ local function next_tat(kind, name, count, period)
     -- GCRA: nil when over the rate, else the new theoretical arrival time
     if count <= 0 then return 0 end
     local interval = period / count
-    local tat = tonumber(redis.call('GET', prefix .. 'rate:' .. zone .. ':' .. kind .. ':' .. name) or now)
+    local tat = tonumber(redis.call('GET', rate .. kind .. ':' .. name) or now)
     if tat - now > interval + 0.001 then return nil, tat - interval end  -- 1 ms for rounding
     return math.max(tat, now) + interval
 end
 
 local function take(kind, name, member, connections, tat, period)
     if connections > 0 then
-        redis.call('ZADD', prefix .. 'inflight:' .. zone .. ':' .. kind .. ':' .. name, expiry, member)
+        redis.call('ZADD', inflight .. kind .. ':' .. name, expiry, member)
     end
     if tat > 0 then
-        local key = prefix .. 'rate:' .. zone .. ':' .. kind .. ':' .. name
+        local key = rate .. kind .. ':' .. name
         -- tostring() would keep 14 digits only: too few for a Unix time with microseconds
         redis.call('SET', key, string.format('%.6f', tat), 'PX', math.ceil((tat - now + period) * 1000))
     end
 end
 
-local i = 6
+local i = first
 while i + 8 <= #ARGV and #admitted < want do
     local member, domain, group = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local dconn, dcount, dperiod = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
@@ -95,47 +103,47 @@ while i + 8 <= #ARGV and #admitted < want do
     else
         take('d', domain, member, dconn, dtat, dperiod)
         if group ~= '' then take('m', group, member, gconn, gtat, gperiod) end
-        redis.call('SET', prefix .. 'lease:' .. zone .. ':' .. member, domain .. '\\t' .. group,
+        redis.call('SET', lease .. member, domain .. '\\t' .. group,
                    'PX', math.ceil((expiry - now) * 1000) + 60000)
-        table.insert(admitted, (i - 6) / 9)
+        table.insert(admitted, (i - first) / 9)
     end
     i = i + 9
 end
 return admitted
 """
 
-# ARGV: prefix, zone, then members
+# ARGV: the zone's skip key, inflight and lease prefixes, then members
 _RELEASE = """
-local prefix, zone = ARGV[1], ARGV[2]
-for i = 3, #ARGV do
-    local lease_key = prefix .. 'lease:' .. zone .. ':' .. ARGV[i]
+local skip_key, inflight, lease = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+    local lease_key = lease .. ARGV[i]
     local where = redis.call('GET', lease_key)
     if where then
         local tab = string.find(where, '\\t', 1, true)
         local domain, group = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
-        redis.call('ZREM', prefix .. 'inflight:' .. zone .. ':d:' .. domain, ARGV[i])
-        if group ~= '' then redis.call('ZREM', prefix .. 'inflight:' .. zone .. ':m:' .. group, ARGV[i]) end
+        redis.call('ZREM', inflight .. 'd:' .. domain, ARGV[i])
+        if group ~= '' then redis.call('ZREM', inflight .. 'm:' .. group, ARGV[i]) end
         redis.call('DEL', lease_key)
         -- a place is free again: the domain may be leased at once (a rate wait keeps its own key)
-        redis.call('ZREM', prefix .. 'skip:' .. zone, domain)
+        redis.call('ZREM', skip_key, domain)
     end
 end
 return 0
 """
 
-# ARGV: prefix, zone, new expiry (unix seconds), then members
+# ARGV: the zone's inflight and lease prefixes, new expiry (unix seconds), then members
 _RENEW = """
-local prefix, zone, expiry = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local inflight, lease, expiry = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ttl = math.ceil((expiry - tonumber(redis.call('TIME')[1])) * 1000) + 60000
 for i = 4, #ARGV do
-    local lease_key = prefix .. 'lease:' .. zone .. ':' .. ARGV[i]
+    local lease_key = lease .. ARGV[i]
     local where = redis.call('GET', lease_key)
     if where then
         local tab = string.find(where, '\\t', 1, true)
         local domain, group = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
-        redis.call('ZADD', prefix .. 'inflight:' .. zone .. ':d:' .. domain, 'XX', expiry, ARGV[i])
+        redis.call('ZADD', inflight .. 'd:' .. domain, 'XX', expiry, ARGV[i])
         if group ~= '' then
-            redis.call('ZADD', prefix .. 'inflight:' .. zone .. ':m:' .. group, 'XX', expiry, ARGV[i])
+            redis.call('ZADD', inflight .. 'm:' .. group, 'XX', expiry, ARGV[i])
         end
         redis.call('PEXPIRE', lease_key, ttl)
     end
@@ -177,27 +185,42 @@ def _rate(text: str | None) -> tuple[int, float]:
 
 
 class ZoneLimits:
-    def __init__(self, redis: Redis, zone_name: str, zone: Zone) -> None:
+    def __init__(self, redis: Redis, zone_name: str, zone: Zone, lookup: MxLookup | None = None) -> None:
         self.redis = redis
         self.zone_name = zone_name
         self.zone = zone
+        # Where the queue finds the MX hosts of a domain no sender has resolved yet.
+        self.lookup = lookup
         self._admit = redis.register_script(_ADMIT)
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
         self._acquire = redis.register_script(_ACQUIRE)
+        # What the scripts build their keys from.
+        self._skip = redis_keys.skip(zone_name)
+        self._inflight = redis_keys.inflight_prefix(zone_name)
+        self._rate = redis_keys.rate_prefix(zone_name)
+        self._lease = redis_keys.lease_prefix(zone_name)
 
     # -- the queue -----------------------------------------------------------
 
     async def skip_domains(self) -> list[str]:
         """Domains at a limit right now; the queue leaves them out of its query."""
-        key = f"{PREFIX}skip:{self.zone_name}"
+        key = self._skip
         now = time.time()
         await self.redis.zremrangebyscore(key, "-inf", now)
         return [_text(d) for d in await self.redis.zrangebyscore(key, now, "+inf")]
 
     async def admit(self, candidates: list[Candidate], want: int, lease_expiry: float) -> list[int]:
         """Indices of the candidates (in order, at most ``want``) that fit every limit; takes their places."""
-        args: list[str | float | int] = [PREFIX, self.zone_name, time.time(), lease_expiry, want]
+        args: list[str | float | int] = [
+            self._skip,
+            self._inflight,
+            self._rate,
+            self._lease,
+            time.time(),
+            lease_expiry,
+            want,
+        ]
         for c in candidates:
             policy = self.zone.domain_policy(c.domain)
             group = self.zone.mx_hosts.get(c.group) if c.group else None
@@ -209,31 +232,55 @@ class ZoneLimits:
     async def release(self, members: list[str]) -> None:
         """Free the in-flight places of finished deliveries."""
         if members:
-            await self._release(args=[PREFIX, self.zone_name, *members])
+            await self._release(args=[self._skip, self._inflight, self._lease, *members])
 
     async def renew(self, members: list[str], expiry: float) -> None:
         """Keep the in-flight places of deliveries still running until ``expiry`` (unix seconds)."""
         if members:
-            await self._renew(args=[PREFIX, self.zone_name, expiry, *members])
+            await self._renew(args=[self._inflight, self._lease, expiry, *members])
 
     async def group_of(self, domains: list[str]) -> dict[str, str | None]:
-        """Each domain's MX host group, from the MX answers the senders cached in Redis."""
-        if not self.zone.mx_hosts or not domains:
+        """Each domain's MX host group, from the MX answers cached in Redis; a domain not
+        in the cache is looked up first (when this has a lookup), so that a burst to a
+        domain no sender has resolved yet is held to its group's limit from the start."""
+        if not self.zone.mx_hosts or not domains or self.zone.smarthost:
             return dict.fromkeys(domains)
-        cached = await self.redis.mget([f"{PREFIX}dns:{d}" for d in domains])
+        hosts = dict(
+            zip(
+                domains,
+                [parse_hosts(raw) for raw in await self.redis.mget([redis_keys.dns(d) for d in domains])],
+                strict=True,
+            )
+        )
+        unknown = [d for d, found in hosts.items() if found is None]
+        if unknown and self.lookup is not None:
+            hosts.update(zip(unknown, await self._look_up(unknown), strict=True))
         groups: dict[str, str | None] = {}
-        for domain, raw in zip(domains, cached, strict=True):
-            first_host = _first_mx(raw)
-            groups[domain] = self.zone.mx_group(first_host) if first_host else None
+        for domain, found in hosts.items():
+            groups[domain] = self.zone.mx_group(found[0][0]) if found else None
         return groups
+
+    async def _look_up(self, domains: list[str]) -> list[Hosts | None]:
+        """MX hosts of each domain, None where DNS has no answer (the sender will say why)."""
+        assert self.lookup is not None
+        lookup, slots = self.lookup, asyncio.Semaphore(MX_LOOKUPS)
+
+        async def one(domain: str) -> Hosts | None:
+            async with slots:
+                try:
+                    return await lookup.hosts(domain)
+                except DnsFailure:
+                    return None
+
+        return list(await asyncio.gather(*(one(d) for d in domains)))
 
     # -- the senders ---------------------------------------------------------
 
     def connection_keys(self, domain: str, group: str | None) -> tuple[list[str], list[int]]:
-        keys = [f"{PREFIX}conn:{self.zone_name}:d:{domain}"]
-        limits = [self.zone.domain_policy(domain).connections or 0]
+        keys = [redis_keys.connections(self.zone_name, "d", domain)]
+        limits = [self.zone.domain_policy(canonical_domain(domain)).connections or 0]
         if group is not None:
-            keys.append(f"{PREFIX}conn:{self.zone_name}:m:{group}")
+            keys.append(redis_keys.connections(self.zone_name, "m", group))
             limits.append(self.zone.mx_hosts[group].connections or 0)
         return keys, limits
 
@@ -241,7 +288,7 @@ class ZoneLimits:
         """Take a connection slot for ``domain`` (and its MX group) if one is free."""
         keys, limits = self.connection_keys(domain, group)
         now = time.time()
-        wants = [k.replace(f"{PREFIX}conn:", f"{PREFIX}want:", 1) for k in keys]
+        wants = [redis_keys.want(k) for k in keys]
         return bool(await self._acquire(keys=keys, args=[now, now + ttl, conn_id, *limits, *wants]))
 
     async def renew_connections(self, held: dict[str, list[str]], ttl: float) -> None:
@@ -263,7 +310,7 @@ class ZoneLimits:
 
     async def wanted(self, keys: list[str]) -> bool:
         """Does another sender wait for a slot under any of these connection keys?"""
-        wants = [k.replace(f"{PREFIX}conn:", f"{PREFIX}want:", 1) for k in keys]
+        wants = [redis_keys.want(k) for k in keys]
         return bool(wants) and bool(await self.redis.exists(*wants))
 
 
@@ -271,30 +318,41 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _first_mx(raw: bytes | str | None) -> str | None:
-    if not raw:
-        return None
-    hosts = json.loads(raw)
-    return str(hosts[0][0]) if hosts else None
+@dataclass(frozen=True, slots=True)
+class BlacklistMark:
+    """A local address a recipient domain said is listed, and the delivery that was told so."""
+
+    domain: str
+    address: str
+    expires: float  # Unix time
+    created: float  # Unix time the mark was set
+    id: str = ""  # the delivery (queue id, seq) whose reply set the mark
+    seq: str = ""
+    response: str = ""  # that reply
 
 
 class Blacklist:
-    """(recipient domain, local address) pairs that a server said are listed, until they expire."""
+    """(recipient domain, local address) pairs that a server said are listed, until they
+    expire: a sorted set scored with the expiry, and beside it what set each mark."""
 
-    KEY = f"{PREFIX}blacklist"
+    KEY = redis_keys.BLACKLIST
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
 
-    async def mark(self, domain: str, address: str, ttl: float) -> None:
-        await self.redis.zadd(self.KEY, {f"{domain}|{address}": time.time() + ttl})
+    async def mark(
+        self, domain: str, address: str, ttl: float, *, id: str = "", seq: str = "", response: str = ""
+    ) -> None:
+        member = redis_keys.blacklist_member(domain, address)
+        now = time.time()
+        why = json.dumps({"id": id, "seq": seq, "response": response, "created": now})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.KEY, {member: now + ttl})
+            pipe.hset(redis_keys.BLACKLIST_WHY, member, why)
+            await pipe.execute()
 
     async def listed(self, domain: str, addresses: list[str]) -> set[str]:
-        if not addresses:
-            return set()
-        scores = await self.redis.zmscore(self.KEY, [f"{domain}|{a}" for a in addresses])
-        now = time.time()
-        return {a for a, score in zip(addresses, scores, strict=True) if score is not None and score > now}
+        return (await self.listed_by_domain([domain], addresses))[domain]
 
     async def listed_by_domain(self, domains: list[str], addresses: list[str]) -> dict[str, set[str]]:
         """``listed`` for many domains in one round trip."""
@@ -302,7 +360,7 @@ class Blacklist:
             return {d: set() for d in domains}
         async with self.redis.pipeline(transaction=False) as pipe:
             for domain in domains:
-                pipe.zmscore(self.KEY, [f"{domain}|{a}" for a in addresses])
+                pipe.zmscore(self.KEY, [redis_keys.blacklist_member(domain, a) for a in addresses])
             results = await pipe.execute()
         now = time.time()
         return {
@@ -311,20 +369,42 @@ class Blacklist:
         }
 
     async def count(self) -> int:
-        now = time.time()
-        await self.redis.zremrangebyscore(self.KEY, "-inf", now)
+        await self._purge()
         return int(await self.redis.zcard(self.KEY))
 
-    async def entries(self) -> list[tuple[str, str, float]]:
-        """Every mark in force: (recipient domain, local address, expiry as a Unix time)."""
-        now = time.time()
-        await self.redis.zremrangebyscore(self.KEY, "-inf", now)
-        marks = await self.redis.zrangebyscore(self.KEY, now, "+inf", withscores=True)
+    async def entries(self) -> list[BlacklistMark]:
+        """Every mark in force, soonest expiry first."""
+        now = await self._purge()
+        marks: list[Any] = await self.redis.zrangebyscore(self.KEY, now, "+inf", withscores=True)
+        members = [_text(mark[0]) for mark in marks]
+        whys = await self.redis.hmget(redis_keys.BLACKLIST_WHY, members) if members else []
         entries = []
-        for mark in marks:  # (member, score) pairs
-            domain, _, address = _text(mark[0]).partition("|")
-            entries.append((domain, address, float(mark[1])))
+        for member, mark, raw in zip(members, marks, whys, strict=True):
+            domain, _, address = member.partition("|")
+            why = json.loads(raw) if raw else {}
+            entries.append(
+                BlacklistMark(
+                    domain,
+                    address,
+                    float(mark[1]),
+                    float(why.get("created", mark[1])),
+                    str(why.get("id", "")),
+                    str(why.get("seq", "")),
+                    str(why.get("response", "")),
+                )
+            )
         return entries
+
+    async def _purge(self) -> float:
+        """Drop the marks that have expired (and what set them); returns now."""
+        now = time.time()
+        gone = [_text(m) for m in await self.redis.zrangebyscore(self.KEY, "-inf", now)]
+        if gone:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.KEY, *gone)
+                pipe.hdel(redis_keys.BLACKLIST_WHY, *gone)
+                await pipe.execute()
+        return now
 
 
 class AuthFailures:
@@ -339,7 +419,7 @@ class AuthFailures:
         self.window_ms = max(1, int(window * 1000))
 
     def _key(self, client: str) -> str:
-        return f"{PREFIX}authfail:{self.interface}:{client}"
+        return redis_keys.auth_failures(self.interface, client)
 
     async def locked(self, client: str) -> bool:
         """Whether ``client`` has used up its failures for the current window."""

@@ -10,6 +10,7 @@ A zone that is named but does not exist is an error, never a silent default.
 from __future__ import annotations
 
 from .config import Config
+from .domains import domain_of
 from .headers import HeaderBlock
 
 ZONE_HEADER = "x-sending-zone"
@@ -19,14 +20,6 @@ class UnknownZoneError(ValueError):
     def __init__(self, zone: str) -> None:
         super().__init__(f"sending zone {zone!r} does not exist")
         self.zone = zone
-
-
-def domain_of(address: str) -> str:
-    """The lower-cased domain of an address; address literals lose their brackets."""
-    domain = address.rpartition("@")[2].strip().lower()
-    if domain.startswith("[") and domain.endswith("]"):
-        domain = domain[1:-1]
-    return domain
 
 
 def message_zone(config: Config, headers: HeaderBlock, mail_from: str, allow_header: bool) -> str | None:

@@ -27,13 +27,57 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
+from .domains import canonical_address, canonical_domain
 from .ids import new_object_id
 
 log = logging.getLogger(__name__)
 
-# Each entry migrates from version i to i + 1. Append only; never edit a shipped one.
-MIGRATIONS: list[str] = [
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+async def _canonical_domains(conn: Connection) -> None:
+    """Domains and suppressed addresses written before every key took the one canonical
+    form of :mod:`zmta_common.domains` (international names as A-labels): rewritten in
+    place. Only rows with non-ASCII text can differ; an entry whose canonical form
+    exists already is a duplicate and goes."""
+    for found in await conn.fetch(
+        "SELECT DISTINCT domain FROM deliveries WHERE octet_length(domain) <> length(domain)"
+    ):
+        await conn.execute("UPDATE deliveries SET domain = $2 WHERE domain = $1", found[0], canonical_domain(found[0]))
+    for row in await conn.fetch("SELECT zone, domain FROM pauses WHERE octet_length(domain) <> length(domain)"):
+        await conn.execute(
+            "INSERT INTO pauses (zone, domain, created) SELECT zone, $3, created FROM pauses"
+            " WHERE zone = $1 AND domain = $2 ON CONFLICT DO NOTHING",
+            row["zone"],
+            row["domain"],
+            canonical_domain(row["domain"]),
+        )
+        await conn.execute("DELETE FROM pauses WHERE zone = $1 AND domain = $2", row["zone"], row["domain"])
+    for row in await conn.fetch(
+        "SELECT id, address, domain FROM suppressions"
+        " WHERE octet_length(coalesce(address, domain)) <> length(coalesce(address, domain))"
+        "    OR coalesce(address, domain) <> lower(coalesce(address, domain))"
+    ):
+        address = canonical_address(row["address"]) if row["address"] else None
+        domain = canonical_domain(row["domain"]) if row["domain"] else None
+        taken = await conn.fetchval(
+            "SELECT 1 FROM suppressions WHERE id <> $1 AND (address = $2 OR domain = $3)", row["id"], address, domain
+        )
+        if taken:
+            await conn.execute("DELETE FROM suppressions WHERE id = $1", row["id"])
+        else:
+            await conn.execute(
+                "UPDATE suppressions SET address = $2, domain = $3 WHERE id = $1", row["id"], address, domain
+            )
+
+
+Migration = str | Callable[[Connection], Awaitable[None]]
+
+# Each entry migrates from version i to i + 1: SQL, or a function for what SQL cannot
+# compute. Append only; never edit a shipped one.
+MIGRATIONS: list[Migration] = [
     """
     CREATE TABLE messages (
         id          text PRIMARY KEY,
@@ -92,6 +136,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (zone, domain)
     );
     """,
+    _canonical_domains,
 ]
 
 # Picks which ready (id, seq, domain) candidates to lease: their positions in the list.
@@ -157,6 +202,8 @@ class DeliveryRow:
     first_deferred: datetime | None
     last_deferred: datetime | None
     last_response: str | None
+    lease_owner: str | None = None  # who holds the lease (a sender's name), while ``leased``
+    lease_expires: datetime | None = None  # when that lease runs out, while ``leased``
 
 
 @dataclass(slots=True)
@@ -222,10 +269,10 @@ _INTAKE_BATCH = """
     )
     INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
     SELECT t.id, t.seq, t.zone, t.recipient, t.domain, coalesce(t.not_before, now())
-      FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[])
-           AS t(id, seq, zone, recipient, domain, not_before)
+      FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::text[])
+           AS t(id, seq, zone, recipient, domain, not_before, address_key)
      WHERE NOT EXISTS (
-           SELECT 1 FROM suppressions s WHERE s.address = lower(t.recipient) OR s.domain = lower(t.domain))
+           SELECT 1 FROM suppressions s WHERE s.address = t.address_key OR s.domain = t.domain)
     RETURNING id, seq
 """
 
@@ -241,9 +288,10 @@ _COMPLETE_ROWS = """
     )
     INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
     SELECT $1, t.seq, t.zone, t.recipient, t.domain, coalesce($12::timestamptz, now())
-      FROM unnest($8::text[], $9::text[], $10::text[], $11::text[]) AS t(seq, zone, recipient, domain)
+      FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $13::text[])
+           AS t(seq, zone, recipient, domain, address_key)
      WHERE NOT EXISTS (
-           SELECT 1 FROM suppressions s WHERE s.address = lower(t.recipient) OR s.domain = lower(t.domain))
+           SELECT 1 FROM suppressions s WHERE s.address = t.address_key OR s.domain = t.domain)
     RETURNING seq
 """
 
@@ -416,6 +464,7 @@ async def _insert_messages(pool: asyncpg.Pool, items: list[tuple[NewMessage, byt
         [d.recipient for _, d in deliveries],
         [d.domain for _, d in deliveries],
         [m.not_before for m, _ in deliveries],
+        [canonical_address(d.recipient) for _, d in deliveries],
     )
     kept: dict[str, set[str]] = {}
     for row in rows:
@@ -441,6 +490,7 @@ def _row_args(message: NewMessage, chunk_seq: int, last_chunk: bytes | None) -> 
         [d.recipient for d in message.deliveries],
         [d.domain for d in message.deliveries],
         message.not_before,
+        [canonical_address(d.recipient) for d in message.deliveries],
     )
 
 
@@ -541,7 +591,8 @@ class Store:
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             current = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
             for version in range(current, len(MIGRATIONS)):
-                await conn.execute(MIGRATIONS[version])
+                step = MIGRATIONS[version]
+                await (conn.execute(step) if isinstance(step, str) else step(conn))
                 await conn.execute("INSERT INTO schema_version VALUES ($1)", version + 1)
             return len(MIGRATIONS)
 
@@ -805,7 +856,9 @@ class Store:
         rows = await self.pool.fetch(
             "SELECT id, seq, zone, recipient, domain, created, next_attempt,"
             " (lease_expires IS NOT NULL AND lease_expires > now()) AS leased, attempts,"
-            " first_deferred, last_deferred, last_response"
+            " first_deferred, last_deferred, last_response,"
+            " CASE WHEN lease_expires > now() THEN lease_owner END AS lease_owner,"
+            " CASE WHEN lease_expires > now() THEN lease_expires END AS lease_expires"
             " FROM deliveries WHERE id = $1 ORDER BY seq",
             message_id,
         )
@@ -833,19 +886,22 @@ class Store:
     # -- suppression list ----------------------------------------------------
 
     async def add_suppression(self, *, address: str | None = None, domain: str | None = None) -> dict[str, Any]:
-        """Suppress an address or a whole domain (lower-cased); adding one twice returns the first entry."""
+        """Suppress an address or a whole domain (in their canonical forms, see
+        :mod:`zmta_common.domains`); adding one twice returns the first entry."""
+        address = canonical_address(address) if address else None
+        domain = canonical_domain(domain) if domain else None
         row = await self.pool.fetchrow(
             "INSERT INTO suppressions (id, address, domain) VALUES ($1, $2, $3)"
             " ON CONFLICT DO NOTHING RETURNING id, address, domain, created",
             new_object_id(),
-            address.lower() if address else None,
-            domain.lower() if domain else None,
+            address,
+            domain,
         )
         if row is None:
             row = await self.pool.fetchrow(
                 "SELECT id, address, domain, created FROM suppressions WHERE address = $1 OR domain = $2",
-                address.lower() if address else None,
-                domain.lower() if domain else None,
+                address,
+                domain,
             )
         assert row is not None
         return _suppression(row)
@@ -933,6 +989,7 @@ class Store:
 
     async def add_pause(self, zone: str, domain: str | None = None) -> Pause:
         """Pause a zone, or one recipient domain in it; pausing twice keeps the first entry."""
+        domain = canonical_domain(domain) if domain else None
         row = None
         while row is None:  # a second try only if a resume removed the entry in between
             row = await self.pool.fetchrow(
@@ -946,6 +1003,7 @@ class Store:
         return Pause(row["zone"], row["domain"] or None, row["created"])
 
     async def remove_pause(self, zone: str, domain: str | None = None) -> bool:
+        domain = canonical_domain(domain) if domain else None
         result = await self.pool.execute("DELETE FROM pauses WHERE zone = $1 AND domain = $2", zone, domain or "")
         return result != "DELETE 0"
 

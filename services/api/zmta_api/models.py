@@ -106,12 +106,37 @@ class CounterResponse(BaseModel):
     deferred: Counter
 
 
+class DeferralRecord(BaseModel):
+    """One entry of a deferral's log, in the shape of the original's SMTP transcript lines."""
+
+    time: int = Field(description="when it was recorded (ms since the epoch)")
+    level: str
+    tnx: str = Field(description="what the line is: the receiving server's reply")
+    message: str
+
+
 class DeferredInfo(BaseModel):
+    """The original's ``_deferred``: times in ms since the epoch."""
+
     first: int
-    count: int
+    count: int = Field(description="failed attempts so far (0: held back until a later date)")
     last: int
     next: int
     response: str
+    log: list[DeferralRecord] = Field(
+        description="what is kept of the deferrals: the last failed attempt's response (none when never tried)"
+    )
+
+
+class LockInfo(BaseModel):
+    """The original's in-memory queue lock, here the sender's lease on the delivery."""
+
+    key: str = Field(description='"lock <id> <seq>"')
+    zone: str
+    domain: str
+    lockOwner: str = Field(description="the sender that holds the delivery")
+    maxConnections: int = Field(description="the recipient domain's connection limit in the zone")
+    expires: int = Field(description="when the lease runs out unless renewed (ms since the epoch)")
 
 
 class QueuedDelivery(BaseModel):
@@ -119,9 +144,9 @@ class QueuedDelivery(BaseModel):
     seq: str
     zone: str
     recipient: str
-    status: str
-    lock: bool
-    deferred: DeferredInfo | None = None
+    status: Literal["QUEUED", "DEFERRED"] = Field(description="DEFERRED while its next attempt is in the future")
+    lock: LockInfo | None = Field(default=None, description="absent unless a sender is delivering it right now")
+    deferred: DeferredInfo | None = Field(default=None, description="absent unless the status is DEFERRED")
 
 
 class MessageResponse(BaseModel):
@@ -180,13 +205,13 @@ class SkipDomains(BaseModel):
 
 
 class BlacklistEntry(BaseModel):
-    id: str = Field(description="always empty: marks are not tied to a message")
-    seq: str = Field(description="always empty")
+    id: str = Field(description="the queue id of the delivery whose reply set the mark")
+    seq: str = Field(description="that delivery's seq")
     address: str = Field(description="the local (pool) address the recipient domain refused")
     domain: str
-    response: str = Field(description="always empty")
-    created: str = Field(description="when the mark was set (ISO 8601; its expiry less bounce.blacklist_ttl)")
-    expires: str = Field(description="when the address is used for the domain again (ISO 8601)")
+    response: str = Field(description="the reply that said the address is listed")
+    created: int = Field(description="when the mark was set (Unix time in milliseconds, as the original)")
+    expires: int = Field(description="when the address is used for the domain again (Unix time in milliseconds)")
 
 
 class BlacklistResponse(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
 from typing import Annotated
 from urllib.parse import parse_qs
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from zmta_common import metrics
 from zmta_common.addresses import address_error
+from zmta_common.domains import canonical_domain
 from zmta_common.events import WorkReady, ready_subject
 from zmta_common.store import Pause
 
@@ -47,8 +49,12 @@ def router(services: Services) -> APIRouter:
 
     @api.get("/suppressionlist", response_model=SuppressionList, tags=["suppression"])
     async def suppression_list() -> SuppressionList:
-        """Suppressed addresses and domains, newest first: mail to them is dropped silently."""
-        return SuppressionList(suppressed=await store.list_suppressions())
+        """Suppressed addresses and domains, newest first: mail to them is dropped silently.
+        ``created`` is written as every time of the api (and the original's JSON) is: UTC, ms, Z."""
+        entries = await store.list_suppressions()
+        return SuppressionList(
+            suppressed=[{**e, "created": iso(datetime.fromisoformat(e["created"]))} for e in entries]
+        )
 
     @api.post(
         "/suppressionlist",
@@ -68,14 +74,7 @@ def router(services: Services) -> APIRouter:
                 raise ApiError(400, f"{entry.address!r} is not a valid address: {reason}", "address")
             added = await store.add_suppression(address=entry.address)
         else:
-            domain = (entry.domain or "").strip().lower()
-            try:
-                domain = domain.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise ApiError(400, f"{entry.domain!r} is not a valid domain", "domain") from None
-            if not domain or " " in domain or "@" in domain or not domain.isprintable():
-                raise ApiError(400, f"{entry.domain!r} is not a valid domain", "domain")
-            added = await store.add_suppression(domain=domain)
+            added = await store.add_suppression(domain=_domain(entry.domain or ""))
         added.pop("created", None)
         return SuppressionAdded(suppressed=added)
 
@@ -172,16 +171,12 @@ def router(services: Services) -> APIRouter:
 
 
 def _domain(value: str) -> str:
-    """A recipient domain as deliveries name it: lower case, no trailing dot or brackets."""
-    domain = value.strip().lower().rstrip(".")
-    if domain.startswith("[") and domain.endswith("]"):
-        domain = domain[1:-1]
+    """A recipient domain in the form deliveries are keyed by (see zmta_common.domains)."""
+    domain = canonical_domain(value)
     if not domain or any(c.isspace() or not c.isprintable() or c in "@/\\<>,;\"'()" for c in domain):
         raise ApiError(400, f"{value!r} is not a domain", "domain")
-    try:
-        domain.encode("idna")
-    except UnicodeError:
-        raise ApiError(400, f"{value!r} is not a domain", "domain") from None
+    if not domain.isascii():  # no A-label for it: not a name DNS can hold
+        raise ApiError(400, f"{value!r} is not a domain", "domain")
     return domain
 
 

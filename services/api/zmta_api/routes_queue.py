@@ -3,28 +3,33 @@ its body, retry now and drop, the domains held back by limits, and blacklist mar
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
+from zmta_common.config import Config
 from zmta_common.events import WorkReady, ready_subject
 from zmta_common.headers import HeaderBlock
 from zmta_common.limits import Blacklist, ZoneLimits
-from zmta_common.store import DeliveryRow, QueuedRow
+from zmta_common.store import DeliveryRow, QueuedRow, Store, StoredMessage
 
-from .common import AnyId, ApiError, MessageId, Services, ZoneName, check_zone, error_responses, iso, well_formed
+from .common import AnyId, ApiError, MessageId, Services, ZoneName, error_responses, iso, well_formed
 from .models import (
     BlacklistResponse,
     Counter,
     CounterResponse,
+    DeferralRecord,
     DeferredInfo,
+    LockInfo,
     MessageResponse,
     Outcome,
     QueuedDelivery,
@@ -36,10 +41,16 @@ from .models import (
 log = logging.getLogger(__name__)
 
 PAGE_MAX = 1000  # the original lists at most 1000 rows at once
-PREFETCH_CHUNKS = 1  # body chunks (of up to 1 MiB) read with the message row by /fetch
+PREFETCH_CHUNKS = 1  # body chunks (of up to 1 MiB) read with the message row by /fetch and /message
+HASH_IN_THREAD = 64 * 1024  # body chunks bigger than this are hashed off the event loop
+# The original's _deferred.response for a delivery held back from the start (its deferDelivery).
+HELD_RESPONSE = "Deferred by router"
 
 SortKey = Literal["id", "created", "queued"]
 Order = Literal["asc", "desc"]
+QueueType = Annotated[
+    str, Path(max_length=200, description="queued (or active) or deferred; anything else counts as queued")
+]
 
 
 def router(services: Services) -> APIRouter:
@@ -70,9 +81,11 @@ def router(services: Services) -> APIRouter:
         ]
         return [ZoneEntry(name=name) for name in sorted(names, key=lambda n: (n.lower(), n))]
 
+    # A zone that is not configured is no error on the read routes (the original answers them
+    # all with 200): it has no rows, so it gets the usual shape, empty. Rows left in a zone
+    # removed from the configuration are still counted and listed.
+
     async def counters(zone: str | None) -> CounterResponse:
-        if zone is not None:
-            check_zone(config, zone)
         rows = await store.domain_counts(zone)
         if zone is None:
             return _zone_counters(sorted(config.zones), rows)
@@ -90,14 +103,15 @@ def router(services: Services) -> APIRouter:
         included), as the original answers and its web admin's home page reads them."""
         return await counters(None)
 
-    @api.get("/counter/zone/{zone}", response_model=CounterResponse, responses=error_responses(404))
+    @api.get("/counter/zone/{zone}", response_model=CounterResponse)
     async def counter_zone(zone: ZoneName) -> CounterResponse:
-        """Queued (active) and deferred rows of one zone, per recipient domain."""
+        """Queued (active) and deferred rows of one zone, per recipient domain (none for a
+        zone that is not configured)."""
         return await counters(zone)
 
-    @api.get("/queued/{type}/{zone}", response_model=QueuedList, responses=error_responses(400, 404))
+    @api.get("/queued/{type}/{zone}", response_model=QueuedList, responses=error_responses(400))
     async def queued(
-        type: Literal["active", "queued", "deferred"],
+        type: QueueType,
         zone: ZoneName,
         sort: Annotated[SortKey | None, Query(description="default: id (with a cursor: the cursor's)")] = None,
         order: Annotated[Order | None, Query(description="default: desc (with a cursor: the cursor's)")] = None,
@@ -109,10 +123,10 @@ def router(services: Services) -> APIRouter:
             str | None, Query(max_length=2000, description="the ``next`` of the previous page, for the page after it")
         ] = None,
     ) -> QueuedList:
-        """Deliveries of a zone that are ready (``active`` or ``queued``: the same) or waiting
-        for a later attempt (``deferred``), a page at a time."""
-        check_zone(config, zone)
-        kind: Literal["queued", "deferred"] = "deferred" if type == "deferred" else "queued"
+        """Deliveries of a zone that are ready (``queued``; ``active`` or any other type: the
+        same, as in the original) or waiting for a later attempt (``deferred``), a page at a
+        time. A zone that is not configured has none."""
+        kind: Literal["queued", "deferred"] = "deferred" if type.strip().lower() == "deferred" else "queued"
         after: list[Any] | None = None
         if cursor is not None:
             if start:
@@ -144,16 +158,31 @@ def router(services: Services) -> APIRouter:
         next_cursor = _make_cursor(kind, sort, order, rows[-1]) if more and rows else None
         return QueuedList.model_validate({"zone": zone, "type": kind, "list": items, "next": next_cursor})
 
-    @api.get("/message/{message_id}", response_model=MessageResponse, responses=error_responses(400, 404))
+    # Without the None fields of the models (a delivery's lock and deferred are absent, not
+    # null, as in the original); meta is a plain dict, so its values are kept as they are.
+    @api.get(
+        "/message/{message_id}",
+        response_model=MessageResponse,
+        response_model_exclude_none=True,
+        responses=error_responses(400, 404),
+    )
     async def message_status(message_id: MessageId) -> MessageResponse:
-        """The message's metadata and its deliveries still in the queue."""
+        """The message's metadata and its deliveries still in the queue, in the original's
+        shape: ``meta.sourceMd5`` (computed here from the stored body), ``meta.user`` false
+        without an authenticated user; per delivery ``lock`` only while a sender holds it and
+        ``deferred`` only while it waits for a later attempt."""
         rows = await store.deliveries_of(message_id)
-        message = await store.get_message(message_id) if rows else None
-        if message is None:
+        message = await store.get_message(message_id, prefetch=PREFETCH_CHUNKS) if rows else None
+        source_md5 = await _source_md5(store, message) if message is not None else None
+        if message is None or source_md5 is None:
             raise ApiError(404, f"message {message_id} is not in the queue", "id")
         meta = dict(message.meta)
         meta["headers"] = HeaderBlock.parse(message.headers).as_list()
-        return MessageResponse(meta=meta, messages=[_delivery_view(r) for r in rows])
+        meta["sourceMd5"] = source_md5
+        if not meta.get("user"):
+            meta["user"] = False  # the original's value for "no authenticated user"
+        now = datetime.now(UTC)
+        return MessageResponse(meta=meta, messages=[_delivery_view(r, config, now) for r in rows])
 
     async def retry(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
@@ -239,11 +268,13 @@ def router(services: Services) -> APIRouter:
 
         return StreamingResponse(content(), media_type="message/rfc822")
 
-    @api.get("/skipdomains/{zone}", response_model=SkipDomains, responses=error_responses(404, 503))
+    @api.get("/skipdomains/{zone}", response_model=SkipDomains, responses=error_responses(503))
     async def skip_domains(zone: ZoneName) -> SkipDomains:
         """Recipient domains of the zone that are at a connection or rate limit right now
-        (the queue leases none of their deliveries until they have room)."""
-        check_zone(config, zone)
+        (the queue leases none of their deliveries until they have room); none for a zone
+        that is not configured."""
+        if zone not in config.zones:
+            return SkipDomains(skipDomains=[])
         limits = ZoneLimits(redis_or_503(), zone, config.zones[zone])
         return SkipDomains(skipDomains=sorted(await limits.skip_domains()))
 
@@ -251,19 +282,18 @@ def router(services: Services) -> APIRouter:
     async def blacklist() -> BlacklistResponse:
         """Local addresses that a recipient domain said are blacklisted, unused for that domain
         until the mark expires (bounce.blacklist_ttl after it was set)."""
-        ttl = config.bounce.blacklist_ttl
         marks = await Blacklist(redis_or_503()).entries()
         entries = [
             {
-                "id": "",
-                "seq": "",
-                "address": address,
-                "domain": domain,
-                "response": "",
-                "created": iso(expires - ttl),
-                "expires": iso(expires),
+                "id": mark.id,
+                "seq": mark.seq,
+                "address": mark.address,
+                "domain": mark.domain,
+                "response": mark.response,
+                "created": round(mark.created * 1000),
+                "expires": round(mark.expires * 1000),
             }
-            for domain, address, expires in sorted(marks, key=lambda m: (m[0], m[1]))
+            for mark in sorted(marks, key=lambda m: (m.domain, m.address))
         ]
         return BlacklistResponse.model_validate({"list": entries})
 
@@ -324,22 +354,74 @@ def _ms(value: datetime | None) -> int:
     return int(value.timestamp() * 1000) if value is not None else 0
 
 
-def _delivery_view(row: DeliveryRow) -> QueuedDelivery:
+async def _source_md5(store: Store, message: StoredMessage) -> str | None:
+    """The hex MD5 of the message body as stored, as the original's ``sourceMd5``; None when
+    the body went away while it was read (the message left the queue meanwhile).
+
+    The bytes hashed are exactly the stored body chunks, in order, which is what the original
+    stores and hashes: the message after its top-level header block and the empty line that
+    ends it (child MIME parts keep their headers), with every line end made CRLF (and, as the
+    intake stores it, a final CRLF after a last line that had none). Nothing else: neither the
+    headers (kept apart, and rebuilt at sending) nor the Received/DKIM lines added at sending.
+
+    Streamed chunk by chunk (a few chunks of up to 1 MiB in memory at once), and a big chunk is hashed
+    in a worker thread, so a huge body neither sits whole in memory nor blocks the event loop.
+    """
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    async for chunk in store.body(message, PREFETCH_CHUNKS):
+        size += len(chunk)
+        if len(chunk) > HASH_IN_THREAD:
+            await asyncio.to_thread(digest.update, chunk)
+        else:
+            digest.update(chunk)
+    return digest.hexdigest() if size == message.body_size else None
+
+
+def _delivery_view(row: DeliveryRow, config: Config, now: datetime) -> QueuedDelivery:
+    """One delivery as the original's getInfo gives it: DEFERRED while its next attempt is in
+    the future (then with ``deferred``), QUEUED otherwise (a deferral whose time has come, or
+    that was retried now, is QUEUED, without ``deferred``); ``lock`` only while leased."""
+    waiting = row.next_attempt > now
     deferred = None
-    if row.attempts:
+    if waiting and row.attempts:
         deferred = DeferredInfo(
             first=_ms(row.first_deferred),
             count=row.attempts,
             last=_ms(row.last_deferred),
             next=_ms(row.next_attempt),
             response=row.last_response or "",
+            # The store keeps the last failed attempt's response and time, not the transcript.
+            log=[DeferralRecord(time=_ms(row.last_deferred), level="info", tnx="server", message=row.last_response)]
+            if row.last_response is not None
+            else [],
+        )
+    elif waiting:  # never tried: held back until its Date (the original's deferDelivery)
+        deferred = DeferredInfo(
+            first=_ms(row.created),
+            count=0,
+            last=_ms(row.created),
+            next=_ms(row.next_attempt),
+            response=HELD_RESPONSE,
+            log=[],
+        )
+    lock = None
+    if row.leased and row.lease_expires is not None:
+        zone = config.zones.get(row.zone)
+        lock = LockInfo(
+            key=f"lock {row.id} {row.seq}",
+            zone=row.zone,
+            domain=row.domain,
+            lockOwner=row.lease_owner or "",
+            maxConnections=(zone.domain_policy(row.domain).connections or 0) if zone is not None else 0,
+            expires=_ms(row.lease_expires),
         )
     return QueuedDelivery(
         id=row.id,
         seq=row.seq,
         zone=row.zone,
         recipient=row.recipient,
-        status="DEFERRED" if row.attempts else "QUEUED",
-        lock=row.leased,
+        status="DEFERRED" if waiting else "QUEUED",
+        lock=lock,
         deferred=deferred,
     )

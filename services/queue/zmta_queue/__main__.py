@@ -11,6 +11,7 @@ from zmta_common import bus as zbus
 from zmta_common import hooks, metrics, service
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
+from zmta_common.mx import MxLookup
 from zmta_common.store import Store
 
 from .collector import GarbageCollector
@@ -25,7 +26,8 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
     bus = await zbus.connect(config.dbs.nats, "queue")
     redis = Redis.from_url(config.dbs.redis)
-    limits = {name: ZoneLimits(redis, name, zone) for name, zone in config.zones.items()}
+    lookup = MxLookup(config.dns, redis)
+    limits = {name: ZoneLimits(redis, name, zone, lookup) for name, zone in config.zones.items()}
     await WorkDesk(config, store, redis, limits).start(bus.nc)
     tasks = [
         asyncio.create_task(

@@ -14,8 +14,8 @@ import time
 
 from redis.asyncio import Redis
 
+from zmta_common import redis_keys
 from zmta_common.config import PoolAddress
-from zmta_common.limits import PREFIX
 from zmta_common.local_address import choose
 from zmta_common.slices import Slice
 
@@ -27,7 +27,7 @@ class Assignment:
         self.pool = pool
         self.ipv6 = ipv6
         self.timeout = timeout  # seconds without a work request after which a slice counts as unattended
-        self._key = f"{PREFIX}pods:{zone}"
+        self._key = redis_keys.pods(zone)
 
     async def seen(self, requester: Slice) -> set[int]:
         """Note the requester as alive; return the slice indices (of its count) alive now."""

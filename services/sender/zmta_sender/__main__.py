@@ -16,6 +16,7 @@ from zmta_common import bus as zbus
 from zmta_common import hooks, metrics, service, slices
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
+from zmta_common.mx import MxLookup
 from zmta_common.slices import Slice
 from zmta_common.store import Store
 
@@ -50,7 +51,7 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
             zone,
             store,
             bus,
-            MxResolver(config.dns, redis),
+            MxResolver(MxLookup(config.dns, redis)),
             name,
             part,
             ZoneLimits(redis, zone, config.zones[zone]),

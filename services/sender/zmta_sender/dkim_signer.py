@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from zmta_common.domains import canonical_domain
 from zmta_common.headers import HeaderBlock
 
 RSA_MIN_BITS = 1024
@@ -229,12 +230,15 @@ def _canonicalization(value: str) -> tuple[str, str]:
 
 
 def _dns_name(value: str, what: str) -> str:
-    name = value.strip().rstrip(".")
-    if not name.isascii():
-        name = name.encode("idna").decode("ascii")
+    if what == "domain":
+        name = canonical_domain(value)
+    else:
+        name = value.strip().rstrip(".")
+        if not name.isascii():
+            name = name.encode("idna").decode("ascii")
     if not _DNS_NAME.match(name):
         raise ValueError(f"DKIM {what} {value!r} is not a valid DNS name")
-    return name.lower() if what == "domain" else name
+    return name
 
 
 def _signed_names(fields: list[tuple[str, bytes]], signed_headers: Sequence[str] | None) -> list[str]:

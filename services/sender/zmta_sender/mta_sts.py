@@ -34,10 +34,13 @@ import dns.resolver
 import httpx
 from redis.asyncio import Redis
 
+from zmta_common import redis_keys
 from zmta_common.config import Dns, Tls
+from zmta_common.domains import canonical_domain
+from zmta_common.mx import make_resolver
 
 from .errors import DeliveryError
-from .mx import Target, make_resolver, to_ascii
+from .mx import Target
 from .tls import REQUIRED, TlsPolicy, verifying_context
 
 log = logging.getLogger(__name__)
@@ -178,7 +181,7 @@ class MtaSts:
 
     async def policy(self, domain: str) -> StsPolicy | None:
         """The domain's policy in force, or None."""
-        domain = to_ascii(domain).lower().rstrip(".")
+        domain = canonical_domain(domain)
         current_id = await self._txt_id(domain)
         cached = await self._cached(domain)
         if current_id is None or (cached is not None and cached.id == current_id):
@@ -263,7 +266,7 @@ class MtaSts:
         if self.redis is None:
             return None
         try:
-            raw = await self.redis.get(f"zmta:sts:{domain}")
+            raw = await self.redis.get(redis_keys.sts(domain))
         except Exception as exc:  # Redis down: go without the cache
             log.warning("mta-sts cache unavailable", extra={"error": repr(exc)})
             return None
@@ -279,6 +282,6 @@ class MtaSts:
             return
         ttl = max(CACHE_TTL_MIN, min(policy.max_age, CACHE_TTL_MAX))
         try:
-            await self.redis.set(f"zmta:sts:{domain}", policy.to_json(), ex=ttl)
+            await self.redis.set(redis_keys.sts(domain), policy.to_json(), ex=ttl)
         except Exception as exc:
             log.warning("mta-sts cache unavailable", extra={"error": repr(exc)})

@@ -17,6 +17,7 @@ from email.utils import getaddresses
 from pathlib import Path
 
 from zmta_common.config import Config, Zone
+from zmta_common.domains import canonical_domain, domain_of
 from zmta_common.headers import HeaderBlock
 
 from .dkim_signer import DkimKey, load_key, sign
@@ -40,7 +41,8 @@ def load_keys(config: Config) -> dict[str, list[DkimKey]]:
             domain, _, selector = path.stem.rpartition(".")
             if not domain:
                 raise DkimKeyError(f"{path}: a key file must be named <domain>.<selector>.pem")
-            keys[domain.lower()].append(_load(domain.lower(), selector, path.read_bytes(), str(path)))
+            domain = canonical_domain(domain)
+            keys[domain].append(_load(domain, selector, path.read_bytes(), str(path)))
     return dict(keys)
 
 
@@ -92,11 +94,11 @@ class Signer:
 
     def keys_for(self, headers: HeaderBlock) -> list[DkimKey]:
         addresses = [addr for _, addr in getaddresses(headers.get_all("from")) if "@" in addr]
-        author = addresses[0].rpartition("@")[2].lower() if addresses else ""
+        author = domain_of(addresses[0]) if addresses else ""
         chosen = list(self.keys.get(author, []))
         if not chosen and self.zone.dkim_fallback_domain:
-            chosen = list(self.keys.get(self.zone.dkim_fallback_domain.lower(), []))
-        platform = (self.zone.dkim_platform_domain or "").lower()
+            chosen = list(self.keys.get(self.zone.dkim_fallback_domain, []))
+        platform = self.zone.dkim_platform_domain or ""
         if platform and platform != author:
             chosen += self.keys.get(platform, [])
         return chosen

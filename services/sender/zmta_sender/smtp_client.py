@@ -15,6 +15,8 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from zmta_common.domains import domain_of
+
 from .connections import Connection, ConnectionPool, PoolKey
 from .errors import DeliveryError
 from .mx import Target
@@ -89,7 +91,7 @@ async def deliver(
     ``group`` is the MX host group of the recipient's domain, for connection limits.
     """
     last: Exception | None = None
-    domain = attempt.recipient.rpartition("@")[2].lower()
+    domain = domain_of(attempt.recipient)
     for target in targets:
         key: PoolKey = (attempt.source_ip, attempt.ehlo_name, target.ip, target.port, domain)
         reused = await pool.take(key)

@@ -417,7 +417,14 @@ class Sender:
         """A server's refusal: classified; a listed local address is left alone for a while."""
         verdict = await self._classify(exc)
         if verdict.action == "blacklist" and source_ip:
-            await self.blacklist.mark(delivery.domain, source_ip, self.config.bounce.blacklist_ttl)
+            await self.blacklist.mark(
+                delivery.domain,
+                source_ip,
+                self.config.bounce.blacklist_ttl,
+                id=delivery.id,
+                seq=delivery.seq,
+                response=str(exc),
+            )
             log.warning(
                 "local address blacklisted",
                 extra={

@@ -1,0 +1,89 @@
+"""Every Redis key name of the system, in one place.
+
+Each service reads keys that another one writes (the senders cache MX answers that the
+queue reads for ``mx_hosts`` limits, the queue's skip list is shown by the API), so a
+name spelled twice is a bug waiting to happen. Domains in keys are always in their
+canonical form (:func:`zmta_common.domains.canonical_domain`); the functions here apply
+it, so a caller cannot get it wrong.
+
+The Lua scripts of :mod:`zmta_common.limits` get the per-zone prefixes below as
+arguments and only append the domain or MX group to them.
+
+=========================================  =============================================
+key                                        what it holds
+=========================================  =============================================
+``zmta:dns:<domain>``                      MX hosts and their addresses (JSON), DNS TTL
+``zmta:sts:<domain>``                      the domain's MTA-STS policy (JSON)
+``zmta:pods:<zone>``                       hash: sender slice -> last work request
+``zmta:skip:<zone>``                       sorted set: domains at a limit -> free again at
+``zmta:inflight:<zone>:d|m:<name>``        sorted set: leased deliveries -> lease expiry
+``zmta:rate:<zone>:d|m:<name>``            GCRA theoretical arrival time
+``zmta:lease:<zone>:<id>.<seq>``           where a leased delivery holds its places
+``zmta:conn:<zone>:d|m:<name>``            sorted set: open SMTP connections -> expiry
+``zmta:want:<zone>:d|m:<name>``            flag: a sender waits for a connection slot
+``zmta:blacklist``                         sorted set: ``<domain>|<local address>`` -> expiry
+``zmta:blacklist:why``                     hash: the same members -> what set the mark (JSON)
+``zmta:authfail:<interface>:<client>``     refused SMTP AUTH attempts in the window
+=========================================  =============================================
+
+``d`` keys count per recipient domain, ``m`` keys per ``mx_hosts`` group.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .domains import canonical_domain
+
+PREFIX = "zmta:"
+
+BLACKLIST = f"{PREFIX}blacklist"
+BLACKLIST_WHY = f"{PREFIX}blacklist:why"
+
+# What a limit counts: a recipient domain, or an mx_hosts group.
+Kind = Literal["d", "m"]
+
+
+def dns(domain: str) -> str:
+    return f"{PREFIX}dns:{canonical_domain(domain)}"
+
+
+def sts(domain: str) -> str:
+    return f"{PREFIX}sts:{canonical_domain(domain)}"
+
+
+def pods(zone: str) -> str:
+    return f"{PREFIX}pods:{zone}"
+
+
+def skip(zone: str) -> str:
+    return f"{PREFIX}skip:{zone}"
+
+
+def inflight_prefix(zone: str) -> str:
+    return f"{PREFIX}inflight:{zone}:"
+
+
+def rate_prefix(zone: str) -> str:
+    return f"{PREFIX}rate:{zone}:"
+
+
+def lease_prefix(zone: str) -> str:
+    return f"{PREFIX}lease:{zone}:"
+
+
+def connections(zone: str, kind: Kind, name: str) -> str:
+    return f"{PREFIX}conn:{zone}:{kind}:{canonical_domain(name) if kind == 'd' else name}"
+
+
+def want(connection_key: str) -> str:
+    """The want flag that goes with a :func:`connections` key."""
+    return connection_key.replace(f"{PREFIX}conn:", f"{PREFIX}want:", 1)
+
+
+def blacklist_member(domain: str, address: str) -> str:
+    return f"{canonical_domain(domain)}|{address}"
+
+
+def auth_failures(interface: str, client: str) -> str:
+    return f"{PREFIX}authfail:{interface}:{client}"
