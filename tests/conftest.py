@@ -95,7 +95,8 @@ def publish_dkim_keys(dns: Dnsmasq, folder: Path) -> None:
 def infra() -> Iterator[Infra]:
     workdir = Path(tempfile.mkdtemp(prefix="zmta-tests-"))
     workdir.chmod(0o755)  # PostgreSQL runs as its own user and must reach its data dir
-    postgres = PostgresCluster(workdir / "pg")
+    # pg_stat_statements: tests that bound the rows a piece of work reads.
+    postgres = PostgresCluster(workdir / "pg", statements=True)
     redis = RedisServer(workdir / "redis")
     dns = Dnsmasq(workdir / "dns")
     for domain, ip in MX_HOSTS.items():

@@ -16,7 +16,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
+from tests.conftest import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
 from tests.e2e.test_outcomes import queued_id
 from zmta_bounce.notifications import CONSUMER as BOUNCE_CONSUMER
 from zmta_common import bus as zbus
@@ -258,3 +258,38 @@ async def test_a_dsn_refused_for_good_ends_its_bounce_event(deploy: DeploymentFa
     assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
     assert bounce_log().count('"event": "dsn refused"') == 1
     assert "No delivery status notifications here" in bounce_log()
+
+
+async def _rows_read(d: Deployment) -> int:
+    """Rows the deployment's database returned or changed so far, by pg_stat_statements
+    (kept in shared memory as each statement ends, unlike the table statistics)."""
+    await d.store.pool.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    rows = await d.store.pool.fetchval(
+        "SELECT coalesce(sum(rows), 0) FROM pg_stat_statements"
+        " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND query ILIKE '%deliveries%'"
+    )
+    return int(rows)
+
+
+async def test_the_bounces_of_a_message_read_each_delivery_row_a_bounded_number_of_times(
+    deploy: DeploymentFactory, sinks: dict
+) -> None:
+    """Each rejected report once read every delivery row of its message: n squared rows
+    for a message to n recipients that all bounce."""
+    # One recipient per domain: no domain limit makes leasing scan the same rows again.
+    recipients = [f"gone@{domain}" for domain in MANY_DOMAINS]
+    d = await deploy({"bounce": {"dsn": False}}, senders={"default": 1})
+    for rcpt in recipients:
+        sinks[MANY_DOMAINS_MX].handler.scripted_rcpt[rcpt] = [f"550 5.1.1 <{rcpt}>: Recipient address rejected"]
+    before = await _rows_read(d)
+    queue_id = await send(d, recipients, "many")
+    await eventually(lambda: _gone(d, queue_id), timeout=60, what="every delivery bounced")
+    read = await _rows_read(d) - before
+    top = await d.store.pool.fetch(
+        "SELECT rows, calls, left(query, 100) AS query FROM pg_stat_statements"
+        " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND query ILIKE '%deliveries%' ORDER BY rows DESC LIMIT 8"
+    )
+    # Intake, leasing, outcomes and collection touch each row a few times; n squared is 10000.
+    assert read < 15 * len(recipients), [tuple(r) for r in top]
