@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
 from tests.e2e.test_outcomes import queued_id
-from zmta_bounce.notifications import CONSUMER as BOUNCE_CONSUMER
+from zmta_bounce.consumer import CONSUMER as BOUNCE_CONSUMER
 from zmta_common import bus as zbus
 from zmta_common.events import STREAM_BOUNCES
 from zmta_devtools.servers import free_port
@@ -93,6 +93,11 @@ async def test_each_failure_stage_ends_as_it_should(deploy: DeploymentFactory, s
     assert '"category": "recipient_unknown"' in log
     assert '"category": "spam"' in log
     assert len(reports(sinks)) == 2  # no DSN for what is still being retried
+    # A DSN is queued as any message is (zmta_common.queueing): counted and logged alike.
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{d.config.metrics.bounce_port}/metrics")).text
+    assert 'zonemta_message_push{result="success"} 2.0' in text
+    assert log.count('"event": "queued"') == 2 and '"interface": "bounce"' in log
 
 
 async def test_retry_schedule_ends_in_a_bounce_at_the_right_attempt(deploy: DeploymentFactory, sinks: dict) -> None:

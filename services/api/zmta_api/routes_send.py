@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from zmta_common import metrics
-from zmta_common.bus import announce_queued
+from zmta_common import queueing
 from zmta_common.intake import Envelope, IntakeError, MessageIntake, QueuedMessage
 
 from .common import ApiError, Services, error_responses
@@ -19,7 +17,7 @@ from .compose import ComposeError, compose
 from .models import ErrorResponse, SendRequest, SendResponse
 from .security import OPEN, caller
 
-log = logging.getLogger(__name__)
+STORE_FAILED = "temporary failure while storing the message, try again later"
 
 
 def router(services: Services) -> APIRouter:
@@ -48,32 +46,31 @@ def router(services: Services) -> APIRouter:
         )
 
     async def store_message(intake: MessageIntake, pieces: AsyncIterator[bytes]) -> QueuedMessage:
+        """Feed the intake and queue the message (:func:`zmta_common.queueing.queue`)."""
         try:
             async for piece in pieces:
                 intake.feed(piece)
                 if intake.needs_flush:
                     await intake.flush()
-            queued = await intake.finish()
         except IntakeError as exc:
             await intake.abort()
-            metrics.message_drop.inc()
+            queueing.refused(intake, exc)
             raise ApiError(exc.http_status, exc.reply) from None
         except (ApiError, HTTPException):  # HTTPException: the body grew past its limit (security.Gate)
             await intake.abort()
             raise
         except Exception as exc:
             await intake.abort()
-            metrics.message_push.inc(result="fail")
-            log.warning("store failed", extra={"id": intake.id, "error": repr(exc)})
-            raise ApiError(503, "temporary failure while storing the message, try again later") from None
-        if queued.dropped:
-            metrics.message_drop.inc()
-            log.info("dropped", extra={"id": queued.id, "suppressed": queued.suppressed})
-            return queued
-        metrics.message_push.inc(result="success")
-        await announce_queued(services.bus, queued.id, queued.zones)
-        log.info("queued", extra={"id": queued.id, "zones": queued.zones, "interface": intake.envelope.interface})
-        return queued
+            queueing.store_failed(intake, exc)
+            raise ApiError(503, STORE_FAILED) from None
+        try:
+            return await queueing.queue(intake, services.bus)
+        except IntakeError as exc:  # counted and logged by queue()
+            await intake.abort()
+            raise ApiError(exc.http_status, exc.reply) from None
+        except Exception:
+            await intake.abort()
+            raise ApiError(503, STORE_FAILED) from None
 
     def check_maildrop() -> None:
         if not config.api.maildrop:

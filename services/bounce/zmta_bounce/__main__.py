@@ -12,9 +12,9 @@ from zmta_common.config import Config
 from zmta_common.store import Store
 
 from .classifier import Classifier, RulesError, load_all
-from .notifications import BounceConsumer
+from .consumer import BounceConsumer
+from .notifications import NotificationSender
 from .responder import ClassifyResponder
-from .webhooks import WebhookSender
 
 log = logging.getLogger("zmta_bounce")
 
@@ -29,10 +29,10 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     bus = await zbus.connect(config.dbs.nats, "bounce")
     await ClassifyResponder(classifier).start(bus.nc)
     consumer = BounceConsumer(config, store, bus, hooks.load(config, "bounce"))
-    webhook_sender = WebhookSender(config, bus)
+    notification_sender = NotificationSender(config, bus)
     tasks = [
         asyncio.create_task(consumer.run(stop), name="bounces"),
-        asyncio.create_task(webhook_sender.run(stop), name="notifications"),
+        asyncio.create_task(notification_sender.run(stop), name="notifications"),
     ]
 
     async def health() -> dict[str, object]:
@@ -40,7 +40,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
             "rules": len(classifier.rules),
             "nats": bus.nc.is_connected,
             "bounces": consumer.handled,
-            "notifications": webhook_sender.sent,
+            "notifications": notification_sender.sent,
         }
 
     metrics_task = await metrics.serve(config.metrics.host, config.metrics.bounce_port, health)

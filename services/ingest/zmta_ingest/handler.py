@@ -15,9 +15,9 @@ from aiosmtpd.smtp import Session
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from zmta_common import metrics
+from zmta_common import queueing
 from zmta_common.addresses import address_error
-from zmta_common.bus import Bus, announce_queued
+from zmta_common.bus import Bus
 from zmta_common.config import Config, SmtpInterface
 from zmta_common.headers import unsafe_character
 from zmta_common.hooks import Hooks, Reject
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 # A refused AUTH is answered this many seconds late, to slow down password guessing.
 AUTH_FAILURE_DELAY = 1.0
+STORE_FAILED = "451 4.3.0 Temporary failure while storing the message, try again later"
 
 
 _AIOSMTPD_NAMES: dict[str, list[str]] = {}
@@ -229,37 +230,20 @@ class IngestHandler:
         )
 
     async def finish(self, intake: MessageIntake) -> str:
+        """Queue the received message (:func:`zmta_common.queueing.queue`); the SMTP reply."""
         try:
-            queued = await intake.finish()
+            queued = await queueing.queue(intake, self.bus)
         except IntakeError as exc:
-            metrics.message_drop.inc()
-            log.info("rejected", extra={"id": intake.id, "reply": exc.reply})
             return exc.reply
-        except Exception as exc:  # the store is down or failed: the client must retry
-            return self.store_failure(intake, exc)
-        if queued.dropped:
-            metrics.message_drop.inc()
-            log.info("dropped", extra={"id": queued.id, "suppressed": queued.suppressed, "interface": self.name})
-            return f"250 2.0.0 Message queued as {queued.id}"  # suppressed: dropped without a word
-        metrics.message_push.inc(result="success")
-        log.info(
-            "queued",
-            extra={
-                "id": queued.id,
-                "zones": queued.zones,
-                "size": queued.size,
-                "interface": self.name,
-                "suppressed": queued.suppressed,
-            },
-        )
-        await announce_queued(self.bus, queued.id, queued.zones)
+        except Exception:  # the store is down or failed: the client must retry
+            return STORE_FAILED
+        # A message whose every recipient is suppressed is dropped without a word.
         return f"250 2.0.0 Message queued as {queued.id}"
 
     def store_failure(self, intake: MessageIntake, exc: BaseException) -> str:
-        metrics.message_push.inc(result="fail")
-        metrics.message_drop.inc()
-        log.warning("store failed", extra={"id": intake.id, "error": repr(exc)})
-        return "451 4.3.0 Temporary failure while storing the message, try again later"
+        """The reply for a message whose chunks could not be stored while DATA went on."""
+        queueing.store_failed(intake, exc)
+        return STORE_FAILED
 
 
 # aiosmtpd inspects the signature of handle_EHLO on every connection (to tell its two
