@@ -1,4 +1,5 @@
-"""How every service process starts and stops: config, logging, signals."""
+"""How every service process starts and stops: config, logging, signals, its connections
+to PostgreSQL, NATS and Redis, and its /metrics and /health endpoint."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvloop
+from redis.asyncio import Redis
 
+from . import bus as zbus
 from . import logging as zlogging
+from . import metrics
 from .config import Config, ConfigError, load_config
 from .hooks import PluginError
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +93,36 @@ async def every(interval: float, chore: Callable[[], Awaitable[None]], stop: asy
             log.warning(f"{what} failed", extra={"error": repr(exc)})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
+
+
+@dataclass(frozen=True, slots=True)
+class Connections:
+    """What a service talks to: the queue's store, the bus and Redis."""
+
+    store: Store
+    bus: zbus.Bus
+    redis: Redis
+
+
+@contextlib.asynccontextmanager
+async def connections(config: Config, client_name: str) -> AsyncIterator[Connections]:
+    """Connect to PostgreSQL, NATS and Redis (Redis lazily, at first use); each is closed
+    again, in reverse order, however the service ends (a failed start-up included)."""
+    async with contextlib.AsyncExitStack() as stack:
+        store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
+        stack.push_async_callback(store.close)
+        bus = await zbus.connect(config.dbs.nats, client_name)
+        stack.push_async_callback(bus.close)
+        redis = Redis.from_url(config.dbs.redis)
+        stack.push_async_callback(redis.aclose)
+        yield Connections(store, bus, redis)
+
+
+@contextlib.asynccontextmanager
+async def health_endpoint(config: Config, port: int, health: metrics.HealthCheck) -> AsyncIterator[None]:
+    """Serve /metrics and /health on ``port`` for as long as the block runs."""
+    task = await metrics.serve(config.metrics.host, port, health)
+    try:
+        yield
+    finally:
+        task.cancel()

@@ -10,13 +10,10 @@ from typing import Annotated
 import typer
 import uvicorn
 import yaml
-from redis.asyncio import Redis
 
-from zmta_common import bus as zbus
 from zmta_common import hooks, service
 from zmta_common.config import Config
 from zmta_common.metrics import EmbeddedServer
-from zmta_common.store import Store
 
 from . import security
 from .app import Services, create_app
@@ -25,26 +22,23 @@ log = logging.getLogger("zmta_api")
 
 
 async def main(config: Config, stop: asyncio.Event) -> None:
-    store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
-    bus = await zbus.connect(config.dbs.nats, "api")
-    redis = Redis.from_url(config.dbs.redis)
     try:
         security.load_keys(config.api)
     except security.KeyFileError as exc:
         print(f"api: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = create_app(Services(config, store, bus, hooks.load(config, "api"), redis=redis))
-    server = EmbeddedServer(
-        uvicorn.Config(app, host=config.api.host, port=config.api.port, log_config=None, access_log=False)
-    )
-    task = asyncio.create_task(server.serve())
-    log.info("listening", extra={"host": config.api.host, "port": config.api.port})
-    await asyncio.wait([task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    await task
-    await bus.close()
-    await redis.aclose()
-    await store.close()
+    async with service.connections(config, "api") as conn:
+        app = create_app(Services(config, conn.store, conn.bus, hooks.load(config, "api"), redis=conn.redis))
+        server = EmbeddedServer(
+            uvicorn.Config(app, host=config.api.host, port=config.api.port, log_config=None, access_log=False)
+        )
+        task = asyncio.create_task(server.serve())
+        log.info("listening", extra={"host": config.api.host, "port": config.api.port})
+        try:
+            await asyncio.wait([task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            server.should_exit = True
+            await task
 
 
 cli = typer.Typer(add_completion=False)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from zmta_common import bus as zbus
-from zmta_common import hooks, metrics, service
+from zmta_common import hooks, service
 from zmta_common.config import Config
-from zmta_common.store import Store
 
 from .classifier import Classifier, RulesError, load_all
 from .consumer import BounceConsumer
@@ -25,31 +23,22 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     except RulesError as exc:
         log.error("bad bounce rules", extra={"error": str(exc)})
         raise SystemExit(2) from None
-    store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
-    bus = await zbus.connect(config.dbs.nats, "bounce")
-    await ClassifyResponder(classifier).start(bus.nc)
-    consumer = BounceConsumer(config, store, bus, hooks.load(config, "bounce"))
-    notification_sender = NotificationSender(config, bus)
-    tasks = [
-        asyncio.create_task(consumer.run(stop), name="bounces"),
-        asyncio.create_task(notification_sender.run(stop), name="notifications"),
-    ]
+    async with service.connections(config, "bounce") as conn:
+        await ClassifyResponder(classifier).start(conn.bus.nc)
+        consumer = BounceConsumer(config, conn.store, conn.bus, hooks.load(config, "bounce"))
+        notification_sender = NotificationSender(config, conn.bus)
 
-    async def health() -> dict[str, object]:
-        return {
-            "rules": len(classifier.rules),
-            "nats": bus.nc.is_connected,
-            "bounces": consumer.handled,
-            "notifications": notification_sender.sent,
-        }
+        async def health() -> dict[str, object]:
+            return {
+                "rules": len(classifier.rules),
+                "nats": conn.bus.nc.is_connected,
+                "bounces": consumer.handled,
+                "notifications": notification_sender.sent,
+            }
 
-    metrics_task = await metrics.serve(config.metrics.host, config.metrics.bounce_port, health)
-    log.info("running", extra={"rules": len(classifier.rules)})
-    await stop.wait()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    metrics_task.cancel()
-    await bus.close()
-    await store.close()
+        async with service.health_endpoint(config, config.metrics.bounce_port, health):
+            log.info("running", extra={"rules": len(classifier.rules)})
+            await asyncio.gather(consumer.run(stop), notification_sender.run(stop), return_exceptions=True)
 
 
 cli = service.command("bounce", main, "Run the bounce service.")

@@ -19,12 +19,9 @@ import weakref
 from typing import Annotated, cast
 
 import typer
-from redis.asyncio import Redis
 
-from zmta_common import bus as zbus
-from zmta_common import hooks, metrics, service
+from zmta_common import hooks, service
 from zmta_common.config import Config
-from zmta_common.store import Store
 
 from .auth import hash_password
 from .handler import IngestHandler
@@ -85,87 +82,89 @@ async def main(
         log.error("bad interface", extra={"error": str(exc)})
         print(f"ingest: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
-    bus = await zbus.connect(config.dbs.nats, "ingest")
-    redis = Redis.from_url(config.dbs.redis)  # failed AUTH per client, counted across pods
+    async with service.connections(config, "ingest") as conn:
+        plugins = hooks.load(config, "ingest")
+        try:
+            handlers = [IngestHandler(config, name, conn.store, conn.bus, conn.redis, plugins) for name in contexts]
+        except StartupError as exc:
+            log.error("bad interface", extra={"error": str(exc)})
+            print(f"ingest: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        sessions: weakref.WeakSet[IngestSMTP] = weakref.WeakSet()  # open SMTP sessions, for a clean stop
+        servers = [await listen(config, handler, contexts[handler.name], sessions, reuse_port) for handler in handlers]
+
+        async def health() -> dict[str, object]:
+            await conn.store.pool.fetchval("SELECT 1")
+            return {"interfaces": len(servers), "nats": conn.bus.nc.is_connected}
+
+        port = config.metrics.ingest_port if metrics_port is None else metrics_port
+        async with service.health_endpoint(config, port, health):
+            try:
+                await stop.wait()
+            finally:
+                await close(servers, sessions, grace)
+                for handler in handlers:
+                    await handler.close()
+
+
+async def listen(
+    config: Config,
+    handler: IngestHandler,
+    tls: ssl.SSLContext | None,
+    sessions: weakref.WeakSet[IngestSMTP],
+    reuse_port: bool,
+) -> asyncio.Server:
+    """Start accepting SMTP connections on one interface."""
     loop = asyncio.get_running_loop()
-    handlers: list[IngestHandler] = []
-    servers: list[asyncio.Server] = []
-    sessions: weakref.WeakSet[IngestSMTP] = weakref.WeakSet()  # open SMTP sessions, for a clean stop
-    plugins = hooks.load(config, "ingest")
-    try:
-        for name in contexts:
-            handlers.append(IngestHandler(config, name, store, bus, redis, plugins))
-    except StartupError as exc:
-        log.error("bad interface", extra={"error": str(exc)})
-        print(f"ingest: {exc}", file=sys.stderr)
-        await bus.close()
-        await redis.aclose()
-        await store.close()
-        raise SystemExit(2) from None
-    for handler in handlers:
-        iface = handler.interface
-        tls = contexts[handler.name]
-        implicit = iface.implicit_tls
+    iface = handler.interface
+    implicit = iface.implicit_tls
 
-        def factory(
-            handler: IngestHandler = handler, tls: ssl.SSLContext | None = tls, implicit: bool = implicit
-        ) -> IngestSMTP:
-            session = IngestSMTP(
-                handler,
-                implicit_tls=implicit,
-                hostname=handler.interface.hostname or config.hostname,
-                ident=config.name,
-                data_size_limit=handler.interface.max_size,
-                enable_SMTPUTF8=True,
-                timeout=handler.interface.socket_timeout,
-                # STARTTLS where there is a certificate and the port is not TLS from the start.
-                tls_context=None if implicit else tls,
-                loop=loop,
-            )
-            sessions.add(session)
-            return session
-
-        # A listen backlog for bursts of clients (asyncio's default of 100 drops connections).
-        server = await loop.create_server(
-            factory,
-            iface.host,
-            iface.port,
-            ssl=tls if implicit else None,
-            backlog=LISTEN_BACKLOG,
-            reuse_port=reuse_port or None,
+    def factory() -> IngestSMTP:
+        session = IngestSMTP(
+            handler,
+            implicit_tls=implicit,
+            hostname=iface.hostname or config.hostname,
+            ident=config.name,
+            data_size_limit=iface.max_size,
+            enable_SMTPUTF8=True,
+            timeout=iface.socket_timeout,
+            # STARTTLS where there is a certificate and the port is not TLS from the start.
+            tls_context=None if implicit else tls,
+            loop=loop,
         )
-        servers.append(server)
-        log.info(
-            "listening",
-            extra={
-                "interface": handler.name,
-                "host": iface.host,
-                "port": iface.port,
-                "tls": "implicit" if implicit else ("starttls" if tls else "none"),
-                "auth": handler.authenticator is not None,
-            },
-        )
+        sessions.add(session)
+        return session
 
-    async def health() -> dict[str, object]:
-        await store.pool.fetchval("SELECT 1")
-        return {"interfaces": len(servers), "nats": bus.nc.is_connected}
+    # A listen backlog for bursts of clients (asyncio's default of 100 drops connections).
+    server = await loop.create_server(
+        factory,
+        iface.host,
+        iface.port,
+        ssl=tls if implicit else None,
+        backlog=LISTEN_BACKLOG,
+        reuse_port=reuse_port or None,
+    )
+    log.info(
+        "listening",
+        extra={
+            "interface": handler.name,
+            "host": iface.host,
+            "port": iface.port,
+            "tls": "implicit" if implicit else ("starttls" if tls else "none"),
+            "auth": handler.authenticator is not None,
+        },
+    )
+    return server
 
-    port = config.metrics.ingest_port if metrics_port is None else metrics_port
-    metrics_task = await metrics.serve(config.metrics.host, port, health)
-    await stop.wait()
+
+async def close(servers: list[asyncio.Server], sessions: weakref.WeakSet[IngestSMTP], grace: float) -> None:
+    """Take no new connections; let open sessions finish their transaction within ``grace``."""
     log.info("stopping", extra={"sessions": sum(1 for s in sessions if s.transport is not None), "grace": grace})
     for server in servers:
-        server.close()  # no new connections
+        server.close()
     # Open sessions finish their transaction (wait_closed does not wait for them under uvloop).
     await finish_sessions(sessions, grace)
     await asyncio.gather(*(s.wait_closed() for s in servers), return_exceptions=True)
-    metrics_task.cancel()
-    for handler in handlers:
-        await handler.close()
-    await bus.close()
-    await redis.aclose()
-    await store.close()
 
 
 cli = typer.Typer(add_completion=False)

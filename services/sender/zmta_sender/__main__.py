@@ -10,15 +10,12 @@ import ssl
 from typing import Annotated
 
 import typer
-from redis.asyncio import Redis
 
-from zmta_common import bus as zbus
-from zmta_common import hooks, metrics, service, slices
+from zmta_common import hooks, service, slices
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.mx import MxLookup
 from zmta_common.slices import Slice
-from zmta_common.store import Store
 
 from .mta_sts import MtaSts
 from .mx import MxResolver
@@ -34,8 +31,6 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
     async def main(config: Config, stop: asyncio.Event) -> None:
         if zone not in config.zones:
             raise SystemExit(f"sender: zone {zone!r} is not in the config ({', '.join(sorted(config.zones))})")
-        store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
-        bus = await zbus.connect(config.dbs.nats, f"sender-{zone}")
         try:
             keys = load_keys(config)
         except DkimKeyError as exc:
@@ -44,42 +39,40 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
             verifying_context(config.tls.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise SystemExit(f"sender: tls.ca_file {config.tls.ca_file}: {exc}") from None
-        redis = Redis.from_url(config.dbs.redis)
-        name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
-        sender = Sender(
-            config,
-            zone,
-            store,
-            bus,
-            MxResolver(MxLookup(config.dns, redis)),
-            name,
-            part,
-            ZoneLimits(redis, zone, config.zones[zone]),
-            Blacklist(redis),
-            Signer(config, config.zones[zone], keys),
-            hooks.load(config, "sender"),
-            sts=MtaSts(config.dns, redis, config.tls) if config.tls.mta_sts else None,
-        )
+        async with service.connections(config, f"sender-{zone}") as conn:
+            name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
+            sender = Sender(
+                config,
+                zone,
+                conn.store,
+                conn.bus,
+                MxResolver(MxLookup(config.dns, conn.redis)),
+                name,
+                part,
+                ZoneLimits(conn.redis, zone, config.zones[zone]),
+                Blacklist(conn.redis),
+                Signer(config, config.zones[zone], keys),
+                hooks.load(config, "sender"),
+                sts=MtaSts(config.dns, conn.redis, config.tls) if config.tls.mta_sts else None,
+            )
 
-        async def health() -> dict[str, object]:
-            await store.pool.fetchval("SELECT 1")
-            return {
-                "zone": zone,
-                "in_flight": sender.in_flight,
-                "idle_connections": sender.connections.idle,
-                "nats": bus.nc.is_connected,
-            }
+            async def health() -> dict[str, object]:
+                await conn.store.pool.fetchval("SELECT 1")
+                return {
+                    "zone": zone,
+                    "in_flight": sender.in_flight,
+                    "idle_connections": sender.connections.idle,
+                    "nats": conn.bus.nc.is_connected,
+                }
 
-        port = config.metrics.sender_port if metrics_port is None else metrics_port
-        metrics_task = await metrics.serve(config.metrics.host, port, health)
-        log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in sender.pool]})
-        await sender.run(stop, grace)
-        metrics_task.cancel()
-        if sender.sts is not None:
-            await sender.sts.close()
-        await bus.close()
-        await redis.aclose()
-        await store.close()
+            port = config.metrics.sender_port if metrics_port is None else metrics_port
+            async with service.health_endpoint(config, port, health):
+                log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in sender.pool]})
+                try:
+                    await sender.run(stop, grace)
+                finally:
+                    if sender.sts is not None:
+                        await sender.sts.close()
 
     return main
 
