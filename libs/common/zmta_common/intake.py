@@ -3,31 +3,29 @@
 The caller feeds the message as it arrives, in pieces of any size. The intake
 normalises line ends to CRLF, splits off the top-level header block, hashes the
 body for DKIM and writes it to the store in chunks, so memory use does not grow
-with the message. :meth:`MessageIntake.finish` then edits the headers (Message-ID
-and Date when missing; X-Sending-Zone and Bcc removed), routes each recipient to a
-zone and commits message, chunks and delivery rows in one transaction. Nothing is
-acknowledged before that commit, and any failure leaves nothing behind.
+with the message. :meth:`MessageIntake.finish` then runs the plugins and the rules of
+:mod:`zmta_common.cleanup` (routing each recipient to a zone; Message-ID and Date when
+missing; X-Sending-Zone and Bcc removed; delayed delivery; the meta) and commits
+message, chunks and delivery rows in one transaction. Nothing is acknowledged before
+that commit, and any failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime, getaddresses, parsedate_to_datetime
 
 from .addresses import address_error
+from .cleanup import BodyFacts, clean, route_recipients
 from .config import Config
 from .dkim_hash import BodyHasher
 from .domains import domain_of
 from .headers import HeaderBlock, is_continuation, is_field_start
 from .hooks import Hooks, Reject
 from .ids import new_queue_id, seq_for
-from .routing import ZONE_HEADER, UnknownZoneError, route
+from .routing import UnknownZoneError
 from .store import IntakeTransaction, NewDelivery, NewMessage, Store
 
 log = logging.getLogger(__name__)
@@ -338,50 +336,25 @@ class MessageIntake:
             await asyncio.to_thread(_envelope_from_headers, env, headers, self.max_recipients)
         await self._run_hook("message:headers", env, headers)
         try:
-            zones = route(self.config, headers, env.mail_from, env.recipients, env.allow_routing_headers)
+            zones = route_recipients(self.config, headers, env)
         except UnknownZoneError as exc:
             raise IntakeError(f"550 5.7.1 {exc}", 400) from None
         zones = await self._plugin_routes(zones)
         await self._run_hook("message:store", env, headers, StoredBody(self._tx, last_chunk, self._body_size, self.id))
-        parsed_envelope = _parsed_envelope(headers)
-        message_id = self._complete_headers(headers)
-        now = datetime.now(UTC)
+        cleaned = clean(self.config, headers, env, self.id, self._body_facts())
         deliveries = [
             NewDelivery(seq=seq_for(i), zone=zone, recipient=rcpt, domain=domain_of(rcpt))
             for i, (rcpt, zone) in enumerate(zip(env.recipients, zones, strict=True))
         ]
-        meta: dict[str, object] = {
-            "id": self.id,
-            "interface": env.interface,
-            "from": env.mail_from,
-            "to": list(env.recipients),
-            "origin": env.origin,
-            "originhost": env.originhost,
-            "transhost": env.transhost,
-            "transtype": env.transtype,
-            "user": env.user,
-            "time": int(time.time() * 1000),
-            "dkim": {
-                "hashAlgo": "sha256",
-                "bodyHash": self._hasher.b64digest(),
-                "bodyCanon": self._hasher.canonicalization,
-            },
-            "messageId": message_id,
-            "date": headers.get("date") or "",
-            "parsedEnvelope": parsed_envelope,
-            "bodySize": self._body_size,
-            "created": int(now.timestamp() * 1000),
-            **env.extra,
-        }
         kept = await self._tx.commit(
             NewMessage(
                 id=self.id,
                 mail_from=env.mail_from,
                 headers=headers.to_bytes(),
                 body_size=self._body_size,
-                meta=meta,
+                meta=cleaned.meta,
                 deliveries=deliveries,
-                not_before=self._hold_until(headers, now),
+                not_before=cleaned.not_before,
             ),
             last_chunk,
         )
@@ -391,7 +364,17 @@ class MessageIntake:
                 counts[delivery.zone] = counts.get(delivery.zone, 0) + 1
         # Suppressed recipients got no row: their mail is dropped silently, as the original does.
         suppressed = sorted(d.recipient for d in deliveries if d.seq not in kept)
-        return QueuedMessage(id=self.id, zones=counts, message_id=message_id, size=self.size, suppressed=suppressed)
+        return QueuedMessage(
+            id=self.id, zones=counts, message_id=cleaned.message_id, size=self.size, suppressed=suppressed
+        )
+
+    def _body_facts(self) -> BodyFacts:
+        return BodyFacts(
+            size=self._body_size,
+            hash_algo=self._hasher.algorithm,
+            body_hash=self._hasher.b64digest(),
+            canonicalization=self._hasher.canonicalization,
+        )
 
     async def _run_hook(self, name: str, *args: object) -> None:
         try:
@@ -411,28 +394,6 @@ class MessageIntake:
                 raise IntakeError(f"451 4.3.0 Recipient <{rcpt}> routed to unknown zone {zone!r}", 503)
         return [routes[rcpt] for rcpt in self.envelope.recipients]
 
-    def _hold_until(self, headers: HeaderBlock, now: datetime) -> datetime | None:
-        """Delayed delivery: the Date of a message dated in the future, within the configured limit."""
-        limit = self.config.queue.max_future_date
-        date = _parse_date(headers.get("date")) if limit else None
-        if date is None or date <= now + timedelta(minutes=5):
-            return None
-        return min(date, now + timedelta(seconds=limit))
-
-    def _complete_headers(self, headers: HeaderBlock) -> str:
-        """Drop routing-only fields; add Message-ID and Date when missing. Returns the Message-ID."""
-        headers.remove(ZONE_HEADER)
-        headers.remove("bcc")
-        message_id = headers.get("message-id")
-        if not message_id:
-            domain = domain_of(self.envelope.mail_from) or self.config.hostname
-            message_id = f"<{uuid.uuid4()}@{domain}>"
-            headers.add("Message-ID", message_id)
-        if not _valid_date(headers.get("date")):
-            headers.remove("date")
-            headers.add("Date", format_datetime(datetime.now(UTC)))
-        return message_id
-
 
 def _envelope_from_headers(env: Envelope, headers: HeaderBlock, max_recipients: int | None) -> None:
     senders = headers.addresses("sender") or headers.addresses("from")
@@ -451,33 +412,3 @@ def _envelope_from_headers(env: Envelope, headers: HeaderBlock, max_recipients: 
     for address in [env.mail_from, *env.recipients]:
         if address and (reason := address_error(address)):
             raise IntakeError(f"553 5.1.3 <{address}> is not a valid address: {reason}", 400)
-
-
-def _parse_date(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
-
-
-def _valid_date(value: str | None) -> bool:
-    parsed = _parse_date(value)
-    return parsed is not None and parsed > datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _parsed_envelope(headers: HeaderBlock) -> dict[str, object]:
-    def first(key: str) -> str | bool:
-        found = [addr for _, addr in getaddresses(headers.get_all(key)) if addr]
-        return found[0] if found else False
-
-    return {
-        "from": first("from") or "",
-        "to": headers.addresses("to"),
-        "cc": headers.addresses("cc"),
-        "bcc": headers.addresses("bcc"),
-        "replyTo": first("reply-to"),
-        "sender": first("sender"),
-    }
