@@ -22,7 +22,7 @@ from tests.conftest import Deployment, DeploymentFactory, eventually
 from zmta_common import redis_keys
 from zmta_common.intake import CHUNK_SIZE
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
-from zmta_common.store import OutcomeBatch
+from zmta_common.store import Deferral, LeaseCandidate, OutcomeBatch
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))  # binary, every byte value
@@ -269,14 +269,16 @@ async def test_message_deliveries_in_the_originals_shape(api: Deployment) -> Non
         rcpts = ["held@shape.test", "later@shape.test", "fresh@shape.test", "retried@shape.test"]
         message_id = await send(client, {"from": "s@origin.test", "to": rcpts, "text": "x"})
 
-        async def mine(ready: list[tuple[str, str, str]]) -> list[int]:
-            return [i for i, (mid, seq, _) in enumerate(ready) if mid == message_id and seq in ("001", "002", "004")]
+        async def mine(ready: list[LeaseCandidate]) -> list[int]:
+            return [i for i, r in enumerate(ready) if r.id == message_id and r.seq in ("001", "002", "004")]
 
         leases = {lease.seq: lease for lease in await api.store.lease("default", 1000, 600, "sender-7", admit=mine)}
         assert sorted(leases) == ["001", "002", "004"]
         next_attempt = datetime.now(UTC) + timedelta(hours=1)
         response = "451 4.3.0 Please try again later"
-        deferred = [(message_id, seq, leases[seq].lease_token, next_attempt, response) for seq in ("002", "004")]
+        deferred = [
+            Deferral(message_id, seq, leases[seq].lease_token, next_attempt, response) for seq in ("002", "004")
+        ]
         assert len(await api.store.apply_outcomes(OutcomeBatch(deferred=deferred))) == 2
         assert (await client.put(f"/message/{message_id}/004")).json() == {"success": True}  # its time is now
 

@@ -11,7 +11,17 @@ import pytest
 from tests.conftest import Infra, create_database
 from zmta_common.domains import domain_of
 from zmta_common.ids import new_queue_id, seq_for
-from zmta_common.store import MIGRATIONS, NewDelivery, NewMessage, OutcomeBatch, Store, _canonical_domains
+from zmta_common.store import (
+    MIGRATIONS,
+    Deferral,
+    DeliveryKey,
+    LeaseRef,
+    NewDelivery,
+    NewMessage,
+    OutcomeBatch,
+    Store,
+    _canonical_domains,
+)
 
 
 @pytest.fixture
@@ -101,20 +111,22 @@ async def test_outcomes_respect_lease_tokens_and_remove_finished_messages(store:
     stale = "00000000-0000-0000-0000-000000000000"
     batch = OutcomeBatch(
         deferred=[
-            (message_id, "001", stale, later, "451 stale"),
-            (message_id, "002", leases["002"].lease_token, later, "451 later"),
+            Deferral(message_id, "001", stale, later, "451 stale"),
+            Deferral(message_id, "002", leases["002"].lease_token, later, "451 later"),
         ],
-        rejected=[(message_id, "003", stale)],
+        rejected=[LeaseRef(message_id, "003", stale)],
     )
-    assert await store.apply_outcomes(batch) == {(message_id, "002")}  # the stale ones changed nothing
+    assert await store.apply_outcomes(batch) == {DeliveryKey(message_id, "002")}  # the stale ones changed nothing
     rows = {r.seq: r for r in await store.deliveries_of(message_id)}
     assert rows["001"].attempts == 0  # stale token: untouched
     assert (rows["002"].attempts, rows["002"].last_response, rows["002"].leased) == (1, "451 later", False)
 
-    removed = await store.apply_outcomes(OutcomeBatch(rejected=[(message_id, "003", leases["003"].lease_token)]))
-    assert removed == {(message_id, "003")}
-    delivered = OutcomeBatch(delivered=[(message_id, "001"), (message_id, "002")])
-    assert await store.apply_outcomes(delivered) == {(message_id, "001"), (message_id, "002")}
+    removed = await store.apply_outcomes(
+        OutcomeBatch(rejected=[LeaseRef(message_id, "003", leases["003"].lease_token)])
+    )
+    assert removed == {DeliveryKey(message_id, "003")}
+    delivered = OutcomeBatch(delivered=[DeliveryKey(message_id, "001"), DeliveryKey(message_id, "002")])
+    assert await store.apply_outcomes(delivered) == {DeliveryKey(message_id, "001"), DeliveryKey(message_id, "002")}
     assert await store.apply_outcomes(delivered) == set()  # a report applied twice counts once
     assert await store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
 
@@ -123,7 +135,7 @@ async def test_last_rows_finishing_at_once_still_remove_the_message(store: Store
     ids = [await add_message(store, 2) for _ in range(20)]
     # Each message's two rows are delivered by two appliers at the same moment.
     await asyncio.gather(
-        *(store.apply_outcomes(OutcomeBatch(delivered=[(i, seq)])) for i in ids for seq in ("001", "002"))
+        *(store.apply_outcomes(OutcomeBatch(delivered=[DeliveryKey(i, seq)])) for i in ids for seq in ("001", "002"))
     )
     assert await store.row_counts() == {"messages": 0, "message_chunks": 0, "deliveries": 0}
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Path, Query, Request
@@ -16,7 +15,7 @@ from zmta_common import metrics
 from zmta_common.addresses import address_error
 from zmta_common.domains import canonical_domain
 from zmta_common.events import WorkReady, ready_subject
-from zmta_common.store import Pause
+from zmta_common.store import Pause, Suppression
 
 from .common import ApiError, Services, ZoneName, check_zone, error_responses, iso
 from .models import (
@@ -51,10 +50,7 @@ def router(services: Services) -> APIRouter:
     async def suppression_list() -> SuppressionList:
         """Suppressed addresses and domains, newest first: mail to them is dropped silently.
         ``created`` is written as every time of the api (and the original's JSON) is: UTC, ms, Z."""
-        entries = await store.list_suppressions()
-        return SuppressionList(
-            suppressed=[{**e, "created": iso(datetime.fromisoformat(e["created"]))} for e in entries]
-        )
+        return SuppressionList(suppressed=[_suppression_view(e) for e in await store.list_suppressions()])
 
     @api.post(
         "/suppressionlist",
@@ -75,8 +71,7 @@ def router(services: Services) -> APIRouter:
             added = await store.add_suppression(address=entry.address)
         else:
             added = await store.add_suppression(domain=_domain(entry.domain or ""))
-        added.pop("created", None)
-        return SuppressionAdded(suppressed=added)
+        return SuppressionAdded(suppressed=_suppression_view(added, created=False))
 
     @api.delete(
         "/suppressionlist", response_model=SuppressionDeleted, responses=error_responses(400, 404), tags=["suppression"]
@@ -178,6 +173,18 @@ def _domain(value: str) -> str:
     if not domain.isascii():  # no A-label for it: not a name DNS can hold
         raise ApiError(400, f"{value!r} is not a domain", "domain")
     return domain
+
+
+def _suppression_view(entry: Suppression, created: bool = True) -> dict[str, Any]:
+    """An entry in the original's shape: id, created (unless left out) and either address or domain."""
+    view: dict[str, Any] = {"id": entry.id}
+    if created:
+        view["created"] = iso(entry.created)
+    if entry.address:
+        view["address"] = entry.address
+    else:
+        view["domain"] = entry.domain
+    return view
 
 
 def _pause_view(entry: Pause) -> PauseEntry:

@@ -20,7 +20,7 @@ from zmta_common.config import Config
 from zmta_common.events import WorkReady, ready_subject
 from zmta_common.headers import HeaderBlock
 from zmta_common.limits import Blacklist, ZoneLimits
-from zmta_common.store import DeliveryRow, QueuedRow, Store, StoredMessage
+from zmta_common.store import DeliveryRow, DomainCount, DropResult, QueuedRow, RetryResult, Store, StoredMessage
 
 from .common import AnyId, ApiError, MessageId, Services, ZoneName, error_responses, iso, well_formed
 from .models import (
@@ -89,12 +89,12 @@ def router(services: Services) -> APIRouter:
         rows = await store.domain_counts(zone)
         if zone is None:
             return _zone_counters(sorted(config.zones), rows)
-        active = [{"key": domain, "value": queued} for _, domain, queued, _ in rows if queued]
-        deferred = [{"key": domain, "value": waiting} for _, domain, _, waiting in rows if waiting]
+        active = [{"key": r.domain, "value": r.queued} for r in rows if r.queued]
+        deferred = [{"key": r.domain, "value": r.deferred} for r in rows if r.deferred]
         return CounterResponse(
             zone=zone or "all",
-            active=Counter(entries=active, rows=sum(queued for _, _, queued, _ in rows)),
-            deferred=Counter(entries=deferred, rows=sum(waiting for _, _, _, waiting in rows)),
+            active=Counter(entries=active, rows=sum(r.queued for r in rows)),
+            deferred=Counter(entries=deferred, rows=sum(r.deferred for r in rows)),
         )
 
     @api.get("/counter/zone/", response_model=CounterResponse)
@@ -186,10 +186,11 @@ def router(services: Services) -> APIRouter:
 
     async def retry(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
-        state, zone = await store.retry_now(message_id, seq) if well_formed(message_id, seq) else ("missing", None)
-        if state == "missing" or zone is None:
+        found = await store.retry_now(message_id, seq) if well_formed(message_id, seq) else RetryResult("missing", None)
+        zone = found.zone
+        if found.state == "missing" or zone is None:
             return Outcome(success=True, message=f"{what} is not in the queue")
-        if state == "leased":
+        if found.state == "leased":
             return Outcome(success=True, message=f"{what} is being delivered right now")
         log.info("retry now", extra={"id": message_id, "seq": seq, "zone": zone})
         await wake(zone)
@@ -216,12 +217,12 @@ def router(services: Services) -> APIRouter:
 
     async def drop(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
-        removed, leased = await store.drop_deliveries(message_id, seq) if well_formed(message_id, seq) else ([], 0)
-        if not removed:
-            why = "is being delivered right now" if leased else "is not in the queue"
+        dropped = await store.drop_deliveries(message_id, seq) if well_formed(message_id, seq) else DropResult([], 0)
+        if not dropped.removed:
+            why = "is being delivered right now" if dropped.leased else "is not in the queue"
             return Outcome(success=True, message=f"{what} {why}")
-        for removed_seq, zone in removed:
-            log.info("dropped by api", extra={"id": message_id, "seq": removed_seq, "zone": zone})
+        for removed in dropped.removed:
+            log.info("dropped by api", extra={"id": message_id, "seq": removed.seq, "zone": removed.zone})
         return Outcome(success=True)
 
     @api.delete("/message/{message_id}/{seq}", response_model=Outcome, response_model_exclude_none=True)
@@ -338,11 +339,11 @@ def _read_cursor(cursor: str) -> dict[str, Any]:
     return data
 
 
-def _zone_counters(zones: list[str], rows: list[tuple[str, str, int, int]]) -> CounterResponse:
+def _zone_counters(zones: list[str], rows: list[DomainCount]) -> CounterResponse:
     active, deferred = dict.fromkeys(zones, 0), dict.fromkeys(zones, 0)
-    for zone, _, queued, waiting in rows:
-        active[zone] = active.get(zone, 0) + queued
-        deferred[zone] = deferred.get(zone, 0) + waiting
+    for row in rows:
+        active[row.zone] = active.get(row.zone, 0) + row.queued
+        deferred[row.zone] = deferred.get(row.zone, 0) + row.deferred
     return CounterResponse(
         zone="all",
         active=Counter(entries=[{"key": z, "value": n} for z, n in active.items()], rows=sum(active.values())),

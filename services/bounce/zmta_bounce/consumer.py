@@ -128,7 +128,7 @@ class BounceConsumer:
         permanent = event.response[:1] == "5"
         if self.config.bounce.suppress_unknown_recipients and permanent and event.category == "recipient_unknown":
             entry = await self.store.add_suppression(address=event.recipient)
-            log.info("recipient suppressed", extra={"id": event.id, "seq": event.seq, "suppression": entry["id"]})
+            log.info("recipient suppressed", extra={"id": event.id, "seq": event.seq, "suppression": entry.id})
 
     async def _queue_dsn(self, event: BounceEvent) -> None:
         zone = self.config.zones.get(event.zone)

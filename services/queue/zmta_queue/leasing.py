@@ -21,7 +21,7 @@ from zmta_common.events import (
 )
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
 from zmta_common.slices import Slice
-from zmta_common.store import Store
+from zmta_common.store import LeaseCandidate, Store
 
 from .assignment import Assignment
 
@@ -98,16 +98,18 @@ class WorkDesk:
         alive = await assignment.seen(requester)
         addresses: dict[tuple[str, str], str] = {}
 
-        async def admit(ready: list[tuple[str, str, str]]) -> list[int]:
-            excluded = await self._excluded(request.zone, {domain for _, _, domain in ready})
+        async def admit(ready: list[LeaseCandidate]) -> list[int]:
+            excluded = await self._excluded(request.zone, {r.domain for r in ready})
             mine = []
-            for index, (message_id, seq, domain) in enumerate(ready):
-                take, address = assignment.assign(f"{message_id}.{seq}", excluded[domain], requester, alive)
+            for index, r in enumerate(ready):
+                take, address = assignment.assign(f"{r.id}.{r.seq}", excluded[r.domain], requester, alive)
                 if take:
                     mine.append(index)
-                    addresses[(message_id, seq)] = address.address if address else ""
-            groups = await limits.group_of(sorted({ready[i][2] for i in mine}))
-            candidates = [Candidate(f"{ready[i][0]}.{ready[i][1]}", ready[i][2], groups[ready[i][2]]) for i in mine]
+                    addresses[(r.id, r.seq)] = address.address if address else ""
+            groups = await limits.group_of(sorted({ready[i].domain for i in mine}))
+            candidates = [
+                Candidate(f"{ready[i].id}.{ready[i].seq}", ready[i].domain, groups[ready[i].domain]) for i in mine
+            ]
             return [mine[j] for j in await limits.admit(candidates, want, time.time() + lease_time)]
 
         leases = await self.store.lease(

@@ -37,7 +37,7 @@ from zmta_common.events import (
 )
 from zmta_common.hooks import Hooks, Reject
 from zmta_common.limits import ZoneLimits
-from zmta_common.store import AttemptHistory, OutcomeBatch, Store
+from zmta_common.store import AttemptHistory, Deferral, DeliveryKey, LeaseRef, OutcomeBatch, Store
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,17 @@ class ResultApplier:
     async def _apply(self, reports: list[DeliveryReport]) -> None:
         batch = OutcomeBatch()
         deferred = [r for r in reports if r.status == DEFERRED]
-        history = await self.store.delivery_attempts([(r.id, r.seq) for r in deferred]) if deferred else {}
+        history = await self.store.delivery_attempts([DeliveryKey(r.id, r.seq) for r in deferred]) if deferred else {}
         now = datetime.now(UTC)
         rejected: list[DeliveryReport] = []
         delayed: list[DeliveryReport] = []
         for report in reports:
             if report.status == DELIVERED:
-                batch.delivered.append((report.id, report.seq))
+                batch.delivered.append(DeliveryKey(report.id, report.seq))
             elif report.status == REJECTED:
                 rejected.append(report)
             else:
-                past = history.get((report.id, report.seq), AttemptHistory(0, now, None))
+                past = history.get(DeliveryKey(report.id, report.seq), AttemptHistory(0, now, None))
                 delay = self._retry_delay(report.zone, past.attempts)
                 if delay is None or now + timedelta(seconds=delay) - past.created > self._max_age(report.zone):
                     # out of retries or too old: a soft failure becomes a bounce
@@ -114,20 +114,20 @@ class ResultApplier:
                     rejected.append(report)
                     continue
                 batch.deferred.append(
-                    (report.id, report.seq, report.lease_token, now + timedelta(seconds=delay), report.response)
+                    Deferral(report.id, report.seq, report.lease_token, now + timedelta(seconds=delay), report.response)
                 )
                 if self._warning_due(past, now):
                     delayed.append(report)
         for report in rejected:
             if await self._publish_bounce(report, FAILED):
-                batch.rejected.append((report.id, report.seq, report.lease_token))
+                batch.rejected.append(LeaseRef(report.id, report.seq, report.lease_token))
         for report in delayed:
             await self._publish_bounce(report, DELAYED)
         applied = await self.store.apply_outcomes(batch)
         await self._release(reports)
         rejected_ids = {id(r) for r in rejected}
         for report in reports:
-            if (report.id, report.seq) not in applied:
+            if DeliveryKey(report.id, report.seq) not in applied:
                 # Applied before (JetStream redelivered the report), overtaken, or its bounce
                 # not published: not counted, so that each outcome is counted once.
                 log.info("outcome not applied", extra={"id": report.id, "seq": report.seq, "status": report.status})

@@ -52,7 +52,7 @@ from zmta_common.headers import HeaderBlock, without_bare_line_ends
 from zmta_common.hooks import Hooks, Reject
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.slices import Slice
-from zmta_common.store import Store, StoredMessage
+from zmta_common.store import DeliveryKey, LeaseRef, Store, StoredMessage
 
 from . import http_delivery
 from .connections import ConnectionPool
@@ -200,7 +200,7 @@ class Sender:
             except Exception as exc:  # Redis is down: the places may run out (the leases must not)
                 log.warning("in-flight places not renewed", extra={"zone": self.zone_name, "error": repr(exc)})
             try:
-                await self.store.renew_leases([(d.id, d.seq, d.lease_token) for d in deliveries], lease_time)
+                await self.store.renew_leases([LeaseRef(d.id, d.seq, d.lease_token) for d in deliveries], lease_time)
             except Exception as exc:  # the store is down: leases may expire, as after a crash
                 log.warning("leases not renewed", extra={"zone": self.zone_name, "error": repr(exc)})
 
@@ -213,7 +213,7 @@ class Sender:
         except Exception as exc:  # Redis down: the places free themselves at lease expiry
             log.warning("in-flight places not released", extra={"zone": self.zone_name, "error": repr(exc)})
         try:
-            released = await self.store.release_leases([(d.id, d.seq, d.lease_token) for d in deliveries])
+            released = await self.store.release_leases([LeaseRef(d.id, d.seq, d.lease_token) for d in deliveries])
         except Exception as exc:  # the store is down: the leases expire as after a crash
             log.warning("leases not released", extra={"zone": self.zone_name, "error": repr(exc)})
             return
@@ -265,11 +265,11 @@ class Sender:
         lease_time = self.config.queue.lease_time
         try:
             await self.limits.renew([f"{d.id}.{d.seq}" for d in deliveries], time.time() + lease_time)
-            ours = await self.store.renew_leases([(d.id, d.seq, d.lease_token) for d in deliveries], lease_time)
+            ours = await self.store.renew_leases([LeaseRef(d.id, d.seq, d.lease_token) for d in deliveries], lease_time)
         except Exception as exc:
             log.warning("leases not confirmed", extra={"zone": self.zone_name, "error": repr(exc)})
             return []
-        return [d for d in deliveries if (d.id, d.seq) in ours]
+        return [d for d in deliveries if DeliveryKey(d.id, d.seq) in ours]
 
     async def _messages(self, deliveries: list[LeasedDelivery]) -> list[StoredMessage | Unread | None]:
         """The messages of a batch of deliveries, read in one query; if that fails, each

@@ -1,0 +1,192 @@
+"""The store's records: what goes in (messages, outcomes, lease references) and what comes out
+(leases, stored messages, delivery rows, counts, suppressions, pauses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, NamedTuple
+
+
+class DeliveryKey(NamedTuple):
+    """One delivery: its message id and its seq within the message."""
+
+    id: str
+    seq: str
+
+
+class LeaseCandidate(NamedTuple):
+    """A ready delivery that leasing may take (see :data:`~zmta_common.store.leases.Admit`)."""
+
+    id: str
+    seq: str
+    domain: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRef:
+    """A lease as its holder names it: the delivery and the lease token it was given."""
+
+    id: str
+    seq: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """A delivery to try again at ``next_attempt``, while ``token`` still holds its lease."""
+
+    id: str
+    seq: str
+    token: str
+    next_attempt: datetime
+    response: str
+
+
+@dataclass(slots=True)
+class NewDelivery:
+    seq: str
+    zone: str
+    recipient: str
+    domain: str
+
+
+@dataclass(slots=True)
+class NewMessage:
+    id: str
+    mail_from: str
+    headers: bytes
+    body_size: int
+    meta: dict[str, Any]
+    deliveries: list[NewDelivery]
+    not_before: datetime | None = None
+
+
+@dataclass(slots=True)
+class Lease:
+    id: str
+    seq: str
+    recipient: str
+    domain: str
+    mail_from: str
+    attempts: int
+    lease_token: str
+    lease_expires: datetime
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    id: str
+    mail_from: str
+    headers: bytes
+    body_size: int
+    meta: dict[str, Any]
+    created: datetime
+    chunks: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class DeliveryRow:
+    id: str
+    seq: str
+    zone: str
+    recipient: str
+    domain: str
+    created: datetime
+    next_attempt: datetime
+    leased: bool
+    attempts: int
+    first_deferred: datetime | None
+    last_deferred: datetime | None
+    last_response: str | None
+    lease_owner: str | None = None  # who holds the lease (a sender's name), while ``leased``
+    lease_expires: datetime | None = None  # when that lease runs out, while ``leased``
+
+
+@dataclass(slots=True)
+class AttemptHistory:
+    attempts: int  # earlier deferrals
+    created: datetime  # when the delivery was queued
+    last_deferred: datetime | None  # the previous failed attempt, if any
+
+
+@dataclass(slots=True)
+class QueueCounts:
+    """Ready (``queued``) and waiting-for-retry (``deferred``) rows of one zone."""
+
+    queued: int = 0
+    deferred: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DomainCount:
+    """Ready (``queued``) and waiting-for-retry (``deferred``) rows of one recipient domain of a zone."""
+
+    zone: str
+    domain: str
+    queued: int
+    deferred: int
+
+
+@dataclass(slots=True)
+class OutcomeBatch:
+    """Results to apply in one transaction: deliveries delivered (whatever their lease),
+    deferred and rejected (only while their lease token still holds)."""
+
+    delivered: list[DeliveryKey] = field(default_factory=list)
+    deferred: list[Deferral] = field(default_factory=list)
+    rejected: list[LeaseRef] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class QueuedRow:
+    """A delivery as the api lists it."""
+
+    id: str
+    seq: str
+    zone: str
+    recipient: str
+    created: datetime
+    next_attempt: datetime
+    attempts: int
+
+
+# What "retry now" did: made the deliveries ready, found them all leased, or found none.
+RetryState = Literal["ready", "leased", "missing"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryResult:
+    state: RetryState
+    zone: str | None  # the zone of the deliveries (None when ``missing``)
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedDelivery:
+    seq: str
+    zone: str
+
+
+@dataclass(slots=True)
+class DropResult:
+    removed: list[DroppedDelivery]  # the deliveries deleted
+    leased: int  # matching deliveries left alone because a sender holds them
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """A suppression list entry: an address or (``address`` None) a whole domain."""
+
+    id: str
+    address: str | None
+    domain: str | None
+    created: datetime
+
+
+@dataclass(slots=True)
+class Pause:
+    """A paused zone (``domain`` None) or recipient domain within a zone."""
+
+    zone: str
+    domain: str | None
+    created: datetime
