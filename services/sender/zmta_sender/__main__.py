@@ -68,11 +68,7 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
             port = config.metrics.sender_port if metrics_port is None else metrics_port
             async with service.health_endpoint(config, port, health):
                 log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in sender.pool]})
-                try:
-                    await sender.run(stop, grace)
-                finally:
-                    if sender.sts is not None:
-                        await sender.sts.close()
+                await sender.run(stop, grace)
 
     return main
 
