@@ -245,13 +245,8 @@ class ZoneLimits:
         domain no sender has resolved yet is held to its group's limit from the start."""
         if not self.zone.mx_hosts or not domains or self.zone.smarthost:
             return dict.fromkeys(domains)
-        hosts = dict(
-            zip(
-                domains,
-                [parse_hosts(raw) for raw in await self.redis.mget([redis_keys.dns(d) for d in domains])],
-                strict=True,
-            )
-        )
+        cached = await self.redis.mget([redis_keys.dns(d) for d in domains])
+        hosts = {domain: parse_hosts(raw) for domain, raw in zip(domains, cached, strict=True)}
         unknown = [d for d, found in hosts.items() if found is None]
         if unknown and self.lookup is not None:
             hosts.update(zip(unknown, await self._look_up(unknown), strict=True))
@@ -268,7 +263,7 @@ class ZoneLimits:
         async def one(domain: str) -> Hosts | None:
             async with slots:
                 try:
-                    return await lookup.hosts(domain)
+                    return await lookup.resolve(domain)  # the cache was just read
                 except DnsFailure:
                     return None
 

@@ -56,12 +56,15 @@ class MxLookup:
 
     async def hosts(self, domain: str) -> Hosts:
         """The domain's mail hosts and their addresses, from the cache or from DNS."""
+        cached = await self._cached(canonical_domain(domain))
+        return cached if cached is not None else await self.resolve(domain)
+
+    async def resolve(self, domain: str) -> Hosts:
+        """Ask DNS (for a domain known not to be in the cache) and cache the answer."""
         domain = canonical_domain(domain)
-        cached = await self._cached(domain)
-        if cached is None:
-            cached, ttl = await self._lookup(domain)
-            await self._store(domain, cached, ttl)
-        return cached
+        hosts, ttl = await self._lookup(domain)
+        await self._store(domain, hosts, ttl)
+        return hosts
 
     async def _lookup(self, domain: str) -> tuple[Hosts, int]:
         try:

@@ -17,6 +17,7 @@ from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.mx import MxLookup
 from zmta_common.slices import Slice
 
+from .delivery import Deliverer
 from .mta_sts import MtaSts
 from .mx import MxResolver
 from .signing import DkimKeyError, Signer, load_keys
@@ -41,20 +42,22 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
             raise SystemExit(f"sender: tls.ca_file {config.tls.ca_file}: {exc}") from None
         async with service.connections(config, f"sender-{zone}") as conn:
             name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
-            sender = Sender(
+            limits = ZoneLimits(conn.redis, zone, config.zones[zone])
+            pool = part.of(config.zones[zone].pool)  # this process's slice of the zone's pool
+            deliverer = Deliverer(
                 config,
                 zone,
+                pool,
                 conn.store,
                 conn.bus,
                 MxResolver(MxLookup(config.dns, conn.redis)),
-                name,
-                part,
-                ZoneLimits(conn.redis, zone, config.zones[zone]),
+                limits,
                 Blacklist(conn.redis),
                 Signer(config, config.zones[zone], keys),
                 hooks.load(config, "sender"),
                 sts=MtaSts(config.dns, conn.redis, config.tls) if config.tls.mta_sts else None,
             )
+            sender = Sender(config, zone, conn.store, conn.bus, name, part, limits, deliverer)
 
             async def health() -> dict[str, object]:
                 await conn.store.pool.fetchval("SELECT 1")
@@ -67,7 +70,7 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
 
             port = config.metrics.sender_port if metrics_port is None else metrics_port
             async with service.health_endpoint(config, port, health):
-                log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in sender.pool]})
+                log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in pool]})
                 await sender.run(stop, grace)
 
     return main

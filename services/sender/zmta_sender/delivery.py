@@ -19,7 +19,7 @@ import httpx
 
 from zmta_common import local_address
 from zmta_common.bus import Bus
-from zmta_common.config import Config, PoolAddress
+from zmta_common.config import Config, PoolAddress, parse_rate
 from zmta_common.events import (
     CLASSIFY_SUBJECT,
     DEFERRED,
@@ -32,7 +32,7 @@ from zmta_common.events import (
 )
 from zmta_common.headers import HeaderBlock, without_bare_line_ends
 from zmta_common.hooks import Hooks, Reject
-from zmta_common.limits import Blacklist
+from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import Store, StoredMessage
 
 from . import http_delivery
@@ -70,7 +70,7 @@ class Deliverer:
         store: Store,
         bus: Bus,
         resolver: MxResolver,
-        connections: ConnectionPool,
+        limits: ZoneLimits,
         blacklist: Blacklist,
         signer: Signer | None = None,
         hooks: Hooks | None = None,
@@ -83,7 +83,11 @@ class Deliverer:
         self.store = store
         self.bus = bus
         self.resolver = resolver
-        self.connections = connections
+        interval = 0.0
+        if self.zone.throttling:  # at most so many messages over one connection
+            count, period = parse_rate(self.zone.throttling)
+            interval = period / count
+        self.connections = ConnectionPool(limits, interval)
         self.blacklist = blacklist
         self.signer = signer
         self.hooks = hooks or Hooks()

@@ -27,7 +27,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from redis.exceptions import RedisError
 
 from zmta_common.bus import Bus
-from zmta_common.config import Config, Zone, parse_rate
+from zmta_common.config import Config, Zone
 from zmta_common.events import (
     DEFERRED,
     DeliveryReport,
@@ -40,16 +40,11 @@ from zmta_common.events import (
     reported_subject,
     work_subject,
 )
-from zmta_common.hooks import Hooks
-from zmta_common.limits import Blacklist, ZoneLimits
+from zmta_common.limits import ZoneLimits
 from zmta_common.slices import Slice
 from zmta_common.store import DeliveryKey, LeaseRef, Store, StoredMessage
 
-from .connections import ConnectionPool
 from .delivery import PREFETCH_CHUNKS, UNREAD, Deliverer, Unread
-from .mta_sts import MtaSts
-from .mx import MxResolver
-from .signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +60,21 @@ class Sender:
         zone: str,
         store: Store,
         bus: Bus,
-        resolver: MxResolver,
         name: str,
         part: Slice,
         limits: ZoneLimits,
-        blacklist: Blacklist,
-        signer: Signer | None = None,
-        hooks: Hooks | None = None,
-        sts: MtaSts | None = None,
+        deliverer: Deliverer,
     ) -> None:
         self.config = config
         self.zone_name = zone
         self.zone: Zone = config.zones[zone]
         self.part = part
-        self.pool = part.of(self.zone.pool)  # this process's slice of the zone's pool
         self.limits = limits
         self.store = store
         self.bus = bus
         self.name = name
-        interval = 0.0
-        if self.zone.throttling:
-            count, period = parse_rate(self.zone.throttling)
-            interval = period / count
-        self.connections = ConnectionPool(limits, interval)
-        self.deliverer = Deliverer(
-            config, zone, self.pool, store, bus, resolver, self.connections, blacklist, signer, hooks, sts
-        )
+        self.deliverer = deliverer
+        self.connections = deliverer.connections
         self._in_flight: set[asyncio.Task[None]] = set()
         # Deliveries whose outcome is not known yet, by task: the leases to give back on stop.
         self._unreported: dict[asyncio.Task[None], LeasedDelivery] = {}
