@@ -17,6 +17,19 @@ import re
 _WSP_TO_SQUEEZE = re.compile(rb" [ \t]+|\t[ \t]*")
 
 
+def _needs_relaxing(data: bytes, start: int, stop: int) -> bool:
+    """Whether relaxed canonicalisation changes ``data[start:stop]``: bounded finds in C,
+    so that ordinary text is neither copied nor run through the regular expression."""
+    return (
+        data.find(b"\t", start, stop) >= 0 or data.find(b" \r", start, stop) >= 0 or data.find(b"  ", start, stop) >= 0
+    )
+
+
+def _relaxed(block: bytes) -> bytes:
+    """Whitespace runs squeezed to one space, whitespace at line ends removed."""
+    return _WSP_TO_SQUEEZE.sub(b" ", block).replace(b" \r\n", b"\r\n")
+
+
 class BodyHasher:
     """Incremental body hash for ``relaxed`` or ``simple`` body canonicalisation.
 
@@ -34,35 +47,45 @@ class BodyHasher:
         self._seen_text = False
 
     def update(self, data: bytes) -> None:
-        data = self._carry + data
-        end = data.rfind(b"\r\n")
-        if end < 0:
-            self._carry = data
+        end = data.rfind(b"\r\n") + 2
+        if end < 2:
+            self._carry += data
             return
-        self._carry = data[end + 2 :]
-        self._lines(data[: end + 2])
+        start = 0
+        if self._carry:
+            # The carried line is finished by this piece's first line; only that line is
+            # copied, the rest of the piece is taken where it lies.
+            start = data.find(b"\r\n") + 2
+            self._lines(self._carry + data[:start], 0, None)
+        self._lines(data, start, end)
+        self._carry = data[end:]
 
-    def _lines(self, block: bytes) -> None:
-        if self.canonicalization == "relaxed":
-            if b"\t" in block or b"  " in block:  # two finds in C spare the regex for most text
-                block = _WSP_TO_SQUEEZE.sub(b" ", block)
-            block = block.replace(b" \r\n", b"\r\n")
-        text = block.rstrip(b"\r\n")
-        if not text:
-            self._empty_lines += len(block) // 2
+    def _lines(self, data: bytes, start: int, stop: int | None) -> None:
+        """Take the whole lines ``data[start:stop]`` (which ends with CRLF)."""
+        stop = len(data) if stop is None else stop
+        if stop <= start:
+            return
+        if self.canonicalization == "relaxed" and _needs_relaxing(data, start, stop):
+            data, start = _relaxed(data[start:stop]), 0
+            stop = len(data)
+        text_end = stop - 2
+        while text_end - 2 >= start and data.startswith(b"\r\n", text_end - 2):
+            text_end -= 2  # empty lines at the end count only if text follows them
+        if text_end == start:
+            self._empty_lines += (stop - start) // 2
             return
         if self._empty_lines:
             self._hash.update(b"\r\n" * self._empty_lines)
-        self._hash.update(text)  # (two updates spare a copy of the block)
-        self._hash.update(b"\r\n")
+        with memoryview(data) as view:
+            self._hash.update(view[start:stop] if text_end == stop - 2 else view[start : text_end + 2])
         self._seen_text = True
-        self._empty_lines = (len(block) - len(text)) // 2 - 1
+        self._empty_lines = (stop - text_end) // 2 - 1
 
     def digest(self) -> bytes:
         if self._carry:
             # A body that does not end in CRLF is canonicalised as if it did.
             carry, self._carry = self._carry, b""
-            self._lines(carry + b"\r\n")
+            self._lines(carry + b"\r\n", 0, None)
         if not self._seen_text and self.canonicalization == "simple":
             return hashlib.new(self.algorithm, b"\r\n").digest()
         return self._hash.digest()

@@ -4,8 +4,9 @@ rule: :class:`zmta_common.intake.LineLimit`, the same for SMTP and HTTP.)
 
 One search for ``<CRLF>.`` over a block finds both what ends DATA (``<CRLF>.<CRLF>``) and
 every stuffed dot; in ordinary text it finds nothing and the block passes as it is.
-Across block edges only what can straddle one is carried: the last four octets (a
-prefix of the end mark).
+Across block edges only what can straddle one is carried: a tail that could begin a
+``<CRLF>.`` (a CR, a CRLF, or a found ``<CRLF>.`` too close to the end to tell which it
+is). Most blocks end in the middle of a line, carry nothing and pass through uncopied.
 
 The rules kept (RFC 5321 4.5.2 and 4.5.3.1.6):
 
@@ -19,7 +20,6 @@ The rules kept (RFC 5321 4.5.2 and 4.5.3.1.6):
 from __future__ import annotations
 
 _LINE_START_DOT = b"\r\n."
-_KEEP = 4  # octets held back at a block's end: the most of the end mark that can be there
 
 
 class DataBody:
@@ -46,10 +46,17 @@ class DataBody:
             mark = block.find(_LINE_START_DOT, start)
         # The carry may begin with octets already handled (DATA's leading CRLF, a removed
         # dot): they are kept for the search, and skipped as content.
-        cut = mark if mark >= 0 else max(0, len(block) - _KEEP)
+        cut = mark if mark >= 0 else len(block) - _held_back(block)
         pieces.append(_slice(block, start, cut))
         self._carry, self._skip = block[cut:], max(0, start - cut)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces), None
+
+
+def _held_back(block: bytes) -> int:
+    """Octets at the end of ``block`` that could begin a ``<CRLF>.`` (a CR or a CRLF)."""
+    if block.endswith(b"\r"):
+        return 1
+    return 2 if block.endswith(b"\r\n") else 0
 
 
 def _slice(block: bytes, start: int, stop: int) -> bytes:
