@@ -3,7 +3,9 @@
 Session-wide: one PostgreSQL cluster, one Redis, one dnsmasq with the test domains
 below, and SMTP sinks on 127.0.0.2-127.0.0.5 that share one port. Each test that
 runs the services gets a :class:`Deployment`: a fresh database, its own NATS
-server, a config file pointing at all of that, and the services as processes.
+server, a config file pointing at all of that, and the services as processes, forked
+from a fork server that has imported them (``zmta_devtools.forking``): a deployment
+starts in well under a second instead of two or three.
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ class Deployer:
         await redis.flushdb()
         await redis.aclose()
         store = await Store.connect(config.dbs.postgres, max_size=4)
-        system = System(config_path, config, workdir / "logs")
+        system = System(config_path, config, workdir / "logs", fork=True)
         deployment = Deployment(self.infra, workdir, nats, config_path, config, system, store)
         self.made.append(deployment)
         if start:

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Protocol
 
 
 class ServerError(RuntimeError):
@@ -81,7 +82,19 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+class Child(Protocol):
+    """What :func:`wait_for_port` needs of a process: a :class:`subprocess.Popen` or alike."""
+
+    @property
+    def args(self) -> Any: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: Child | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if port_open(host, port):
