@@ -7,6 +7,8 @@ import email
 import email.policy
 import re
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 from redis.asyncio import Redis
@@ -322,7 +324,7 @@ async def _rows_gone(d: Deployment, message_id: str) -> bool:
 async def test_deliveries_whose_work_reply_was_lost_come_back_soon(deploy: DeploymentFactory) -> None:
     """A sender asks for work and is gone before the answer (or the answer is lost): the
     deliveries leased for it are free again after the short claim, not after a whole lease."""
-    d = await deploy({"queue": {"lease_time": 120}}, senders={})
+    d = await deploy({"queue": {"lease_time": 120, "claim_time": 2}}, senders={})
     message_id = queued_id(
         await asyncio.to_thread(d.smtp_send, "s@origin.test", ["lost@a.test"], b"Subject: lost\r\n\r\nx\r\n")
     )
@@ -338,9 +340,16 @@ async def test_deliveries_whose_work_reply_was_lost_come_back_soon(deploy: Deplo
         rows = await d.store.deliveries_of(message_id)
         return bool(rows) and rows[0].leased
 
-    await eventually(leased, what="the delivery leased for the lost request")
-    # Free within the claim (15 s), where the lease is 120 s.
+    (row,) = await eventually(lambda: _leased_rows(d, message_id), what="the delivery leased for the lost request")
+    # Leased for the claim (2 s here), not for the lease of 120 s; and free again after it.
+    assert row.lease_expires is not None
+    assert (row.lease_expires - datetime.now(UTC)).total_seconds() <= 2.5
     await eventually(lambda: _not_leased(d, message_id), timeout=30, what="the claim run out")
+
+
+async def _leased_rows(d: Deployment, message_id: str) -> list[Any]:
+    rows = await d.store.deliveries_of(message_id)
+    return rows if rows and rows[0].leased else []
 
 
 async def _not_leased(d: Deployment, message_id: str) -> bool:

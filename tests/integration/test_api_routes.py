@@ -15,11 +15,15 @@ from email.message import EmailMessage
 from typing import Any
 
 import httpx
+import nats
+import nats.aio.client
 import pytest
+from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
 from zmta_common import redis_keys
+from zmta_common.events import work_subject
 from zmta_common.intake import CHUNK_SIZE
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
 from zmta_common.store import Deferral, LeaseCandidate, OutcomeBatch
@@ -445,15 +449,20 @@ async def test_retry_now_sends_a_deferred_delivery_at_once(deploy: DeploymentFac
 
 
 async def test_pause_holds_delivery_until_resumed(deploy: DeploymentFactory, sinks: dict) -> None:
-    d = await deploy(senders={"default": 1})
+    # The queue reads the pauses for every work request (queue.pauses_ttl 0), so a pause
+    # holds from the moment the API has answered.
+    d = await deploy({"queue": {"pauses_ttl": 0}}, senders={"default": 1})
     a, b = sinks["127.0.0.2"], sinks["127.0.0.3"]
+    requests = await WorkRequests.watch(d)
     async with httpx.AsyncClient(base_url=d.api_url) as client:
         assert (await client.post("/pause/default/a.test")).status_code == 200
-        await asyncio.sleep(2.5)  # the queue re-reads the pauses every 2 seconds
-        await send(client, {"from": "s@origin.test", "to": ["held@a.test", "free@b.test"], "text": "x"})
+        # One message to both domains: the lease that hands out b.test's delivery leaves
+        # a.test's out; then two more work requests, each answered without it.
+        held = await send(client, {"from": "s@origin.test", "to": ["held@a.test", "free@b.test"], "text": "x"})
         await eventually(lambda: b.messages, what="b.test, not paused")
-        await asyncio.sleep(3)
+        await requests.two_more()
         assert a.messages == []
+        assert [row.leased for row in await d.store.deliveries_of(held)] == [False]
         queued = (await client.get("/queued/queued/default")).json()["list"]
         assert [i["recipient"] for i in queued] == ["held@a.test"]
         assert (await client.delete("/pause/default/a.test")).json() == {"success": True}
@@ -461,12 +470,40 @@ async def test_pause_holds_delivery_until_resumed(deploy: DeploymentFactory, sin
 
         # a whole zone
         assert (await client.post("/pause/default")).status_code == 200
-        await asyncio.sleep(2.5)
-        await send(client, {"from": "s@origin.test", "to": "later@b.test", "text": "y"})
-        await asyncio.sleep(3)
+        later = await send(client, {"from": "s@origin.test", "to": "later@b.test", "text": "y"})
+        await requests.two_more()
+        assert [row.leased for row in await d.store.deliveries_of(later)] == [False]
         assert [m.rcpt_tos for m in b.messages] == [["free@b.test"]]
         assert (await client.delete("/pause/default")).json() == {"success": True}
         await eventually(lambda: len(b.messages) == 2, what="the zone after resuming")
+    await requests.close()
+
+
+class WorkRequests:
+    """The default zone's work requests, seen on the deployment's NATS. A sender asks again
+    only once it has the answer to its last request, so when two requests have been seen
+    after a message was queued, the queue has answered one of them with the message there."""
+
+    def __init__(self, nc: nats.aio.client.Client) -> None:
+        self.nc = nc
+        self.seen = 0
+
+    @classmethod
+    async def watch(cls, d: Deployment) -> WorkRequests:
+        watcher = cls(await nats.connect(d.nats.url))
+
+        async def seen(_: Msg) -> None:
+            watcher.seen += 1
+
+        await watcher.nc.subscribe(work_subject("default"), cb=seen)
+        return watcher
+
+    async def two_more(self) -> None:
+        target = self.seen + 2
+        await eventually(lambda: self.seen >= target, what="two more work requests")
+
+    async def close(self) -> None:
+        await self.nc.close()
 
 
 async def test_send_with_attachments_and_inline_images(deploy: DeploymentFactory, sinks: dict) -> None:

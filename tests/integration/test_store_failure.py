@@ -22,7 +22,8 @@ def start_data(d: Deployment) -> SmtpWire:
 
 
 async def test_postgres_stopping_during_data_gives_4xx_and_leaves_nothing(deploy: DeploymentFactory) -> None:
-    d = await deploy(senders={})
+    # Ask whether a failed commit went through for 1 s, not 10: PostgreSQL stays down.
+    d = await deploy({"dbs": {"commit_check_time": 1}}, senders={})
     postgres = d.infra.postgres
     big = start_data(d)
     # More than one body chunk: leading chunks are stored when PostgreSQL goes.

@@ -74,6 +74,9 @@ class Databases(Section):
     redis: str = "redis://127.0.0.1:6379/3"
     nats: str = "nats://127.0.0.1:4222"
     postgres_pool_size: int = Field(default=20, ge=1, le=500)
+    # Seconds the ingest keeps asking PostgreSQL, after a commit failed in a way that may have
+    # gone through, whether the message was stored, before it answers 451.
+    commit_check_time: float = Field(default=10.0, gt=0, le=300)
 
 
 class SmtpInterface(Section):
@@ -370,6 +373,11 @@ class Queue(Section):
     # How long a sender owns leased deliveries; an expired lease makes them ready again.
     lease_time: float = Field(default=300.0, gt=0)
     max_batch: int = Field(default=100, ge=1, le=1000)
+    # Deliveries are leased for this long when handed out (at most lease_time); the sender
+    # that gets them extends the lease at once.
+    claim_time: float = Field(default=15.0, gt=0)
+    # Seconds each queue replica caches the pauses (0: read for every work request).
+    pauses_ttl: float = Field(default=2.0, ge=0)
     # A Date header up to this far in the future (and more than 5 minutes ahead) holds the
     # message until then; 0 turns delayed delivery off (the original's futureDate: false).
     max_future_date: float = Field(default=0.0, ge=0)

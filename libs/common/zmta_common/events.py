@@ -182,6 +182,9 @@ class WorkReply(Payload):
     NESTED: ClassVar[dict[str, type[Payload]]] = {"deliveries": LeasedDelivery}
 
     deliveries: list[LeasedDelivery] = field(default_factory=list)
+    # Seconds until a domain now at a limit has room again (the soonest), 0 when none is:
+    # a sender that got less than it asked for asks again then, not at its idle poll.
+    retry_in: float = 0.0
 
 
 # Outcomes a sender reports.

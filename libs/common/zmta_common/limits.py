@@ -210,6 +210,12 @@ class ZoneLimits:
         await self.redis.zremrangebyscore(key, "-inf", now)
         return [_text(d) for d in await self.redis.zrangebyscore(key, now, "+inf")]
 
+    async def next_room(self) -> float:
+        """Seconds until the soonest domain at a limit may have room again; 0 when none is
+        at a limit. (A rate limit knows its time exactly; a connection limit guesses.)"""
+        soonest = await self.redis.zrangebyscore(self._skip, time.time(), "+inf", start=0, num=1, withscores=True)
+        return max(0.0, float(soonest[0][1]) - time.time()) if soonest else 0.0
+
     async def admit(self, candidates: list[Candidate], want: int, lease_expiry: float) -> list[int]:
         """Indices of the candidates (in order, at most ``want``) that fit every limit; takes their places."""
         args: list[str | float | int] = [

@@ -109,7 +109,9 @@ async def connections(config: Config, client_name: str) -> AsyncIterator[Connect
     """Connect to PostgreSQL, NATS and Redis (Redis lazily, at first use); each is closed
     again, in reverse order, however the service ends (a failed start-up included)."""
     async with contextlib.AsyncExitStack() as stack:
-        store = await Store.connect(config.dbs.postgres, config.dbs.postgres_pool_size)
+        store = await Store.connect(
+            config.dbs.postgres, config.dbs.postgres_pool_size, commit_check_time=config.dbs.commit_check_time
+        )
         stack.push_async_callback(store.close)
         bus = await zbus.connect(config.dbs.nats, client_name)
         stack.push_async_callback(bus.close)

@@ -27,12 +27,10 @@ from .assignment import Assignment
 
 log = logging.getLogger(__name__)
 
-# How long the paused zones and domains (from the store, set through the api) are cached.
-PAUSES_TTL = 2.0
-# Deliveries are leased for this long at first (at most queue.lease_time): the sender that
-# gets them extends the lease to queue.lease_time at once. If the reply never reached it
-# (NATS or the sender gone meanwhile), they are free again this soon, not a lease later.
-CLAIM_TIME = 15.0
+# Deliveries are leased for queue.claim_time at first (at most queue.lease_time): the
+# sender that gets them extends the lease to queue.lease_time at once. If the reply never
+# reached it (NATS or the sender gone meanwhile), they are free again this soon, not a
+# lease later. The paused zones and domains are cached for queue.pauses_ttl.
 # Work requests answered at once (each one's leasing waits on the store and Redis).
 CONCURRENT_REQUESTS = 16
 
@@ -76,14 +74,17 @@ class WorkDesk:
             await msg.respond(WorkReply().encode())
             return
         deliveries: list[LeasedDelivery] = []
+        retry_in = 0.0
         if request.zone in self.config.zones and request.max > 0:
             try:
                 deliveries = await self.lease(request, requester)
+                if len(deliveries) < request.max:
+                    retry_in = await self.limits[request.zone].next_room()
             except Exception as exc:  # the store or Redis is down: the sender asks again later
                 log.warning("lease failed", extra={"zone": request.zone, "error": repr(exc)})
         try:
-            await msg.respond(WorkReply(deliveries=deliveries).encode())
-        except Exception as exc:  # NATS gone: the claims run out by themselves (CLAIM_TIME)
+            await msg.respond(WorkReply(deliveries=deliveries, retry_in=retry_in).encode())
+        except Exception as exc:  # NATS gone: the claims run out by themselves (queue.claim_time)
             log.warning("work reply not sent", extra={"zone": request.zone, "error": repr(exc)})
 
     async def lease(self, request: WorkRequest, requester: Slice) -> list[LeasedDelivery]:
@@ -94,7 +95,7 @@ class WorkDesk:
         limits = self.limits[request.zone]
         assignment = self.assignments[request.zone]
         want = min(request.max, self.config.queue.max_batch)
-        lease_time = min(CLAIM_TIME, self.config.queue.lease_time)  # extended by the sender
+        lease_time = min(self.config.queue.claim_time, self.config.queue.lease_time)  # extended by the sender
         alive = await assignment.seen(requester)
         addresses: dict[tuple[str, str], str] = {}
 
@@ -140,9 +141,9 @@ class WorkDesk:
 
     async def _paused(self, zone: str) -> set[str]:
         """The zone's paused recipient domains ("" when the whole zone is paused), shared by
-        every queue replica through the store and re-read every PAUSES_TTL seconds."""
+        every queue replica through the store and re-read every ``queue.pauses_ttl`` seconds."""
         now = time.monotonic()
-        if now - self._pauses_read >= PAUSES_TTL:
+        if now - self._pauses_read >= self.config.queue.pauses_ttl:
             pauses: dict[str, set[str]] = {}
             for pause in await self.store.list_pauses():
                 pauses.setdefault(pause.zone, set()).add(pause.domain or "")

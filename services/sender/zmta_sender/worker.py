@@ -49,6 +49,7 @@ from .delivery import PREFETCH_CHUNKS, UNREAD, Deliverer, Unread
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 1.0
+MIN_WAIT = 0.01  # the shortest wait for a domain's room, so a hint of 0.0001 s is not a busy loop
 # On stop: the part of the grace period (at most) kept for giving back unfinished leases.
 RELEASE_RESERVE = 5.0
 
@@ -105,11 +106,11 @@ class Sender:
         try:
             while not stop.is_set():
                 free = self.zone.connections - len(self._in_flight)
-                got = await self._take_work(free) if free > 0 else 0
+                got, retry_in = await self._take_work(free) if free > 0 else (0, 0.0)
                 if free > 0 and got == free:
                     continue  # there may be more ready
                 self._wake.clear()
-                await self._wait_for_wake_or_slot(stop)
+                await self._wait_for_wake_or_slot(stop, retry_in)
         finally:
             for sub in subs:
                 await sub.unsubscribe()
@@ -186,32 +187,38 @@ class Sender:
         except Exception as exc:  # they ask again within a second anyway
             log.debug("ready not announced", extra={"zone": self.zone_name, "error": repr(exc)})
 
-    async def _wait_for_wake_or_slot(self, stop: asyncio.Event) -> None:
+    async def _wait_for_wake_or_slot(self, stop: asyncio.Event, retry_in: float = 0.0) -> None:
+        """Until new work is announced, a delivery ends, or a domain at a limit has room again
+        (``retry_in``, the queue's hint); at most :data:`IDLE_WAIT`."""
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
         pending = set(waiters) | set(self._in_flight)
-        await asyncio.wait(pending, timeout=IDLE_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        timeout = min(IDLE_WAIT, max(MIN_WAIT, retry_in)) if retry_in > 0 else IDLE_WAIT
+        await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
 
-    async def _take_work(self, free: int) -> int:
+    async def _take_work(self, free: int) -> tuple[int, float]:
+        """Ask the queue for up to ``free`` deliveries and start them: how many it gave, and
+        its hint of when to ask again."""
         request = WorkRequest(
             zone=self.zone_name, sender=self.name, max=free, slice_index=self.part.index, slice_count=self.part.count
         )
         try:
             reply = await self.bus.nc.request(work_subject(self.zone_name), request.encode(), timeout=5)
         except (NatsTimeout, NoRespondersError):
-            return 0  # no queue service answering right now
+            return 0, 0.0  # no queue service answering right now
         except Exception as exc:  # NATS reconnecting
             log.warning("work request failed", extra={"zone": self.zone_name, "error": repr(exc)})
-            return 0
-        deliveries = await self._confirm(WorkReply.decode(reply.data).deliveries)
+            return 0, 0.0
+        work = WorkReply.decode(reply.data)
+        deliveries = await self._confirm(work.deliveries)
         messages = await self._messages(deliveries)
         for delivery, message in zip(deliveries, messages, strict=True):
             task = asyncio.create_task(self._deliver(delivery, message), name=f"deliver:{delivery.id}.{delivery.seq}")
             self._in_flight.add(task)
             self._unreported[task] = delivery
             task.add_done_callback(self._in_flight.discard)
-        return len(deliveries)
+        return len(deliveries), work.retry_in
 
     async def _confirm(self, deliveries: list[LeasedDelivery]) -> list[LeasedDelivery]:
         """Extend the short claims the queue leased with to the whole lease; only what is

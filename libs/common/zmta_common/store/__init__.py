@@ -90,15 +90,21 @@ __all__ = [
 
 
 class Store(IntakeStore, LeaseStore, OutcomeStore, BodyStore, CollectionStore, AdminStore):
-    def __init__(self, pool: asyncpg.Pool, chunk_pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, chunk_pool: asyncpg.Pool, commit_check_time: float = COMMIT_CHECK_TIME
+    ) -> None:
         self.pool = pool
         self.chunk_pool = chunk_pool  # the leading chunks of big messages (see IntakeTransaction)
         self.group_commit = GroupCommit(pool)
+        self.commit_check_time = commit_check_time
 
     @classmethod
-    async def connect(cls, dsn: str, max_size: int = 20, migrate: bool = True) -> Store:
+    async def connect(
+        cls, dsn: str, max_size: int = 20, migrate: bool = True, commit_check_time: float = COMMIT_CHECK_TIME
+    ) -> Store:
         """``max_size`` connections for the queue's work, and up to a quarter as many more
-        (opened only when used) for the chunks of big messages being received."""
+        (opened only when used) for the chunks of big messages being received;
+        ``commit_check_time``: see :class:`IntakeTransaction`'s ``commit``."""
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
         chunk_pool = await asyncpg.create_pool(
             dsn,
@@ -107,7 +113,7 @@ class Store(IntakeStore, LeaseStore, OutcomeStore, BodyStore, CollectionStore, A
             reset=_keep_session,
             server_settings={"synchronous_commit": "off"},
         )
-        store = cls(pool, chunk_pool)
+        store = cls(pool, chunk_pool, commit_check_time)
         if migrate:
             await store.migrate()
         return store

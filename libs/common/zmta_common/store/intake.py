@@ -80,6 +80,9 @@ class IntakeLost(RuntimeError):
     """The stored part of a message being received is gone (garbage collection took it)."""
 
 
+COMMIT_CHECK_TIME = 10.0  # seconds spent finding out, while the server comes back (default)
+
+
 class IntakeTransaction:
     """One message being written: nothing of it is seen by the queue before :meth:`commit`.
 
@@ -99,9 +102,15 @@ class IntakeTransaction:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, chunk_pool: asyncpg.Pool, message_id: str, group: GroupCommit | None = None
+        self,
+        pool: asyncpg.Pool,
+        chunk_pool: asyncpg.Pool,
+        message_id: str,
+        group: GroupCommit | None = None,
+        check_time: float = COMMIT_CHECK_TIME,
     ) -> None:
         self._pool = pool
+        self._check_time = check_time  # see commit()
         self._chunk_pool = chunk_pool  # sessions with synchronous_commit off
         self._group = group
         self.message_id = message_id
@@ -144,7 +153,7 @@ class IntakeTransaction:
         try:
             return await self._commit(message, last_chunk)
         except _UNCERTAIN as exc:
-            kept = await _committed_anyway(self._pool, message.id)
+            kept = await _committed_anyway(self._pool, message.id, self._check_time)
             if kept is None:
                 raise
             log.warning("commit failed but went through", extra={"id": message.id, "error": repr(exc)})
@@ -185,13 +194,12 @@ _UNCERTAIN = (
     OSError,
     asyncio.TimeoutError,
 )
-COMMIT_CHECK_TIME = 10.0  # seconds spent finding out, while the server comes back
 
 
-async def _committed_anyway(pool: asyncpg.Pool, message_id: str) -> set[str] | None:
+async def _committed_anyway(pool: asyncpg.Pool, message_id: str, check_time: float) -> set[str] | None:
     """The seqs of a message's deliveries if the message is queued (None if it is not, or
-    if the server cannot say within COMMIT_CHECK_TIME)."""
-    deadline = time.monotonic() + COMMIT_CHECK_TIME
+    if the server cannot say within ``check_time`` seconds)."""
+    deadline = time.monotonic() + check_time
     while True:
         try:
             rows = await pool.fetch(
@@ -326,6 +334,7 @@ class IntakeStore(StoreBase):
     """The store's intake: one :class:`IntakeTransaction` per message received."""
 
     group_commit: GroupCommit
+    commit_check_time: float
 
     def begin_intake(self, message_id: str) -> IntakeTransaction:
-        return IntakeTransaction(self.pool, self.chunk_pool, message_id, self.group_commit)
+        return IntakeTransaction(self.pool, self.chunk_pool, message_id, self.group_commit, self.commit_check_time)
