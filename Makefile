@@ -3,10 +3,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/development.yaml
 
-.PHONY: setup run test lint bench bench-huge images clean
+.PHONY: setup lock run test test-fast lint bench bench-huge images clean
 
 STAMP  := $(VENV)/.setup-done
-SETUP_INPUTS := scripts/setup.sh requirements-dev.txt libs/common/pyproject.toml \
+SETUP_INPUTS := scripts/setup.sh constraints.txt requirements-dev.txt libs/common/pyproject.toml \
 	$(wildcard services/*/pyproject.toml) tools/devtools/pyproject.toml
 
 setup:
@@ -18,12 +18,24 @@ $(STAMP): $(SETUP_INPUTS)
 	scripts/setup.sh
 	touch $(STAMP)
 
+# constraints.txt anew from the projects' ranges and requirements-dev.txt, keeping the versions it
+# has where they still fit; `make lock UPGRADE=1` takes the newest instead. Needs the package index.
+# No setup first: that installs the lock, which may be what needs mending.
+lock:
+	$(if $(wildcard $(PY)),$(PY),python3) scripts/lock.py $(if $(UPGRADE),--upgrade)
+
 run: $(STAMP)
 	$(PY) -m zmta_devtools.run --config $(CONFIG)
 
-test: $(STAMP)
+# What CI runs (.ci/run): the checks of `make lint`, then every test.
+test: lint
 	$(VENV)/bin/pytest
 
+# Unit tests and the integration tests that start no whole deployment (marked in tests/conftest.py).
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not deployment" tests/unit tests/integration
+
+# The same checks as .pre-commit-config.yaml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -37,8 +49,9 @@ bench: $(STAMP)
 bench-huge: $(STAMP)
 	$(PY) -m zmta_devtools.bench_huge $(BENCH_ARGS)
 
-# One image per service (services/<name>/Dockerfile) as $(IMAGE_REPO)/<name>:$(IMAGE_TAG), with the
-# first container engine that works (ENGINE=podman to choose); skipped when none does.
+# One image per service, all from the one Dockerfile (--build-arg SERVICE=<name>), as
+# $(IMAGE_REPO)/<name>:$(IMAGE_TAG), with the first container engine that works (ENGINE=podman
+# to choose); skipped when none does.
 IMAGE_REPO ?= zonemta-py
 IMAGE_TAG  ?= 0.1.0
 IMAGES     := ingest queue sender bounce api
@@ -51,7 +64,7 @@ images:
 	fi; \
 	if [ -z "$$engine" ]; then echo "images: no working container engine (docker or podman with its daemon running): skipped"; exit 0; fi; \
 	for service in $(IMAGES); do \
-		$$engine build -f services/$$service/Dockerfile -t $(IMAGE_REPO)/$$service:$(IMAGE_TAG) . || exit 1; \
+		$$engine build --build-arg SERVICE=$$service -f Dockerfile -t $(IMAGE_REPO)/$$service:$(IMAGE_TAG) . || exit 1; \
 	done; \
 	for service in $(IMAGES); do $$engine image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE_REPO)/$$service:$(IMAGE_TAG); done
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make setup: the servers the tests and `make run` need (Debian packages, installed
-# only when missing) and a virtualenv in .venv with every distribution editable.
+# only when missing) and a virtualenv in .venv with every distribution editable and the
+# third-party packages at the versions and hashes of constraints.txt.
 # Idempotent; meant for Debian 12 as root (or with sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +45,20 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip==26.0.1 2>/dev/null || "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/pip" install -q \
+pip=("$VENV/bin/python" -m pip)
+# Every third-party package (pip and setuptools too) from the lock, each file checked against its hash.
+"${pip[@]}" install -q --require-hashes -r constraints.txt
+# This repository's distributions, editable. pip checks no hashes for those, so: without their
+# dependencies (the lock brought them) and built with the locked setuptools (no build isolation).
+"${pip[@]}" install -q --no-deps --no-build-isolation \
     -e libs/common \
     -e services/ingest -e services/queue -e services/sender -e services/bounce -e services/api \
-    -e tools/devtools \
-    -r requirements-dev.txt
+    -e tools/devtools
+# The lock must meet every range: a pyproject.toml or requirements-dev.txt changed without `make lock`
+# stops here. (--no-index: whatever the lock lacks is not fetched.)
+if ! "${pip[@]}" check >/dev/null || ! "${pip[@]}" install -q --no-index --no-deps -r requirements-dev.txt 2>/dev/null; then
+    "${pip[@]}" check >&2 || true
+    echo "setup: constraints.txt does not meet the version ranges: run make lock" >&2
+    exit 1
+fi
 echo "setup: done ($("$VENV/bin/python" --version), venv in $VENV)"

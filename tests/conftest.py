@@ -26,7 +26,6 @@ import pytest_asyncio
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from redis.asyncio import Redis
 
 from zmta_common.config import Config, load_config
 from zmta_common.store import Store
@@ -100,6 +99,7 @@ def infra() -> Iterator[Infra]:
     # pg_stat_statements: tests that bound the rows a piece of work reads.
     postgres = PostgresCluster(workdir / "pg", statements=True)
     redis = RedisServer(workdir / "redis")
+    redis.databases = 4096  # one for each deployment (see Deployer); 0 for the tests of Redis alone
     dns = Dnsmasq(workdir / "dns")
     for domain, ip in MX_HOSTS.items():
         dns.add_mx(domain, f"mx.{domain}", 10)
@@ -126,7 +126,8 @@ def infra() -> Iterator[Infra]:
     sinks = {ip: Sink(ip, sink_port) for ip in sorted(sink_ips)}
     started: list[Any] = []
     try:
-        for server in (postgres, redis, dns, *sinks.values()):
+        servers: list[Any] = [postgres, redis, dns, *sinks.values()]
+        for server in servers:
             server.start()
             started.append(server)
         yield Infra(workdir, postgres, redis, dns, sink_port, sinks, sts_address)
@@ -153,6 +154,7 @@ def sinks(infra: Infra) -> dict[str, Sink]:
 
 
 _db_numbers = itertools.count()
+_redis_databases = itertools.count(1)  # a Redis database of its own for each deployment
 
 
 @dataclass
@@ -166,6 +168,12 @@ class Deployment:
     config: Config
     system: System
     store: Store
+
+    @property
+    def log_dir(self) -> Path:
+        """Where the services write their logs, one ``<service>.log`` each."""
+        assert self.system.log_dir is not None
+        return self.system.log_dir
 
     @property
     def smtp_port(self) -> int:
@@ -188,13 +196,15 @@ class Deployment:
             return text.decode()
 
 
-def write_config(path: Path, infra: Infra, nats_url: str, database: str, overrides: dict[str, Any]) -> Config:
+def write_config(
+    path: Path, infra: Infra, nats_url: str, database: str, overrides: dict[str, Any], redis_url: str | None = None
+) -> Config:
     config: dict[str, Any] = {
         "hostname": "mta.test",
         "log_level": "DEBUG",
         "dbs": {
             "postgres": f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/{database}",
-            "redis": infra.redis.url,
+            "redis": redis_url or infra.redis.url,
             "nats": nats_url,
             "postgres_pool_size": 10,
         },
@@ -258,10 +268,8 @@ class Deployer:
         nats.start()
         database = await create_database(self.infra)
         config_path = workdir / "zmta.yaml"
-        config = write_config(config_path, self.infra, nats.url, database, overrides or {})
-        redis = Redis.from_url(self.infra.redis.url)
-        await redis.flushdb()
-        await redis.aclose()
+        redis_url = self.infra.redis.url_of(next(_redis_databases))
+        config = write_config(config_path, self.infra, nats.url, database, overrides or {}, redis_url)
         store = await Store.connect(config.dbs.postgres, max_size=4)
         system = System(config_path, config, workdir / "logs", fork=True)
         deployment = Deployment(self.infra, workdir, nats, config_path, config, system, store)
@@ -309,3 +317,11 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
         await asyncio.sleep(interval)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that start a whole deployment: ``make test-fast`` runs the others."""
+    for item in items:
+        # fixturenames is the closure, so a fixture built on module_deploy counts too.
+        if {"deploy", "module_deploy"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.deployment)

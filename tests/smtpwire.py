@@ -24,7 +24,7 @@ class SmtpWire:
 
     def reply(self) -> tuple[int, str]:
         """One (possibly multi-line) reply: its code and its lines joined by newlines."""
-        lines = []
+        lines: list[str] = []
         while True:
             while b"\r\n" not in self.buffer:
                 chunk = self.sock.recv(65536)

@@ -9,7 +9,7 @@ import email.policy
 import threading
 import urllib.parse
 from collections.abc import Iterator
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -42,7 +42,9 @@ def delivery_status(report: EmailMessage) -> dict[str, str]:
     (part,) = [p for p in report.iter_parts() if p.get_content_type() == "message/delivery-status"]
     blocks = part.get_payload()
     assert isinstance(blocks, list) and len(blocks) == 2  # per-message, then per-recipient
-    return {key: str(value) for key, value in blocks[1].items()}
+    recipient = blocks[1]
+    assert isinstance(recipient, Message)
+    return {key: str(value) for key, value in recipient.items()}
 
 
 async def send(d: Deployment, rcpts: list[str], subject: str = "test", mail_from: str = SENDER) -> str:
@@ -89,7 +91,7 @@ async def test_each_failure_stage_ends_as_it_should(deploy: DeploymentFactory, s
     # Connection refused: deferred, never bounced while retries last.
     (row,) = await eventually(lambda: _deferred(d, refused, 2), what="the refused delivery retried")
     assert "refused" in (row.last_response or "").lower()
-    log = (d.system.log_dir / "bounce.log").read_text()
+    log = (d.log_dir / "bounce.log").read_text()
     assert '"category": "recipient_unknown"' in log
     assert '"category": "spam"' in log
     assert len(reports(sinks)) == 2  # no DSN for what is still being retried

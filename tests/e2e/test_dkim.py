@@ -10,6 +10,7 @@ import dns.resolver
 import pytest
 
 from tests.conftest import Deployment, DeploymentFactory, Infra, eventually
+from zmta_devtools.sink import Sink
 
 MESSAGE = (
     b"From: Alice <alice@b.test>\r\n"
@@ -55,7 +56,7 @@ def verify_all(data: bytes, infra: Infra) -> list[bool]:
 
 async def deliver(d: Deployment, sinks: dict, mail_from: str, message: bytes) -> bytes:
     await asyncio.to_thread(d.smtp_send, mail_from, ["bob@a.test"], message)
-    sink = sinks["127.0.0.2"]
+    sink: Sink = sinks["127.0.0.2"]
     await eventually(lambda: sink.messages, what="the signed delivery")
     return sink.messages[-1].data
 

@@ -49,7 +49,7 @@ async def test_a_server_without_smtputf8_gets_a_clear_bounce(deploy: DeploymentF
     sinks["127.0.0.5"].use_smtputf8(False)
     code, _ = await asyncio.to_thread(submit, d.smtp_port, "ivan@почта.испытание")
     assert code == 250
-    log = d.system.log_dir / "queue.log"
+    log = d.log_dir / "queue.log"
     await eventually(lambda: '"event": "rejected"' in log.read_text(), what="the rejection")
     assert "does not support SMTPUTF8" in log.read_text()
     assert sinks["127.0.0.5"].messages == []

@@ -71,14 +71,14 @@ async def test_http_delivery_outcomes(deploy: DeploymentFactory, sinks: dict, re
     for rcpt in ("s200@http.test", "s500@http.test", "s404@http.test"):
         await asyncio.to_thread(d.smtp_send, "a@b.test", [rcpt], data)
     await eventually(lambda: len(Receiver.uploads) == 3, what="three uploads")
-    log_path = d.system.log_dir / "queue.log"
+    log_path = d.log_dir / "queue.log"
     outcomes = ('"event": "delivered"', '"event": "rejected"', '"event": "deferred"')
     await eventually(lambda: all(o in log_path.read_text() for o in outcomes), what="three outcomes logged")
 
     fields = {p.get_param("name", header="content-disposition"): p for p in Receiver.uploads[0].iter_parts()}
     assert fields["from"].get_content().strip() == "a@b.test"
     upload = fields["message"]
-    assert upload.get_filename().endswith(".eml")
+    assert (upload.get_filename() or "").endswith(".eml")
     assert upload.get_content_type() == "message/rfc822"
     # The file exactly as sent: between its part header and the closing boundary.
     boundary = Receiver.uploads[0].get_boundary()

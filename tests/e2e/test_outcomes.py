@@ -8,7 +8,7 @@ import email.policy
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from redis.asyncio import Redis
@@ -68,7 +68,7 @@ async def test_temporary_failure_is_deferred_and_permanent_one_bounces(deploy: D
     assert 'zonemta_delivery_status{result="rejected",status="rejected",zone="default"} 1.0' in metrics
     assert 'zonemta_delivery_status{result="deferred",status="deferred",zone="default"} 1.0' in metrics
     assert "zonemta_bounce_generation 1.0" in metrics
-    bounce_log = (d.system.log_dir / "bounce.log").read_text()
+    bounce_log = (d.log_dir / "bounce.log").read_text()
     assert '"event": "bounce"' in bounce_log
     assert '"category": "recipient_unknown"' in bounce_log
 
@@ -183,7 +183,7 @@ async def test_no_dsn_for_null_senders_or_automatic_mail(deploy: DeploymentFacto
     await asyncio.to_thread(d.smtp_send, "", ["n1@a.test"], b"Subject: bounce of a bounce\r\n\r\nx\r\n")
     await asyncio.to_thread(d.smtp_send, "s@b.test", ["n2@a.test"], b"Auto-Submitted: auto-replied\r\n\r\nx\r\n")
     await asyncio.to_thread(d.smtp_send, "s@b.test", ["n3@a.test"], b"Precedence: bulk\r\n\r\nx\r\n")
-    await eventually(lambda: (d.system.log_dir / "bounce.log").read_text().count('"no dsn"') == 3, what="3 skips")
+    await eventually(lambda: (d.log_dir / "bounce.log").read_text().count('"no dsn"') == 3, what="3 skips")
     await asyncio.sleep(1.0)
     assert sinks["127.0.0.3"].messages == []
 
@@ -196,7 +196,7 @@ async def test_a_soft_failure_past_the_maximum_age_bounces(deploy: DeploymentFac
         await asyncio.to_thread(d.smtp_send, "s@origin.test", ["stuck@a.test"], b"Subject: old\r\n\r\nx\r\n")
     )
     await eventually(lambda: _no_rows(d, message_id), timeout=30, what="the bounce after the maximum age")
-    log = (d.system.log_dir / "bounce.log").read_text()
+    log = (d.log_dir / "bounce.log").read_text()
     assert '"event": "bounce"' in log
     attempts = int(re.search(r"gave up after (\d+) attempts", log).group(1))  # type: ignore[union-attr]
     assert 2 <= attempts <= 4  # stopped by the age, not by the end of the schedule
@@ -214,7 +214,10 @@ async def test_a_delivery_longer_than_its_lease_is_not_sent_twice(deploy: Deploy
     # Past its first lease, the delivery still holds its place under the domain's limit.
     await asyncio.sleep(4)
     redis = Redis.from_url(d.config.dbs.redis)
-    places = await redis.zrange(redis_keys.inflight_prefix("default") + "d:a.test", 0, -1, withscores=True)
+    places = cast(
+        list[tuple[bytes, float]],
+        await redis.zrange(redis_keys.inflight_prefix("default") + "d:a.test", 0, -1, withscores=True),
+    )
     await redis.aclose()
     assert [(member.decode(), score > time.time()) for member, score in places] == [(f"{message_id}.001", True)]
     await eventually(lambda: sink.messages, timeout=30, what="the slow delivery")
@@ -279,7 +282,7 @@ async def test_reports_come_back_well_inside_the_lease(deploy: DeploymentFactory
                 info = await bus.js.consumer_info(STREAM_RESULTS, RESULTS_CONSUMER)
             except Exception:  # not created yet
                 return None
-            return info.config.ack_wait
+            return float(info.config.ack_wait) if info.config.ack_wait is not None else None
 
         ack_wait = await eventually(consumer_ack_wait, what="the queue's results consumer")
     finally:

@@ -170,7 +170,7 @@ async def test_kill_9_of_a_sender_loses_nothing(deploy: DeploymentFactory, sinks
 
 
 async def _leased(d: Deployment) -> bool:
-    count = await d.store.pool.fetchval("SELECT count(*) FROM deliveries WHERE lease_expires > now()")
+    count: int = await d.store.pool.fetchval("SELECT count(*) FROM deliveries WHERE lease_expires > now()")
     return count >= 5
 
 
@@ -189,6 +189,7 @@ async def test_a_connection_carries_the_next_message_to_the_same_server(deploy: 
     sink = sinks["127.0.0.3"]
     for n in range(4):
         await asyncio.to_thread(d.smtp_send, "s@origin.test", [f"r{n}@b.test"], f"Subject: {n}\r\n\r\nx\r\n".encode())
-        await eventually(lambda n=n: len(sink.messages) == n + 1, what=f"delivery {n}")
+        # n=n: bound now (mypy cannot type a lambda with a default)
+        await eventually(lambda n=n: len(sink.messages) == n + 1, what=f"delivery {n}")  # type: ignore[misc]
     # One after the other, within the idle time: all four over one connection.
     assert len({m.peer for m in sink.messages}) == 1

@@ -40,7 +40,7 @@ async def test_example_plugin_rewrites_headers_and_refuses_a_recipient(deploy: D
     head = message.data.split(b"\r\n\r\n", 1)[0]
     assert b"\r\nSubject: [ext] hello" in head  # message:headers, at intake
     assert head.endswith(b"\r\nX-Processed-By: example")  # sender:headers, at send time
-    stored_log = (d.system.log_dir / "ingest.log").read_text()
+    stored_log = (d.log_dir / "ingest.log").read_text()
     assert '"event": "refused by a plugin"' in stored_log
 
 

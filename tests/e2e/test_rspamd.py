@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Deployment, DeploymentFactory, eventually
-from zmta_common.config import Config
+from zmta_common.config import Config, Plugin
 from zmta_common.headers import HeaderBlock
 from zmta_common.hooks import Reject, load
 from zmta_common.intake import Envelope
@@ -154,7 +154,8 @@ class Body:
 
 
 async def scan(options: dict[str, Any], body: bytes, subject: str = "hi") -> HeaderBlock:
-    hooks = load(Config(plugins={PLUGIN: {"on_error": "defer", **options}}), "ingest")  # no failure unseen
+    plugin = Plugin.model_validate({"on_error": "defer", **options})  # no failure unseen
+    hooks = load(Config(plugins={PLUGIN: plugin}), "ingest")
     headers = HeaderBlock.parse(f"From: s@b.test\r\nSubject: {subject}\r\nX-Zone-Spam-Status: forged\r\n".encode())
     envelope = Envelope(
         "s@b.test", ["x@a.test", "δοκιμή@уайлддак.орг"], "feeder", "ESMTP", origin="192.0.2.1", user="bob"
@@ -176,6 +177,7 @@ async def test_reject_spam_off_only_marks_and_rspamd_subject_is_used(rspamd: Rsp
 
 
 def test_the_plugin_stays_out_of_services_that_store_nothing(rspamd: RspamdServer) -> None:
+    config = Config(plugins={PLUGIN: Plugin.model_validate({"url": rspamd.url})})
     for service in ("queue", "sender", "bounce"):
-        assert not load(Config(plugins={PLUGIN: {"url": rspamd.url}}), service).has("message:store")
-    assert load(Config(plugins={PLUGIN: {"url": rspamd.url}}), "api").has("message:store")
+        assert not load(config, service).has("message:store")
+    assert load(config, "api").has("message:store")

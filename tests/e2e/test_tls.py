@@ -15,7 +15,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -118,8 +118,7 @@ def policies(policy_server: PolicyServer) -> PolicyServer:
 
 
 def sender_events(d: Deployment, event: str) -> list[dict[str, Any]]:
-    assert d.system.log_dir is not None
-    path = d.system.log_dir / "sender-default-0.log"
+    path = d.log_dir / "sender-default-0.log"
     lines = path.read_text().splitlines() if path.exists() else []
     entries = [json.loads(line) for line in lines if line.startswith("{")]
     return [e for e in entries if e.get("event") == event]
@@ -237,9 +236,9 @@ async def test_mta_sts_enforce_delivers_over_verified_tls_and_caches_the_policy(
     assert all(e["tls"].endswith("verified=yes") for e in events)
     assert policies.fetches("sts.test") == 1  # then from the cache
 
-    redis = Redis.from_url(d.infra.redis.url)
+    redis = Redis.from_url(d.config.dbs.redis)
     try:
-        cached = json.loads(await redis.get("zmta:sts:sts.test"))
+        cached = json.loads(cast(bytes, await redis.get("zmta:sts:sts.test")))
         ttl = await redis.ttl("zmta:sts:sts.test")
     finally:
         await redis.aclose()
@@ -268,7 +267,7 @@ async def test_mta_sts_cached_policy_is_used_until_the_txt_id_changes(
 ) -> None:
     d = await deploy({"tls": {"ca_file": ca_file}})
     sinks["127.0.0.3"].use_tls(trusted)
-    redis = Redis.from_url(d.infra.redis.url)
+    redis = Redis.from_url(d.config.dbs.redis)
     stale = {"version": "STSv1", "mode": "enforce", "mx": ["mail.elsewhere.test"], "max_age": 86400}
     try:
         # The same id as in DNS: the cached policy holds, even though the served one differs.
@@ -283,7 +282,7 @@ async def test_mta_sts_cached_policy_is_used_until_the_txt_id_changes(
         await send(d, "y@sts.test")
         await eventually(lambda: sinks["127.0.0.3"].messages, what="the delivery under the new policy")
         assert policies.fetches("sts.test") == 1
-        assert json.loads(await redis.get("zmta:sts:sts.test"))["id"] == STS_ID
+        assert json.loads(cast(bytes, await redis.get("zmta:sts:sts.test")))["id"] == STS_ID
     finally:
         await redis.aclose()
 

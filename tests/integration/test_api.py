@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 
@@ -90,7 +92,7 @@ async def test_oversized_bodies_get_413(api: Deployment) -> None:
         declared = await client.post("/send-raw", content=big)
         assert declared.status_code == 413
 
-        async def chunks():  # no Content-Length: the limit must hold while streaming
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit must hold while streaming
             for i in range(0, len(big), 8192):
                 yield big[i : i + 8192]
 

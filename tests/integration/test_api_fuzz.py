@@ -36,9 +36,13 @@ async def test_fuzzing_finds_no_server_error_and_no_schema_violation(deploy: Dep
         "--report-dir",
         str(tmp_path),
     ]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks"}
+    # Run in tmp_path: schemathesis keeps its cache in .schemathesis/ under the working directory.
+    # The hooks module is found through PYTHONPATH instead.
+    root = str(Path(__file__).parents[2])
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks", "PYTHONPATH": pythonpath}
     result = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=540, env=env, cwd=Path(__file__).parents[2]
+        subprocess.run, command, capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path
     )
     summary = result.stdout[-3000:]
     print(summary)

@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 
 from tests.conftest import Deployment, DeploymentFactory
 from zmta_api.security import Guard, Refused
-from zmta_common.config import Api
+from zmta_common.config import Api, ApiKey
 
 SENDER_KEY = "zmta_sender-key-for-tests"
 ADMIN_KEY = "zmta_admin-key-for-tests"
@@ -166,7 +166,7 @@ async def test_the_documentation_needs_a_key(api: Deployment) -> None:
 
 
 def test_public_docs_opens_the_documentation_only() -> None:
-    guard = Guard(Api(public_docs=True, keys=[entry("ops", ADMIN_KEY, ["admin"])]))
+    guard = Guard(Api(public_docs=True, keys=[ApiKey.model_validate(entry("ops", ADMIN_KEY, ["admin"]))]))
     assert guard.caller("/openapi.json", Headers()) is None
     assert guard.caller("/redoc", Headers()) is None
     with pytest.raises(Refused) as refused:

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import DeploymentFactory
 from zmta_api import routes_send
 from zmta_api.app import Services, create_app
+from zmta_api.compose import compose
 from zmta_common import service
 
 
@@ -20,7 +21,6 @@ async def test_send_composes_its_message_off_the_event_loop(
     """Composing up to 30 MiB of MIME on the loop stalled every other request meanwhile."""
     d = await deploy(start=False)
     composed_in: list[threading.Thread] = []
-    compose = routes_send.compose
 
     def recording(*args: Any) -> Any:
         composed_in.append(threading.current_thread())

@@ -153,7 +153,7 @@ async def test_store_upload_is_not_supported(api: Deployment) -> None:
 
 
 async def test_skipdomains_lists_domains_at_their_limit(api: Deployment) -> None:
-    redis = Redis.from_url(api.infra.redis.url)
+    redis = Redis.from_url(api.config.dbs.redis)
     try:
         limits = ZoneLimits(redis, "default", api.config.zones["default"])
         candidates = [Candidate(f"{n:x}0000000000000000.001", "ratelimited.test", None) for n in range(1, 4)]
@@ -169,7 +169,7 @@ async def test_skipdomains_lists_domains_at_their_limit(api: Deployment) -> None
 
 
 async def test_blacklist_lists_the_marks_in_force(api: Deployment) -> None:
-    redis = Redis.from_url(api.infra.redis.url)
+    redis = Redis.from_url(api.config.dbs.redis)
     try:
         refusal = "550 5.7.1 Service unavailable; client host [192.0.2.7] blocked using zen.spamhaus.org"
         before = time.time()
@@ -191,7 +191,7 @@ async def test_blacklist_lists_the_marks_in_force(api: Deployment) -> None:
     assert before * 1000 - 1 <= entry["created"] <= time.time() * 1000 + 1
     assert entry["expires"] - entry["created"] == pytest.approx(600_000, abs=2)
     # An expired mark takes what set it along.
-    redis = Redis.from_url(api.infra.redis.url)
+    redis = Redis.from_url(api.config.dbs.redis)
     try:
         why = await redis.hkeys(redis_keys.BLACKLIST_WHY)
         assert b"listed.test|192.0.2.7" in why and b"gone.test|192.0.2.8" not in why

@@ -29,7 +29,7 @@ class AsyncWire:
         return cls(reader, writer)
 
     async def reply(self) -> tuple[int, str]:
-        lines = []
+        lines: list[str] = []
         while True:
             line = await self.reader.readline()
             if not line:

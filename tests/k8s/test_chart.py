@@ -33,7 +33,7 @@ try:
     import helm_python as helm
     import kubernetes_validate
 except ImportError:  # the marker below says why the module is skipped
-    helm = kubernetes_validate = None
+    helm = kubernetes_validate = None  # type: ignore[assignment]
 
 pytestmark = pytest.mark.skipif(
     helm is None or kubernetes_validate is None,

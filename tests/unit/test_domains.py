@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from zmta_common import redis_keys
-from zmta_common.config import Config, Zone
+from zmta_common.config import Config, Dkim, DomainPolicy, Zone
 from zmta_common.domains import canonical_address, canonical_domain, domain_of
 from zmta_common.headers import HeaderBlock
 from zmta_common.routing import route
@@ -41,7 +41,7 @@ def test_config_written_with_u_labels_applies_to_a_labels() -> None:
     config = Config(
         zones={
             "default": Zone(),
-            "idn": Zone(recipient_domains=["Exämple.test"], domains={"exämple.test": {"connections": 1}}),
+            "idn": Zone(recipient_domains=["Exämple.test"], domains={"exämple.test": DomainPolicy(connections=1)}),
         }
     )
     assert route(config, HeaderBlock.parse(b""), "s@b.test", [f"r@{A_LABEL}", "r@other.test"], False) == [
@@ -59,12 +59,14 @@ def test_a_dkim_key_configured_for_a_u_label_signs_for_its_a_label() -> None:
     )
     config = Config(
         zones={"default": Zone(dkim_platform_domain="Plätform.test")},
-        dkim={
-            "keys": [
-                {"domain": "Exämple.test", "selector": "s1", "private_key": pem},
-                {"domain": "plätform.test", "selector": "p1", "private_key": pem},
-            ]
-        },
+        dkim=Dkim.model_validate(
+            {
+                "keys": [
+                    {"domain": "Exämple.test", "selector": "s1", "private_key": pem},
+                    {"domain": "plätform.test", "selector": "p1", "private_key": pem},
+                ]
+            }
+        ),
     )
     signer = Signer(config, config.zones["default"], load_keys(config))
     chosen = signer.keys_for(HeaderBlock.parse(f"From: Someone <someone@{A_LABEL}>\r\n".encode()))

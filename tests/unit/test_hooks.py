@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from zmta_common.config import Config
+from zmta_common.config import Config, Plugin
 from zmta_common.headers import HeaderBlock
 from zmta_common.hooks import Hooks, PluginError, Reject, load
 
 
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
 
 
 def test_handlers_run_in_order_sync_and_async() -> None:
@@ -62,19 +64,21 @@ def test_unknown_hooks_codes_and_plugins_are_refused(tmp_path: Path, monkeypatch
     with pytest.raises(ValueError, match="4xx or 5xx"):
         Reject(250, "ok")
     with pytest.raises(PluginError, match="cannot be imported"):
-        load(Config(plugins={"no_such_module_here": {}}), "ingest")
+        load(Config(plugins={"no_such_module_here": Plugin()}), "ingest")
     (tmp_path / "noinit_plugin.py").write_text("X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PluginError, match="has no init"):
-        load(Config(plugins={"noinit_plugin": {}}), "ingest")
+        load(Config(plugins={"noinit_plugin": Plugin()}), "ingest")
     sys.modules.pop("noinit_plugin", None)
 
 
 def test_the_example_plugin_loads_with_its_options() -> None:
     config = Config(
         plugins={
-            "zmta_common.plugins.example": {"subject_prefix": "[ext]", "reject": {"No@A.test": "551 5.1.6 moved"}},
-            "zmta_common.plugins.disabled_one": {"enabled": False},  # not imported at all
+            "zmta_common.plugins.example": Plugin.model_validate(
+                {"subject_prefix": "[ext]", "reject": {"No@A.test": "551 5.1.6 moved"}}
+            ),
+            "zmta_common.plugins.disabled_one": Plugin(enabled=False),  # not imported at all
         }
     )
     hooks = load(config, "ingest")

@@ -182,10 +182,15 @@ class NatsServer(ChildServer):
 
 class RedisServer(ChildServer):
     name = "redis"
+    databases = 16  # a subclass or instance may raise it: the tests give each deployment its own
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return self.url_of(0)
+
+    def url_of(self, database: int) -> str:
+        """The URL of one of the server's numbered databases."""
+        return f"redis://{self.host}:{self.port}/{database}"
 
     def command(self) -> list[str]:
         return [
@@ -198,6 +203,8 @@ class RedisServer(ChildServer):
             "",
             "--appendonly",
             "no",
+            "--databases",
+            str(self.databases),
             "--dir",
             str(self.workdir),
             "--daemonize",
