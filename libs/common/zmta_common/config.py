@@ -1,12 +1,21 @@
 """The one configuration every service reads.
 
-Sources, weakest first: defaults in this module, the YAML file (``--config`` or
-``ZMTA_CONFIG_FILE``), then environment variables ``ZMTA_<SECTION>__<KEY>``
-(for example ``ZMTA_DBS__POSTGRES``). Unknown keys anywhere are errors, and every
-error names the key and the bad value (:class:`ConfigError`).
+One YAML file for every service (``--config FILE`` or ``ZMTA_CONFIG_FILE``); the defaults
+are the models of ``libs/common/zmta_common/config.py``, and each key's description below
+is its field's ``description`` there. Sources, weakest first: those defaults, the YAML
+file, then environment variables: any key can be overridden from the environment as
+``ZMTA_<SECTION>__<KEY>``, for example ``ZMTA_DBS__POSTGRES=postgresql://...``.
+Unknown keys anywhere are errors, and every error names the key and the bad value
+(``ConfigError``):
+
+```
+ingest: invalid configuration:
+  zones.default.conections: Extra inputs are not permitted (got 4)
+```
 
 Defaults follow the original ZoneMTA: SMTP feeder on 127.0.0.1:2525, HTTP API on
-127.0.0.1:12080, zones ``default`` and ``bounces``.
+127.0.0.1:12080, zones ``default`` and ``bounces``. Durations are in seconds and sizes in
+bytes unless a key says otherwise.
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ MIB = 1024 * 1024
 # The original's retry schedule in minutes (5, 7, 8, 25, 75, 120, then 240 x 11).
 DEFAULT_DEFER_TIMES: list[float] = [60.0 * m for m in (5, 7, 8, 25, 75, 120, *[240] * 11)]
 
+# json_schema_extra key of a field whose default the documentation shows as this text
+# instead of the value (a default computed on the machine that runs the service).
+DOC_DEFAULT = "doc_default"
+
 
 def _http_url(value: str) -> str:
     parsed = urlsplit(value)
@@ -70,65 +83,194 @@ class Section(BaseModel):
 
 
 class Databases(Section):
-    postgres: str = "postgresql://postgres@127.0.0.1:5432/zonemta"
-    redis: str = "redis://127.0.0.1:6379/3"
-    nats: str = "nats://127.0.0.1:4222"
-    postgres_pool_size: int = Field(default=20, ge=1, le=500)
-    # Seconds the ingest keeps asking PostgreSQL, after a commit failed in a way that may have
-    # gone through, whether the message was stored, before it answers 451.
-    commit_check_time: float = Field(default=10.0, gt=0, le=300)
+    """Where the stores are: PostgreSQL holds the queue, Redis what sender pods share, NATS
+    carries the events."""
+
+    postgres: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/zonemta", description="PostgreSQL URL of the queue"
+    )
+    redis: str = Field(default="redis://127.0.0.1:6379/3", description="Redis URL: shared caches and counters")
+    nats: str = Field(default="nats://127.0.0.1:4222", description="NATS URL: events (JetStream must be on)")
+    postgres_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=500,
+        description="PostgreSQL connections per process for the queue's work; up to a quarter as many more"
+        " (at least 1) are opened, only when used, for the chunks of big messages being received",
+    )
+    commit_check_time: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Seconds the ingest keeps asking PostgreSQL, after a commit failed in a way that may"
+        " have gone through (the connection lost while committing), whether the message was stored,"
+        " before it answers 451; so that a client is not told to send again what is queued already",
+    )
 
 
 class SmtpInterface(Section):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(default=2525, ge=0, le=65535)
-    hostname: str | None = None
-    max_size: int = Field(default=30 * MIB, ge=1024)
-    max_recipients: int = Field(default=1000, ge=1)
-    # X-Sending-Zone is honoured only where this is true (the original: api and bounce only).
-    allow_routing_headers: bool = False
-    # Seconds a client may stay idle (in DATA: between two stored chunks of the body).
-    socket_timeout: float = Field(default=600.0, gt=0)
-    # In DATA, a client must send at least min_data_rate bytes per second, measured over
-    # every data_rate_window seconds, or it gets 421 and is disconnected (0: no minimum).
+    """An SMTP listener of the ingest service; the default interface is ``feeder``.
+
+    ### What one client may take
+
+    Nothing a client sends reaches a header we write unchecked, and one client cannot starve
+    the others, with or without credentials:
+
+    - An EHLO/HELO name with a line break, a control character or a space, or over 255
+      characters, gets ``501``: it would be copied into our ``Received`` header. Every value we
+      write into a header is cleaned where it is written (``?`` for a control character, as
+      Postfix does), and the header block a sender puts on the wire never holds a bare CR or
+      LF, whatever a plugin did.
+    - Connections per client address, at once and per minute, and error replies per
+      connection are limited (the table above); the listen backlog takes bursts of 1024.
+    - A client in DATA holds no database connection while it sends: a message bigger than one
+      1 MiB chunk has each chunk written by a statement of its own, and only the
+      end of DATA commits the message with its deliveries. A client slower than
+      ``min_data_rate`` is disconnected. So 25 clients trickling a byte a second into DATA and
+      300 idle connections from one address leave a legitimate client's message accepted in
+      well under a second (``tests/integration/test_ingest_abuse.py``).
+    - Refused AUTH attempts are counted per client address across every ingest pod, and
+      answered late (1 s); password checks in flight are bounded (``auth_concurrency``).
+    - The API checks the key from the request's headers before it reads the body, stops
+      reading a body at its limit, caps recipients (``api.max_recipients``), and answers 400,
+      never 500, to any text that cannot go into a header (U+2028, U+0085, other controls).
+
+    ### MSA (port 587/465)
+
+    Mail submission for clients elsewhere: STARTTLS on 587 and TLS from the first byte on 465,
+    AUTH required from every client outside ``relay_networks`` (only the host itself here). The
+    feeder stays on loopback without AUTH.
+
+    ```yaml
+    smtp_interfaces:
+      feeder: {}                      # 127.0.0.1:2525, loopback clients, no AUTH
+      submission:
+        host: 0.0.0.0
+        port: 587
+        tls_cert: /etc/zonemta/tls/fullchain.pem
+        tls_key: /etc/zonemta/tls/privkey.pem
+        relay_networks: ["127.0.0.1/32"]
+        auth: true
+        users:                        # echo 'the password' | python -m zmta_ingest hash-password
+          alice: "$argon2id$v=19$m=65536,t=3,p=4$..."
+      submissions:
+        host: 0.0.0.0
+        port: 465
+        implicit_tls: true
+        tls_cert: /etc/zonemta/tls/fullchain.pem
+        tls_key: /etc/zonemta/tls/privkey.pem
+        relay_networks: ["127.0.0.1/32"]
+        auth: true
+        auth_url: https://accounts.example.com/smtp-auth   # or users, as above
+    ```
+    """
+
+    enabled: bool = Field(default=True, description="whether ingest listens on this interface")
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=2525, ge=0, le=65535, description="port to listen on")
+    hostname: str | None = Field(default=None, description="name in the greeting; unset: the top-level `hostname`")
+    max_size: int = Field(
+        default=30 * MIB, ge=1024, description="advertised SIZE in bytes (30 MiB); larger messages get 552"
+    )
+    max_recipients: int = Field(default=1000, ge=1, description="more RCPTs get 452")
+    allow_routing_headers: bool = Field(
+        default=False,
+        description="honour `X-Sending-Zone` (the original honours it on its api and bounce interfaces only)",
+    )
+    socket_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds of client idleness (in DATA too: between two blocks received)",
+    )
     # A slow client holds no database connection, but this frees its socket and buffer.
-    min_data_rate: int = Field(default=500, ge=0)
-    data_rate_window: float = Field(default=30.0, gt=0)
-    # One client address (as Postfix's anvil): at most this many connections open at once
-    # and this many new ones per minute (0: no limit), else 421 before the greeting.
-    # Counted per ingest process. Clients in client_limit_exceptions are not limited.
-    max_connections_per_client: int = Field(default=50, ge=0)
-    max_connection_rate_per_client: int = Field(default=0, ge=0)
-    client_limit_exceptions: list[str] = Field(default_factory=list)
-    # Error replies (4xx/5xx) one connection may get before it is closed with 421
-    # (Postfix's smtpd_hard_error_limit).
-    max_errors_per_connection: int = Field(default=20, ge=1)
-    # TLS: PEM files of the certificate (chain) and its key (tls_key: none if the key is in
-    # the cert file). With them the interface offers STARTTLS; with implicit_tls it speaks
-    # TLS from the first byte instead (port 465). The files are read when ingest starts.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    implicit_tls: bool = False
-    # Clients from these networks may send without AUTH; any other client must authenticate
-    # (where the interface has AUTH) or is refused at MAIL FROM.
-    relay_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    # AUTH PLAIN and LOGIN (an MSA), checked against users ({name: argon2 hash, from
-    # `python -m zmta_ingest hash-password`}) or an HTTP endpoint (auth_url). Offered only
-    # over TLS unless auth_without_tls (loopback tests, legacy clients).
-    auth: bool = False
-    auth_without_tls: bool = False
-    users: dict[str, str] = Field(default_factory=dict)
-    auth_url: HttpUrl | None = None
-    auth_timeout: float = Field(default=10.0, gt=0)
-    # A client address with auth_max_failures refused AUTH attempts within
-    # auth_failure_window seconds is refused AUTH (454) until the window ends; counted
-    # in Redis, so across every ingest process.
-    auth_max_failures: int = Field(default=10, ge=1)
-    auth_failure_window: float = Field(default=600.0, gt=0)
-    # Password checks (argon2, 64 MiB each) run at once; as many more may wait, and past
-    # that AUTH is answered 454 at once instead of queueing without bound.
-    auth_concurrency: int = Field(default=2, ge=1)
+    min_data_rate: int = Field(
+        default=500,
+        ge=0,
+        description="in DATA, a client that sends fewer than this many bytes per second over any window of"
+        " `data_rate_window` seconds gets `421 4.4.2 DATA too slow` and is disconnected; `0`: no minimum"
+        " (Postfix's `smtpd_min_data_rate`)",
+    )
+    data_rate_window: float = Field(default=30.0, gt=0, description="seconds over which `min_data_rate` is measured")
+    max_connections_per_client: int = Field(
+        default=50,
+        ge=0,
+        description="connections one client address may have open at once; past that"
+        " `421 4.7.0 <host> Error: too many connections from <ip>` before the greeting (Postfix's anvil"
+        " default); `0`: no limit. Counted per ingest process",
+    )
+    max_connection_rate_per_client: int = Field(
+        default=0,
+        ge=0,
+        description="new connections one client address may open per minute, else the same 421; `0`: off",
+    )
+    client_limit_exceptions: list[str] = Field(
+        default_factory=list,
+        description="CIDRs whose clients the two limits above do not count (your own application servers,"
+        " if they need more)",
+    )
+    max_errors_per_connection: int = Field(
+        default=20,
+        ge=1,
+        description="error replies (4xx/5xx) one connection may get; then `421 4.7.0 Too many errors` and the"
+        " connection is closed (Postfix's `smtpd_hard_error_limit`)",
+    )
+    tls_cert: str | None = Field(
+        default=None,
+        description="PEM file of the certificate (chain); with it the interface offers STARTTLS. Read when"
+        " ingest starts: a missing or bad file stops it with an error naming the key",
+    )
+    tls_key: str | None = Field(
+        default=None, description="PEM file of the certificate's private key; unset: the key is in `tls_cert`"
+    )
+    implicit_tls: bool = Field(
+        default=False,
+        description="TLS from the first byte (port 465 style) instead of STARTTLS; needs `tls_cert`",
+    )
+    relay_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="CIDRs of trusted clients, which may send without AUTH. Any other client gets"
+        " `530 5.7.0 Authentication required` at MAIL FROM where the interface has AUTH, else"
+        " `554 5.7.1 Relaying denied`. An interface that listens beyond loopback (a pod, `0.0.0.0`) needs"
+        " its clients' networks here",
+    )
+    auth: bool = Field(
+        default=False,
+        description="offer AUTH PLAIN and LOGIN (an MSA); needs `users` or `auth_url`. Wrong credentials get"
+        " `535 5.7.8`, and every success or failure is logged with user and client address",
+    )
+    auth_without_tls: bool = Field(
+        default=False,
+        description="offer AUTH on a connection that is not encrypted (loopback tests, legacy clients; the"
+        " original's `allowInsecureAuth`). Otherwise AUTH is advertised and taken only after STARTTLS or on"
+        " an `implicit_tls` port, and `auth` needs `tls_cert`",
+    )
+    users: dict[str, str] = Field(
+        default_factory=dict,
+        description="`{user: argon2 hash}`; make a hash with `python -m zmta_ingest hash-password` (reads the"
+        " password on stdin). The user name is recorded in the message's meta as `user`",
+    )
+    auth_url: HttpUrl | None = Field(
+        default=None,
+        description="check AUTH with an HTTP service instead of `users`, as the original's http-auth plugin:"
+        " `GET <auth_url>?transport=SMTP` with the credentials as HTTP Basic authorization. 2xx accepts,"
+        " 4xx refuses (535), anything else or no answer within `auth_timeout` seconds is a temporary failure"
+        " (`454 4.7.0`)",
+    )
+    auth_timeout: float = Field(default=10.0, gt=0, description="seconds an `auth_url` check may take")
+    auth_max_failures: int = Field(
+        default=10,
+        ge=1,
+        description="a client address whose AUTH was refused this many times within `auth_failure_window`"
+        " (counted in Redis, so across every ingest pod) gets `454 4.7.0 Too many failed authentications` to"
+        " every AUTH, right password or not, until the window ends",
+    )
+    auth_failure_window: float = Field(default=600.0, gt=0, description="seconds over which `auth_max_failures` counts")
+    auth_concurrency: int = Field(
+        default=2,
+        ge=1,
+        description="password checks (argon2, 64 MiB each) run at once per interface; as many more may wait,"
+        " past that AUTH gets `454 4.7.0` at once",
+    )
 
     @field_validator("relay_networks", "client_limit_exceptions")
     @classmethod
@@ -170,9 +312,17 @@ class SmtpInterface(Section):
 
 
 class PoolAddress(Section):
-    name: str = Field(min_length=1)
-    address: str
-    ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    """One local address of a zone's pool."""
+
+    name: str = Field(min_length=1, description="the EHLO and `Received` host name of this address")
+    address: str = Field(description="the local IPv4 or IPv6 address to send from")
+    ratio: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="the address's share of the zone's mail, for warm-up (`0.05`: about 5%; `0`: unused); unset:"
+        " an equal share of the deliveries that no address with a ratio claims",
+    )
 
     @field_validator("address")
     @classmethod
@@ -206,10 +356,13 @@ def parse_rate(text: str) -> tuple[int, float]:
 class Limit(Section):
     """Limits that hold for a whole zone, across all its sender pods."""
 
-    # Open SMTP connections at once (idle ones kept for reuse count too).
-    connections: int | None = Field(default=None, ge=1)
-    # Messages per period, as "100/min" or "10000/hour".
-    rate: str | None = None
+    connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="open SMTP connections at once (parked ones kept for reuse included), across all sender"
+        " pods; `null` explicitly lifts the limit",
+    )
+    rate: str | None = Field(default=None, description='messages per period, as `"100/min"` or `"10000/hour"`')
 
     @field_validator("rate")
     @classmethod
@@ -225,12 +378,35 @@ TlsMode = Literal["opportunistic", "required", "none"]
 
 
 class DomainPolicy(Limit):
-    # Local addresses never used for this recipient domain.
-    disabled_addresses: list[str] = Field(default_factory=list)
-    # Overrides the zone's ``tls`` for this recipient domain.
-    tls: TlsMode | None = None
-    # Deliver this domain's mail by POSTing it to this URL instead of SMTP.
-    http_url: HttpUrl | None = None
+    """Zone-wide limits and settings for one recipient domain (``"*"``: every domain without
+    an entry of its own). The entries are merged field by field: what the domain's entry
+    sets, else what ``"*"`` sets, else the built-in default (5 connections).
+
+    #### Delivery to HTTP
+
+    A recipient domain with ``http_url`` (or a delivery a ``sender:fetch`` plugin gives an
+    ``http_url``) is POSTed to that URL instead of being sent over SMTP, as
+    ``multipart/form-data`` with the fields ``id`` (``<id>.<seq>``), ``from``, ``to`` and the file
+    ``message`` (``<id>.eml``, ``message/rfc822``, streamed from the store). A 2xx answer is a
+    delivery, a 5xx a rejection (bounce), anything else (or no answer) a deferral.
+
+    ```yaml
+    zones:
+      default:
+        domains:
+          tickets.example.com: {http_url: "https://helpdesk.internal/mail-in"}
+    ```
+    """
+
+    disabled_addresses: list[str] = Field(
+        default_factory=list, description="pool addresses never used for this recipient domain"
+    )
+    tls: TlsMode | None = Field(
+        default=None, description="the zone's `tls` for this recipient domain; unset: the zone's"
+    )
+    http_url: HttpUrl | None = Field(
+        default=None, description="deliver the domain's mail by POSTing it to this URL instead of over SMTP"
+    )
 
 
 DEFAULT_DOMAIN_CONNECTIONS = 5
@@ -246,34 +422,125 @@ def _merge_policies(*layers: DomainPolicy | None) -> DomainPolicy:
 
 
 class Zone(Section):
-    # Parallel deliveries of one sender process for this zone.
-    connections: int = Field(default=10, ge=1, le=10000)
-    pool: list[PoolAddress] = Field(default_factory=list)
-    # "host:port" that replaces MX lookup for every recipient (Postfix's relayhost).
-    smarthost: str | None = None
-    mx_port: int = Field(default=25, ge=1, le=65535)
-    tls: TlsMode = "opportunistic"
-    ignore_ipv6: bool = True
-    routing_headers: dict[str, str] = Field(default_factory=dict)
-    sender_domains: list[str] = Field(default_factory=list)
-    recipient_domains: list[str] = Field(default_factory=list)
-    # Retry delays in seconds, indexed by the number of earlier deferrals.
-    defer_times: list[float] = Field(default_factory=lambda: list(DEFAULT_DEFER_TIMES))
-    # A delivery whose next attempt would come later than this after it was queued bounces instead.
-    max_age: float = Field(default=48 * 3600.0, gt=0)
-    connect_timeout: float = Field(default=60.0, gt=0)
-    command_timeout: float = Field(default=300.0, gt=0)
-    # Per connection: at most this many messages per period over one connection ("10/min").
-    throttling: str | None = None
-    # Per recipient domain; "*" is the default for every domain without its own entry.
-    domains: dict[str, DomainPolicy] = Field(default_factory=dict)
-    # DKIM: messages whose From domain has no key are signed for this domain instead,
-    # and every message is signed for dkim_platform_domain as well (the sending platform's).
-    dkim_fallback_domain: str | None = None
-    dkim_platform_domain: str | None = None
-    # Per MX host name pattern ("*.mail.protection.outlook.com"): one limit for all the
-    # recipient domains whose best MX host matches, counted together.
-    mx_hosts: dict[str, Limit] = Field(default_factory=dict)
+    """A sending zone: a pool of local addresses with its own pace and limits. An example with
+    a warm-up address, limits for one provider and for the Microsoft-hosted domains:
+
+    ```yaml
+    zones:
+      default:
+        connections: 20                 # parallel deliveries per sender process
+        throttling: 300/min             # per connection
+        pool:
+          - {name: mta1.example.com, address: 192.0.2.1}
+          - {name: mta2.example.com, address: 192.0.2.2}
+          - {name: mta3.example.com, address: 2001:db8::3}
+          - {name: warm.example.com, address: 192.0.2.4, ratio: 0.05}   # about 5% of the mail
+        ignore_ipv6: false
+        domains:
+          "*": {connections: 5}
+          gmail.com: {connections: 10, rate: 10000/hour}
+          example.net: {disabled_addresses: [192.0.2.2]}
+        mx_hosts:
+          "*.mail.protection.outlook.com": {connections: 20, rate: 300/min}
+      bulk:
+        recipient_domains: [yahoo.com]
+        pool: [{name: bulk1.example.com, address: 198.51.100.1}]
+      bounces: {}
+    ```
+
+    - **Limits hold for the zone as a whole.** When the queue leases work it admits a
+      delivery only if its recipient domain (and the MX host group of that domain) has room:
+      deliveries in flight below ``connections``, and the ``rate`` (GCRA in Redis, one Lua script
+      per lease, so queue replicas and sender pods cannot race). Domains at a limit go on a
+      short skip list, as the original's skipDomains. Each open SMTP connection, busy or
+      parked for reuse, holds a slot of its domain and MX group in Redis, so the receiving
+      server never sees more connections from the zone than allowed, however many sender pods
+      there are; a sender waiting for a slot makes the others close their parked connections.
+    - **Sender pods own slices of the pool.** ``python -m zmta_sender --zone default --slice 1/3``
+      (or ``ZMTA_SLICE_COUNT=3`` with the StatefulSet ordinal at the end of the pod's host name,
+      or ``ZMTA_SLICE_INDEX``) is pod 1 of 3 and sends only from the pool addresses at positions
+      1, 4, 7...; with more pods than addresses, pods share. The queue picks each delivery's
+      address from the whole pool and hands the delivery to the pod that owns it, so a retry
+      leaves from the same address whichever pod is asked (greylisting); if no pod of a slice
+      has asked for work for ``queue.sender_timeout`` seconds, the other pods take its mail.
+    - **International domains.** A domain is one key wherever state is kept for it: the
+      store, Redis, the configuration (``domains``, ``recipient_domains``, ``sender_domains``, DKIM
+      keys and key file names, ``dkim_*_domain``). Each is taken in one canonical form, lower
+      case, no trailing dot, an international name as its A-label (IDNA 2008, UTS 46), so
+      ``Exämple.test``, ``exämple.test.`` and ``xn--exmple-cua.test`` are the same domain everywhere.
+      Recipient addresses themselves go to the next hop as they were written. Rows written by
+      an earlier version are rewritten to this form by the schema migration.
+    - **IPv6** is used when the zone has IPv6 addresses and ``ignore_ipv6: false``; MX hosts are
+      tried in preference order, each with the addresses of the delivery's IP version (a
+      delivery assigned an IPv4 address switches to one of the pod's IPv6 addresses for an
+      IPv6-only MX, and back).
+    """
+
+    connections: int = Field(
+        default=10, ge=1, le=10000, description="parallel deliveries per sender process (`bounces`: 1)"
+    )
+    pool: list[PoolAddress] = Field(
+        default_factory=list, description="the zone's local addresses; empty: the operating system picks"
+    )
+    smarthost: str | None = Field(
+        default=None, description="`host:port` that replaces MX lookup for every recipient (Postfix's relayhost)"
+    )
+    mx_port: int = Field(default=25, ge=1, le=65535, description="port of the recipients' MX servers")
+    tls: TlsMode = Field(
+        default="opportunistic",
+        description="outbound STARTTLS. `opportunistic`: when offered; a certificate that does not verify is"
+        " accepted, and a failed handshake is retried once in plain text. `required`: STARTTLS must be offered"
+        " and the certificate must verify (chain to the system CAs or `tls.ca_file`, name = MX host), else the"
+        " delivery is deferred (category `tls`) with the reason, e.g. `TLS required by policy:"
+        " mx.a.test[127.0.0.2] certificate verify failed: self-signed certificate`. `none`: never STARTTLS,"
+        " and no MTA-STS. Each delivery's report and log line carry its TLS (`version=TLSv1.3 cipher=..."
+        " verified=yes` or `no`, or `none`), counted in the sender's"
+        " `zonemta_delivery_tls{version,verified,zone}`",
+    )
+    ignore_ipv6: bool = Field(default=True, description="skip AAAA records and IPv6 pool addresses")
+    routing_headers: dict[str, str] = Field(
+        default_factory=dict, description="`{header: value}`: messages with such a header are routed to this zone"
+    )
+    sender_domains: list[str] = Field(default_factory=list, description="envelope sender domains routed here")
+    recipient_domains: list[str] = Field(
+        default_factory=list, description="recipient domains routed here (per recipient)"
+    )
+    defer_times: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_DEFER_TIMES),
+        description="retry delays in seconds, indexed by the number of earlier deferrals and measured from the"
+        " failed attempt (5, 7, 8, 25, 75, 120 min, then 240 min 11 times); a soft failure after the last one"
+        " bounces (about 48 h)",
+    )
+    max_age: float = Field(
+        default=48 * 3600.0,
+        gt=0,
+        description="seconds (48 h); a delivery whose next attempt would fall later than this after it was"
+        " queued bounces instead",
+    )
+    connect_timeout: float = Field(default=60.0, gt=0, description="seconds a connection to an MX may take")
+    command_timeout: float = Field(default=300.0, gt=0, description="seconds an SMTP command's reply may take")
+    throttling: str | None = Field(
+        default=None,
+        description="per connection: at most so many messages over one connection, as `10/min` (units sec,"
+        " min, hour, day)",
+    )
+    domains: dict[str, DomainPolicy] = Field(
+        default_factory=dict,
+        description='zone-wide limits per recipient domain; `"*"` is the default for every domain without an'
+        ' entry of its own; with no entries at all every domain gets `"*": {connections: 5}`',
+    )
+    dkim_fallback_domain: str | None = Field(
+        default=None, description="sign for this domain when the From domain has no key"
+    )
+    dkim_platform_domain: str | None = Field(
+        default=None, description="also sign every message for this domain (the sending platform's signature)"
+    )
+    mx_hosts: dict[str, Limit] = Field(
+        default_factory=dict,
+        description="the same `connections`/`rate` limits for all recipient domains whose best MX host matches"
+        ' the pattern (`"*.mail.protection.outlook.com"`), counted together; the queue looks up the MX of a'
+        " domain no sender has resolved yet before it leases, so the limit holds from the first delivery",
+    )
     # domain_policy's merged entries, made on first use ("": every other domain).
     _merged_policies: dict[str, DomainPolicy] = PrivateAttr(default_factory=dict)
 
@@ -350,57 +617,106 @@ class Zone(Section):
 
 
 class Dns(Section):
-    # Empty: the system resolver's nameservers (/etc/resolv.conf).
-    nameservers: list[str] = Field(default_factory=list)
-    port: int = Field(default=53, ge=1, le=65535)
-    timeout: float = Field(default=5.0, gt=0)
+    """The resolver of MX lookups."""
+
+    nameservers: list[str] = Field(
+        default_factory=list, description="nameserver addresses; empty: the system resolver's (/etc/resolv.conf)"
+    )
+    port: int = Field(default=53, ge=1, le=65535, description="port of the nameservers")
+    timeout: float = Field(default=5.0, gt=0, description="seconds a lookup may take")
 
 
 class Tls(Section):
     """Outbound TLS of the senders: certificate checks and MTA-STS (RFC 8461)."""
 
-    # A PEM bundle of CA certificates trusted besides the system's, for MX certificates and
-    # MTA-STS policy hosts; None: the system's CAs only.
-    ca_file: str | None = None
-    # Apply the MTA-STS policies of recipient domains (never for smarthost zones).
-    mta_sts: bool = True
-    # Seconds a policy fetch (https://mta-sts.<domain>/.well-known/mta-sts.txt) may take.
-    mta_sts_timeout: float = Field(default=10.0, gt=0)
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM bundle of CA certificates trusted as well, for MX certificates and MTA-STS policy"
+        " hosts; unset: the system CAs only",
+    )
+    mta_sts: bool = Field(
+        default=True,
+        description="MTA-STS (RFC 8461) for recipient domains, not for smarthost zones: TXT"
+        " `_mta-sts.<domain>`, policy from `https://mta-sts.<domain>/.well-known/mta-sts.txt` (verified"
+        " certificate, no redirects, 64 KiB at most), cached in Redis `zmta:sts:<domain>` for its `max_age`"
+        " (60 s to 7 days) and fetched again when the TXT id changes. `enforce`: only the MX hosts it names"
+        " are used, with verified TLS; none left defers the delivery (`MTA-STS policy of a.test (enforce)"
+        " allows none of its MX hosts: mx.a.test`). `testing`: mismatches are logged. A policy that cannot"
+        " be fetched: the cached one, else none",
+    )
+    mta_sts_timeout: float = Field(default=10.0, gt=0, description="seconds an MTA-STS policy fetch may take")
 
 
 class Queue(Section):
-    default_zone: str = "default"
-    # How long a sender owns leased deliveries; an expired lease makes them ready again.
-    lease_time: float = Field(default=300.0, gt=0)
-    max_batch: int = Field(default=100, ge=1, le=1000)
-    # Deliveries are leased for this long when handed out (at most lease_time); the sender
-    # that gets them extends the lease at once.
-    claim_time: float = Field(default=15.0, gt=0)
-    # Seconds each queue replica caches the pauses (0: read for every work request).
-    pauses_ttl: float = Field(default=2.0, ge=0)
-    # A Date header up to this far in the future (and more than 5 minutes ahead) holds the
-    # message until then; 0 turns delayed delivery off (the original's futureDate: false).
-    max_future_date: float = Field(default=0.0, ge=0)
-    # A slice of a zone's pool whose sender pod has not asked for work for this long has
-    # its deliveries handed to the zone's other pods.
-    sender_timeout: float = Field(default=30.0, gt=0)
-    housekeeping_interval: float = Field(default=10.0, gt=0)
-    # Garbage collection: how often, and how old a message without deliveries must be
-    # before its body is removed (a younger one may still be on its way in).
-    gc_interval: float = Field(default=60.0, gt=0)
-    orphan_age: float = Field(default=600.0, gt=0)
+    """The queue service: leasing, housekeeping and garbage collection."""
+
+    default_zone: str = Field(default="default", description="zone when no routing rule matches")
+    lease_time: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds a sender owns leased deliveries (renewed while it works on them; an expired lease"
+        " makes them ready again); a report the queue fetched but never acknowledged comes back after a third"
+        " of it (60 s at most), well before its lease runs out",
+    )
+    max_batch: int = Field(default=100, ge=1, le=1000, description="most deliveries handed out per request")
+    claim_time: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds deliveries are leased for when handed out (at most `lease_time`): the sender that"
+        " gets them extends the lease at once; if the answer never reached it, they are ready again this soon",
+    )
+    pauses_ttl: float = Field(
+        default=2.0,
+        ge=0,
+        description="seconds each queue replica keeps the paused zones and domains before reading them from"
+        " PostgreSQL again (so a pause or resume through the API takes effect within this time); `0`: read"
+        " them for every work request",
+    )
+    max_future_date: float = Field(
+        default=0.0,
+        ge=0,
+        description="delayed delivery: a message whose Date header is more than 5 minutes ahead waits until"
+        " then, at most this many seconds; `0`: off (the original's `futureDate: false`)",
+    )
+    sender_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds after which the deliveries of a pool slice whose sender has stopped asking for"
+        " work go to the zone's other senders",
+    )
+    housekeeping_interval: float = Field(
+        default=10.0, gt=0, description="seconds between expired-lease sweeps and gauge updates"
+    )
+    gc_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds between garbage collections: deliveries older than their zone's `max_age` are"
+        " bounced (never dropped silently), messages left without deliveries are removed",
+    )
+    orphan_age: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds a message without deliveries is left alone (it may still be on its way in)"
+        " before the collector removes it",
+    )
 
 
 API_SCOPES = ("send", "admin")
 
 
 class ApiKey(Section):
-    name: str = Field(min_length=1)
-    # "sha256:<hex>" of the key (python -m zmta_api new-key prints a key and its hash).
-    hash: str
-    scopes: list[str] = Field(default_factory=lambda: ["send"])
-    # Whether X-Authenticated-User and X-Originating-IP from this key are believed.
-    may_set_user: bool = False
+    """One API key; ``python -m zmta_api new-key --name NAME --scopes admin,send`` prints a key
+    and this entry with its hash."""
+
+    name: str = Field(min_length=1, description="the key's name: logged, and recorded as the message's user")
+    hash: str = Field(description="`sha256:<hex>` of the key")
+    scopes: list[str] = Field(
+        default_factory=lambda: ["send"],
+        description="`send` (`/send`, `/send-raw`) and/or `admin` (every other route)",
+    )
+    may_set_user: bool = Field(
+        default=False, description="whether `X-Authenticated-User` and `X-Originating-IP` from this key are believed"
+    )
 
     @field_validator("hash")
     @classmethod
@@ -420,20 +736,34 @@ class ApiKey(Section):
 
 
 class Api(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(default=12080, ge=0, le=65535)
-    maildrop: bool = True
-    max_body: int = Field(default=30 * MIB, ge=1024)
-    keys: list[ApiKey] = Field(default_factory=list)
-    # More keys from a file (YAML list of the same entries): a mounted Kubernetes Secret.
-    keys_file: str | None = None
-    # The original's API: no key needed. Only for an API that listens on loopback.
-    open_access: bool = False
-    # /openapi.json, /docs and /redoc without a key (by default they need one, any scope).
-    public_docs: bool = False
-    # Recipients of one message submitted through /send or /send-raw (400 above it), as
-    # smtp_interfaces.<name>.max_recipients is for SMTP.
-    max_recipients: int = Field(default=1000, ge=1)
+    """The HTTP API (see [the API reference](api.md))."""
+
+    host: str = Field(default="127.0.0.1", description="address the HTTP API listens on")
+    port: int = Field(default=12080, ge=0, le=65535, description="port of the HTTP API")
+    maildrop: bool = Field(default=True, description="enables `/send` and `/send-raw`")
+    max_body: int = Field(
+        default=30 * MIB,
+        ge=1024,
+        description="bytes (30 MiB); larger bodies of `/send` and `/send-raw` get 413, from `Content-Length`"
+        " before a byte is read, and when streamed as soon as the limit is passed (other routes: 1 MiB)",
+    )
+    keys: list[ApiKey] = Field(default_factory=list, description="the API keys")
+    keys_file: str | None = Field(
+        default=None, description="more keys from a YAML file (a list of the same entries): a mounted Kubernetes Secret"
+    )
+    open_access: bool = Field(
+        default=False, description="no key needed, as in the original; only allowed with the API on loopback"
+    )
+    public_docs: bool = Field(
+        default=False,
+        description="serve `/openapi.json`, `/docs` and `/redoc` without a key (by default any valid key opens them)",
+    )
+    max_recipients: int = Field(
+        default=1000,
+        ge=1,
+        description="recipients of one message through `/send` or `/send-raw`; more get 400 naming the limit,"
+        " before any work per recipient (as `smtp_interfaces.<name>.max_recipients` is for SMTP)",
+    )
 
     @model_validator(mode="after")
     def _open_only_on_loopback(self) -> Api:
@@ -443,31 +773,105 @@ class Api(Section):
 
 
 class Bounce(Section):
-    # How long a sender waits for the classifier before it just defers.
-    classify_timeout: float = Field(default=2.0, gt=0)
-    # How long a local address stays unused for a recipient domain that said it is listed.
-    blacklist_ttl: float = Field(default=3600.0, gt=0)
-    # Send a delivery status notification to the sender of a message that bounced.
-    dsn: bool = True
-    # The zone that carries DSNs; by default "bounces" if there is one, else the default zone.
-    zone: str | None = None
-    # The operator's bounce rule files (YAML, as the built-in rules.yaml), checked in
-    # order before the built-in rules.
-    rules_files: list[str] = Field(default_factory=list)
-    # A "delayed" DSN once a delivery has been failing this long after it was queued
-    # (Postfix's delay_warning_time); off unless delay_warning is on.
-    delay_warning: bool = False
-    delay_warning_after: float = Field(default=3 * 3600.0, gt=0)
-    # Add a recipient to the suppression list when a server refused it for good as unknown.
-    suppress_unknown_recipients: bool = False
-    # HTTP bounce notifications: every bounce is POSTed to each URL (form fields of the
-    # original's http-bounce plugin), retried until the receiver answers 2xx.
-    notify_urls: list[HttpUrl] = Field(default_factory=list)
-    # Retry delays in seconds, indexed by the number of failed tries; the last repeats.
-    notify_backoff: list[float] = Field(default_factory=lambda: [1.0, 4.0, 9.0, 16.0, 25.0, 36.0, 60.0, 300.0])
-    # A notification still refused this long after the bounce is given up (logged).
-    notify_max_age: float = Field(default=48 * 3600.0, gt=0)
-    notify_timeout: float = Field(default=10.0, gt=0)
+    """The bounce service: it classifies refusals, sends DSNs and HTTP notifications.
+
+    Every refusal a sender meets goes to the bounce service's classifier (NATS
+    request/reply; no answer within ``bounce.classify_timeout`` means defer). It turns the
+    reply into an **action** and a **category**:
+
+    | action | what happens |
+    |---|---|
+    | `defer` | retried on the zone's `defer_times` schedule, from the same local address |
+    | `blacklist` | retried, from another local address: the refused one rests `bounce.blacklist_ttl` for that domain |
+    | `reject` | the delivery ends: DSN, HTTP notification, optional suppression |
+
+    Categories: ``recipient_unknown``, ``mailbox_full``, ``greylisted``, ``rate_limited``,
+    ``blacklisted``, ``spam``, ``virus``, ``policy`` (SPF, DKIM, DMARC, PTR, format rules), ``too_large``,
+    ``sender``, ``relay``, ``protocol``, ``capacity``, ``tls``, ``dns``, ``network``, ``other``.
+
+    The rules are data: ``services/bounce/zmta_bounce/rules.yaml``, an ordered list of
+    ``{pattern, action, category, message}`` where ``pattern`` is a case-insensitive regular
+    expression matched against the reply on one line (``550 5.1.1 text...``); the first match
+    wins, and a reply no rule matches is deferred (4xx) or rejected (5xx) as ``other``. Add your
+    own in files named in ``bounce.rules_files``: they are checked before the built-in ones.
+    Whatever a rule says, a 4xx reply (or a 4.x.x status) is never rejected: the server said
+    it is temporary, so the delivery is retried until its schedule or ``max_age`` runs out. A
+    refusal of MAIL FROM that the rules file as ``recipient_unknown`` or ``other`` is filed as
+    ``sender``: it cannot be about the recipient (and must not get the recipient suppressed).
+    DNS answers that a domain does not exist or has a null MX bounce at once; connection
+    errors and timeouts are deferred.
+
+    **Blacklist back-off.** When the classifier says a refusal means the local address is
+    listed, (recipient domain, address) is marked in Redis for ``bounce.blacklist_ttl``; the
+    next attempt leaves from another address; when none is left the delivery is deferred, and
+    it bounces only at the end of the retry schedule. The gauge ``zonemta_blacklisted`` counts
+    the marks.
+
+    A rejected delivery gets, from the bounce service:
+
+    - a DSN (RFC 3464 ``multipart/report; report-type=delivery-status``) from the null sender to
+      the envelope sender, through the ``bounces`` zone, unless the sender is null or
+      mailer-daemon, or the message is automatic (``Auto-Submitted``, ``Precedence: bulk/list/junk``,
+      ``X-Auto-Response-Suppress: All``) or a report itself;
+    - one HTTP notification per ``bounce.notify_urls`` entry, retried on ``bounce.notify_backoff``
+      until the receiver answers 2xx (kept on JetStream, so restarts lose none);
+    - with ``bounce.suppress_unknown_recipients``, a suppression-list entry for a recipient a
+      server refused for good as unknown: later mail to it is dropped at intake.
+    """
+
+    classify_timeout: float = Field(
+        default=2.0, gt=0, description="seconds a sender waits for the classifier before deferring"
+    )
+    blacklist_ttl: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds a local address stays unused for a recipient domain that said it is listed (the"
+        " original's real default; its README says 6 h)",
+    )
+    dsn: bool = Field(
+        default=True,
+        description="send delivery status notifications (RFC 3464, from the null sender) for rejected"
+        " deliveries; never for null senders, automatic mail (`Auto-Submitted`, `Precedence:"
+        " bulk/list/junk`) or reports",
+    )
+    zone: str | None = Field(
+        default=None, description="the zone that carries DSNs; unset: `bounces` if it exists, else the default zone"
+    )
+    rules_files: list[str] = Field(
+        default_factory=list,
+        description="the operator's bounce rule files (YAML, as the built-in `rules.yaml`), checked in order"
+        " before the built-in rules",
+    )
+    delay_warning: bool = Field(
+        default=False,
+        description='send one "delayed" DSN (`Action: delayed`, `Will-Retry-Until`) when a delivery is still'
+        " failing `delay_warning_after` seconds after it was queued (Postfix's `delay_warning_time`)",
+    )
+    delay_warning_after: float = Field(
+        default=3 * 3600.0, gt=0, description='seconds (3 h) after queueing for the "delayed" DSN'
+    )
+    suppress_unknown_recipients: bool = Field(
+        default=False,
+        description="add a recipient to the suppression list when a server refused it for good (5xx) as unknown",
+    )
+    notify_urls: list[HttpUrl] = Field(
+        default_factory=list,
+        description="HTTP bounce notifications: each bounce is POSTed to every URL as form fields `id`,"
+        " `sessionId`, `to`, `seq`, `returnPath`, `category`, `time` (ms), `response`, `fbl` (the original's"
+        " http-bounce plugin)",
+    )
+    notify_backoff: list[float] = Field(
+        default_factory=lambda: [1.0, 4.0, 9.0, 16.0, 25.0, 36.0, 60.0, 300.0],
+        description="seconds between tries of a notification the receiver did not answer with 2xx; the last"
+        " one repeats. Notifications wait on a JetStream stream, so a restart loses none",
+    )
+    notify_max_age: float = Field(
+        default=48 * 3600.0,
+        gt=0,
+        description="seconds (48 h); a notification still refused this long after its bounce is given up"
+        " (logged as an error)",
+    )
+    notify_timeout: float = Field(default=10.0, gt=0, description="seconds per notification POST")
 
     @field_validator("notify_backoff")
     @classmethod
@@ -481,10 +885,14 @@ CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "sim
 
 
 class DkimKey(Section):
-    domain: str = Field(min_length=1)
-    selector: str = Field(min_length=1)
-    # A PEM private key (RSA 1024-4096 bits or Ed25519), or the path of a file holding one.
-    private_key: str = Field(min_length=1)
+    """One DKIM private key."""
+
+    domain: str = Field(min_length=1, description="the signing domain (`d=`)")
+    selector: str = Field(min_length=1, description="the selector (`s=`)")
+    private_key: str = Field(
+        min_length=1,
+        description="PEM text of the private key (RSA 1024-4096 bits or Ed25519), or the path of a file holding one",
+    )
 
     @field_validator("domain")
     @classmethod
@@ -493,18 +901,47 @@ class DkimKey(Section):
 
 
 class Dkim(Section):
-    """DKIM signing at send time, from the body hash computed at intake."""
+    """DKIM signing at send time, from the body hash computed at intake.
 
-    enabled: bool = True
-    # A directory of keys named <domain>.<selector>.pem (a Kubernetes Secret mounted as files).
-    key_dir: str | None = None
-    keys: list[DkimKey] = Field(default_factory=list)
-    # header/body canonicalization of every signature.
-    canonicalization: str = "relaxed/relaxed"
-    # Header fields to sign (those present); empty: the usual set, From over-signed.
-    sign_headers: list[str] = Field(default_factory=list)
-    # Signatures expire (x=) this many seconds after signing; 0: no expiry.
-    expire: float = Field(default=0.0, ge=0)
+    The body hash is computed while the message streams in (with the body half of
+    ``dkim.canonicalization``) and stored with it; the signature is made at send time over the
+    final headers, with the RSA or Ed25519 operation done by ``cryptography`` (dkimpy's RSA is
+    pure Python). A message is signed with every key of its From domain (two selectors, say
+    RSA and Ed25519, give two signatures), or with the keys of its zone's
+    ``dkim_fallback_domain`` when the From domain has none, and also with the keys of the zone's
+    ``dkim_platform_domain``. Keys come from ``dkim.keys`` or ``dkim.key_dir``:
+
+    ```yaml
+    dkim:
+      key_dir: /etc/zonemta/dkim        # example.com.s2026.pem, example.com.ed2026.pem, ...
+    zones:
+      default:
+        dkim_platform_domain: mta.example.net
+    ```
+
+    Publish the public key as TXT ``<selector>._domainkey.<domain>``:
+    ``v=DKIM1; k=rsa; p=<base64 SubjectPublicKeyInfo>`` (or ``k=ed25519; p=<base64 raw key>``).
+    ``python -m zmta_devtools.bench_dkim`` measures the signing rate (about 3,200-3,500 RSA-2048
+    signatures per second on one core of the development machine; dkimpy: about 130-150).
+    """
+
+    enabled: bool = Field(default=True, description="sign outgoing mail when a key applies")
+    key_dir: str | None = Field(
+        default=None,
+        description="directory of private keys named `<domain>.<selector>.pem` (PEM, RSA 1024-4096 bits or"
+        " Ed25519; a Kubernetes Secret mounted as files)",
+    )
+    keys: list[DkimKey] = Field(default_factory=list, description="keys given in the config")
+    canonicalization: str = Field(
+        default="relaxed/relaxed",
+        description="header/body canonicalization of every signature; the body hash is computed at intake with"
+        " the body part",
+    )
+    sign_headers: list[str] = Field(
+        default_factory=list,
+        description="header fields to sign (those present); empty: the usual set, From over-signed",
+    )
+    expire: float = Field(default=0.0, ge=0, description="seconds until the signature expires (`x=`); `0`: no expiry")
 
     @field_validator("canonicalization")
     @classmethod
@@ -519,10 +956,74 @@ class Dkim(Section):
 
 
 class Plugin(BaseModel):
-    """One plugin: ``enabled`` and whatever options the plugin itself takes."""
+    """One plugin: ``enabled`` and whatever options the plugin itself takes.
+
+    A plugin is a Python module with an ``init(app)`` function, named by its import path under
+    ``plugins`` (the same file configures every service; each service runs the hooks of its own
+    events). ``app.options`` holds the plugin's options, ``app.hook(name, handler)`` registers a
+    handler (plain or async). A handler changes what it is given, or raises
+    ``zmta_common.hooks.Reject(code, text)`` to refuse with that SMTP reply; an exception of
+    any other kind is a plugin failure and refuses temporarily (451), so a bug never
+    accepts or bounces mail.
+
+    | hook | service | handler gets |
+    |---|---|---|
+    | `smtp:auth` | ingest | `(auth)`: set `auth.accepted = True` to let the client in |
+    | `smtp:mail_from` / `smtp:rcpt_to` | ingest | `(envelope, address)` |
+    | `message:headers` | ingest, api, bounce | `(envelope, headers)`: a `HeaderBlock` to edit |
+    | `message:store` | ingest, api, bounce | `(envelope, headers, body)`: see below |
+    | `queue:route` | ingest, api, bounce | `(envelope, routes)`: `{recipient: zone}` to change |
+    | `sender:fetch` | sender | `(delivery)`: a `DeliveryContext`; set `delivery.http_url` for HTTP delivery |
+    | `sender:headers` | sender | `(delivery, headers)`: edit the headers before DKIM signing |
+    | `sender:connect` / `sender:delivered` | sender | `(delivery, mx host)` / `(delivery, response)` |
+    | `queue:bounce` | bounce | `(event)`: raise `Reject` to send no DSN nor notification |
+    | `log:entry` | queue | `(entry)`: one dict per delivery outcome |
+
+    In ``message:store``, ``body.chunks()`` streams the stored body before the commit
+    (``body.size``, ``body.queue_id``).
+
+    The intake hooks run in the bounce service too, for each DSN it queues (``envelope.interface``
+    is ``"bounce"``, ``envelope.mail_from`` empty). A DSN refused with a 5xx there ends its bounce
+    event at once (logged as ``dsn refused``); a 4xx, or a store that is down, has the event
+    tried again after 5 s, doubling up to 10 minutes, for about six hours before it is given
+    up (``bounce given up``). The HTTP notifications of an event go out once however often it
+    is tried.
+
+    The example plugin (``libs/common/zmta_common/plugins/example.py``) prefixes the Subject at
+    intake, adds a header at send time and refuses chosen recipients with its own reply:
+
+    ```yaml
+    plugins:
+      zmta_common.plugins.example:
+        subject_prefix: "[ext]"
+        header: "X-Processed-By: example"
+        reject:
+          closed@example.com: "550 5.7.1 This recipient is closed"
+    ```
+
+    The built-in Rspamd plugin (``zmta_common.plugins.rspamd``) streams each message to
+    Rspamd's ``/checkv2`` before it is queued, with the envelope (From, Rcpt, IP, User, Helo,
+    Queue-Id). Action ``reject`` refuses with ``550 5.7.1 Message rejected as spam``, ``soft reject``
+    with ``451 4.7.1 Try again later``; ``add header`` and ``rewrite subject`` add ``X-Spam: Yes`` (the
+    latter also prefixes the Subject); every scanned message gets ``X-Zone-Spam-Resolution`` and
+    ``X-Zone-Spam-Status: <action> score=<score>/<required> [SYMBOL=score, ...]``. Messages over
+    ``max_size`` are not scanned, and an unreachable Rspamd lets mail through unless
+    ``on_error: defer`` (then 451):
+
+    ```yaml
+    plugins:
+      zmta_common.plugins.rspamd:
+        url: http://127.0.0.1:11333
+        timeout: 15              # seconds
+        max_size: 10485760       # bytes
+        reject_spam: true        # false: mark "reject" like "add header"
+        subject_prefix: "[SPAM]" # for "rewrite subject" ({score} is replaced); else Rspamd's subject
+        on_error: accept         # or defer
+    ```
+    """
 
     model_config = ConfigDict(extra="allow")
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="whether the plugin is loaded; every other key is its option")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -532,11 +1033,17 @@ class Plugin(BaseModel):
 class Metrics(Section):
     """Where each service serves /metrics and /health (the api serves them on its own port)."""
 
-    host: str = "127.0.0.1"
-    ingest_port: int = Field(default=12091, ge=0, le=65535)
-    queue_port: int = Field(default=12092, ge=0, le=65535)
-    sender_port: int = Field(default=12093, ge=0, le=65535)
-    bounce_port: int = Field(default=12094, ge=0, le=65535)
+    host: str = Field(
+        default="127.0.0.1", description="where ingest, queue, sender and bounce serve `/metrics` and `/health`"
+    )
+    ingest_port: int = Field(
+        default=12091, ge=0, le=65535, description="ingest's port (`zmta_ingest --metrics-port` overrides it)"
+    )
+    queue_port: int = Field(default=12092, ge=0, le=65535, description="the queue's port")
+    sender_port: int = Field(
+        default=12093, ge=0, le=65535, description="a sender's port (`zmta_sender --metrics-port` overrides it)"
+    )
+    bounce_port: int = Field(default=12094, ge=0, le=65535, description="the bounce service's port")
 
 
 def _default_zones() -> dict[str, Zone]:
@@ -551,22 +1058,31 @@ class Config(BaseSettings):
         validate_assignment=True,
     )
 
-    # Used in the Received header: "by <hostname> (<name>)".
-    name: str = "ZoneMTA"
-    hostname: str = Field(default_factory=socket.getfqdn)
-    log_level: str = "INFO"
-    dbs: Databases = Field(default_factory=Databases)
-    smtp_interfaces: dict[str, SmtpInterface] = Field(default_factory=lambda: {"feeder": SmtpInterface()})
-    api: Api = Field(default_factory=Api)
-    queue: Queue = Field(default_factory=Queue)
-    zones: dict[str, Zone] = Field(default_factory=_default_zones)
-    dns: Dns = Field(default_factory=Dns)
-    tls: Tls = Field(default_factory=Tls)
-    bounce: Bounce = Field(default_factory=Bounce)
-    dkim: Dkim = Field(default_factory=Dkim)
-    # Python plugins by import path, in the order they run: {"my_pkg.plugin": {enabled, ...options}}.
-    plugins: dict[str, Plugin] = Field(default_factory=dict)
-    metrics: Metrics = Field(default_factory=Metrics)
+    name: str = Field(default="ZoneMTA", description="product name in the `Received` header: `by <hostname> (<name>)`")
+    hostname: str = Field(
+        default_factory=socket.getfqdn,
+        description="banner and EHLO name when an interface or a pool address has none",
+        json_schema_extra={DOC_DEFAULT: "the machine's FQDN"},
+    )
+    log_level: str = Field(
+        default="INFO", description="`DEBUG`, `INFO`, `WARNING`, `ERROR`; logs are JSON lines on stderr"
+    )
+    dbs: Databases = Field(default_factory=Databases, description="the stores")
+    smtp_interfaces: dict[str, SmtpInterface] = Field(
+        default_factory=lambda: {"feeder": SmtpInterface()}, description="SMTP listeners of ingest, by name"
+    )
+    api: Api = Field(default_factory=Api, description="the HTTP API")
+    queue: Queue = Field(default_factory=Queue, description="scheduling")
+    zones: dict[str, Zone] = Field(default_factory=_default_zones, description="sending zones, by name")
+    dns: Dns = Field(default_factory=Dns, description="MX lookups")
+    tls: Tls = Field(default_factory=Tls, description="outbound TLS")
+    bounce: Bounce = Field(default_factory=Bounce, description="classification, DSNs and notifications")
+    dkim: Dkim = Field(default_factory=Dkim, description="DKIM signing")
+    plugins: dict[str, Plugin] = Field(
+        default_factory=dict,
+        description="Python plugins by import path, in the order they run: `{enabled: true, ...options}`",
+    )
+    metrics: Metrics = Field(default_factory=Metrics, description="metrics and health endpoints")
 
     @field_validator("log_level")
     @classmethod

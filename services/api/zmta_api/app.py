@@ -35,8 +35,56 @@ _TYPE_TAG = re.compile(
 )
 
 
+# What the schema (and docs/api.md, made from it) says of the API as a whole.
+DESCRIPTION = """\
+Paths and JSON shapes follow the original's README (and what zmta-webadmin reads). Errors are
+JSON `{"error": "...", "field": "..."}` naming the bad field, with a 4xx status (503 when the
+store or Redis cannot be reached); bad input never gets a 500.
+
+**API keys.** Every route but `/health` needs a key: `/send` and `/send-raw` the `send`
+scope, `/openapi.json`, `/docs` and `/redoc` any valid key (none with `api.public_docs`),
+every other route `admin`. The key is checked from the headers, before the body is read.
+Without one the answer is 401, with a key that lacks the scope 403. Make a key with
+`python -m zmta_api new-key --name webadmin --scopes admin,send` (the web admin's upload page
+posts to `/send-raw`, hence `send` as well): it prints the key (give it to the client) and the
+`api.keys` entry with its SHA-256 hash (put that in the config, or in the YAML list of
+`api.keys_file`, e.g. a mounted Kubernetes Secret). Present it as `Authorization: Bearer <key>`,
+`X-API-Key: <key>`, or as the password of HTTP Basic credentials, so a tool that only takes an
+URL works unchanged: zmta-webadmin with `http://webadmin:<key>@127.0.0.1:12080`.
+`X-Authenticated-User` and `X-Originating-IP` are believed only from keys with
+`may_set_user: true`; other keys are recorded as the message's user by their name.
+`api.open_access: true` gives the original's open API, and is refused unless the API listens
+on loopback (the development config and the example below use it; add
+`-H "Authorization: Bearer $KEY"` otherwise).
+
+```
+curl -H 'Content-Type: application/json' -H 'X-Authenticated-User: andris' \\
+  -H 'X-Originating-IP: 123.123.123.123' -X POST http://127.0.0.1:12080/send \\
+  -d '{"from": "sender@example.com", "to": "recipient1@example.com, recipient2@example.com",
+       "subject": "hello", "text": "hello world!"}'
+# -> {"id": "1a213c759830000c39", "from": "sender@example.com",
+#     "to": ["recipient1@example.com", "recipient2@example.com"],
+#     "response": "Message queued as 1a213c759830000c39"}
+```
+
+Every time written as a string (`created`, `queued`, `expires`) has one format, the one the
+original's JSON gives a date (JavaScript's `toISOString()`): UTC with milliseconds and `Z`,
+e.g. `2026-05-04T10:00:00.000Z`; the times inside `/message` and `/blacklist` are numbers
+(ms since the epoch), as there in the original.
+
+Domains are shown, and may be given, in their canonical form (lower case, an international
+name as its A-label); a U-label given to `/pause` or `/suppressionlist` is stored as its A-label.
+
+As the original, the web admin's forms with a trailing slash work too: `PUT` and `DELETE`
+`/message/<id>/` act on the whole message, as `/message/<id>` does.
+
+The OpenAPI schema is served at `/openapi.json` (and browsable at `/docs`); it describes every
+route, its models and the key schemes.
+"""
+
+
 def create_app(services: Services) -> FastAPI:
-    app = FastAPI(title="ZoneMTA-py", version="0.1.0")
+    app = FastAPI(title="ZoneMTA-py", version="0.1.0", description=DESCRIPTION)
     # Every request: the caller's API key, and the size of its body (see security.py).
     app.add_middleware(Gate, api=services.config.api)
     app.state.services = services

@@ -48,7 +48,8 @@ def router(services: Services) -> APIRouter:
 
     @api.get("/suppressionlist", response_model=SuppressionList, tags=["suppression"])
     async def suppression_list() -> SuppressionList:
-        """Suppressed addresses and domains, newest first: mail to them is dropped silently.
+        """Suppressed addresses and domains, newest first: mail to them is dropped at intake,
+        silently (no bounce; counted in ``zonemta_message_drop`` when no recipient is left).
         ``created`` is written as every time of the api (and the original's JSON) is: UTC, ms, Z."""
         return SuppressionList(suppressed=[_suppression_view(e) for e in await store.list_suppressions()])
 
@@ -79,7 +80,8 @@ def router(services: Services) -> APIRouter:
     async def unsuppress(
         request: Request, id: Annotated[str | None, Query(max_length=100)] = None
     ) -> SuppressionDeleted:
-        """Remove an entry by its id, given as ``?id=`` or in a JSON body ``{"id": ...}``."""
+        """Remove an entry by its id, given as ``?id=`` (as zmta-webadmin sends it) or in a JSON
+        body ``{"id": ...}``."""
         entry_id = id
         if entry_id is None and await request.body():
             try:
@@ -127,7 +129,9 @@ def router(services: Services) -> APIRouter:
     @api.post("/pause/{zone}", response_model=PauseAdded, responses=error_responses(404), tags=["pause"])
     async def pause_zone(zone: ZoneName) -> PauseAdded:
         """Stop delivering the zone's mail (it stays queued, intake goes on) until resumed.
-        Every queue replica honours it within a few seconds; it survives restarts."""
+        Kept in PostgreSQL, so every queue replica honours it (within `queue.pauses_ttl`, 2 s
+        by default) and it survives restarts. Pausing twice keeps the first entry; resuming
+        what is not paused is a 404."""
         return await pause(zone, None)
 
     @api.delete("/pause/{zone}", response_model=Success, responses=error_responses(404), tags=["pause"])
@@ -149,6 +153,8 @@ def router(services: Services) -> APIRouter:
 
     @api.get("/health", response_model=Health, tags=["service"])
     async def health() -> Health:
+        """Whether the api reaches the store (503 if not) and its NATS connection is up. It
+        needs no key."""
         await store.pool.fetchval("SELECT 1")
         return Health(status="ok", nats=services.bus.nc.is_connected)
 

@@ -75,7 +75,8 @@ def router(services: Services) -> APIRouter:
             bool, Query(alias="includeDisabled", description="list disabled zones too (zones have no off switch yet)")
         ] = False,
     ) -> list[ZoneEntry]:
-        """The sending zones, sorted by name."""
+        """The sending zones, sorted by name (``includeDisabled`` is accepted; no zone can be
+        disabled yet)."""
         names = [
             name for name, zone in config.zones.items() if include_disabled or not getattr(zone, "disabled", False)
         ]
@@ -105,8 +106,9 @@ def router(services: Services) -> APIRouter:
 
     @api.get("/counter/zone/{zone}", response_model=CounterResponse)
     async def counter_zone(zone: ZoneName) -> CounterResponse:
-        """Queued (active) and deferred rows of one zone, per recipient domain (none for a
-        zone that is not configured)."""
+        """Queued (active) and deferred rows of one zone, per recipient domain. As the original,
+        a zone that is not configured is answered 200: its rows if some are left from an
+        earlier configuration, else the same shape, empty."""
         return await counters(zone)
 
     @api.get("/queued/{type}/{zone}", response_model=QueuedList, responses=error_responses(400))
@@ -124,8 +126,10 @@ def router(services: Services) -> APIRouter:
         ] = None,
     ) -> QueuedList:
         """Deliveries of a zone that are ready (``queued``; ``active`` or any other type: the
-        same, as in the original) or waiting for a later attempt (``deferred``), a page at a
-        time. A zone that is not configured has none."""
+        same, as in the original) or waiting for a later attempt (``deferred``, any case), a
+        page at a time. Beyond one page, pass ``next`` back as ``?cursor=`` (it keeps type, sort
+        and order); it is null on the last page. As the original, a zone that is not configured
+        is answered 200, with an empty list."""
         kind: Literal["queued", "deferred"] = "deferred" if type.strip().lower() == "deferred" else "queued"
         after: list[Any] | None = None
         if cursor is not None:
@@ -168,9 +172,18 @@ def router(services: Services) -> APIRouter:
     )
     async def message_status(message_id: MessageId) -> MessageResponse:
         """The message's metadata and its deliveries still in the queue, in the original's
-        shape: ``meta.sourceMd5`` (computed here from the stored body), ``meta.user`` false
-        without an authenticated user; per delivery ``lock`` only while a sender holds it and
-        ``deferred`` only while it waits for a later attempt."""
+        shape (404 once every delivery is done).
+
+        As the original: ``meta.user`` is false without an authenticated user; times inside a
+        message are ms since the epoch. ``meta.sourceMd5`` is the hex MD5 of the stored body
+        (the message after its top-level header block, line ends CRLF: what the original
+        stores and hashes), computed on each request by streaming the body from the store.
+        A delivery's ``lock`` is there only while a sender holds the delivery (its lease:
+        ``lockOwner`` is the sender, ``expires`` the lease's end). ``status`` is DEFERRED while
+        the next attempt is in the future, and only then is ``deferred`` there: its ``log``
+        holds what the queue keeps of the deferrals, the last failed attempt's response (the
+        original keeps the whole SMTP transcript); a delivery held back by a future Date has
+        count 0, "Deferred by router", no log."""
         rows = await store.deliveries_of(message_id)
         message = await store.get_message(message_id, prefetch=PREFETCH_CHUNKS) if rows else None
         source_md5 = await _source_md5(store, message) if message is not None else None
@@ -203,7 +216,8 @@ def router(services: Services) -> APIRouter:
     @api.put("/message/{message_id}/{seq}", response_model=Outcome, response_model_exclude_none=True)
     async def retry_now(message_id: AnyId, seq: AnyId) -> Outcome:
         """Send now: the delivery is ready at once, whatever its retry schedule said (the
-        original's manual retry); not while a sender holds it."""
+        original's manual retry); not while a sender holds it. As the original, answered 200
+        and success whatever happened; where nothing changed, ``message`` says why."""
         return await retry(message_id, seq)
 
     @api.put("/message/{message_id}", response_model=Outcome, response_model_exclude_none=True)
@@ -212,7 +226,8 @@ def router(services: Services) -> APIRouter:
     )
     async def retry_message(message_id: AnyId) -> Outcome:
         """Send now, every delivery of the message that no sender holds (the web admin asks
-        with an empty seq: ``/message/<id>/``)."""
+        with an empty seq: ``/message/<id>/``, which does the same). Answered 200 and success
+        whatever happened; where nothing changed, ``message`` says why."""
         return await retry(message_id, None)
 
     async def drop(message_id: str, seq: str | None) -> Outcome:
@@ -227,8 +242,10 @@ def router(services: Services) -> APIRouter:
 
     @api.delete("/message/{message_id}/{seq}", response_model=Outcome, response_model_exclude_none=True)
     async def drop_delivery(message_id: AnyId, seq: AnyId) -> Outcome:
-        """Remove one delivery (no bounce), unless a sender holds it; the message goes with
-        its last delivery."""
+        """Remove one delivery (no bounce), unless a sender holds it; the message and its body
+        go with its last delivery. As the original, answered 200 and success whatever
+        happened (the web admin takes anything else for a failure); where nothing changed,
+        ``message`` says why."""
         return await drop(message_id, seq)
 
     @api.delete("/message/{message_id}", response_model=Outcome, response_model_exclude_none=True)
@@ -236,7 +253,10 @@ def router(services: Services) -> APIRouter:
         "/message/{message_id}/", response_model=Outcome, response_model_exclude_none=True, include_in_schema=False
     )
     async def drop_message(message_id: AnyId) -> Outcome:
-        """Remove every delivery of the message that no sender holds (no bounce)."""
+        """Remove every delivery of the message that no sender holds (no bounce); the body goes
+        with the last one. ``/message/<id>/`` with the trailing slash (the web admin's form)
+        does the same. Answered 200 and success whatever happened; where nothing changed,
+        ``message`` says why."""
         return await drop(message_id, None)
 
     @api.get(
@@ -254,8 +274,9 @@ def router(services: Services) -> APIRouter:
         message_id: MessageId,
         body: Annotated[str | None, Query(max_length=10, description="yes: the body only")] = None,
     ) -> StreamingResponse:
-        """The message as stored, streamed chunk by chunk: without the Received header and the
-        DKIM signatures, which are added when it is sent."""
+        """The message as stored (``message/rfc822``), streamed chunk by chunk: headers, a blank
+        line and the body, without the Received header and the DKIM signatures, which are
+        added when it is sent. ``?body=yes``: the body only."""
         message = await store.get_message(message_id, prefetch=PREFETCH_CHUNKS)
         if message is None:
             raise ApiError(404, f"message {message_id} does not exist", "id")
@@ -272,8 +293,8 @@ def router(services: Services) -> APIRouter:
     @api.get("/skipdomains/{zone}", response_model=SkipDomains, responses=error_responses(503))
     async def skip_domains(zone: ZoneName) -> SkipDomains:
         """Recipient domains of the zone that are at a connection or rate limit right now
-        (the queue leases none of their deliveries until they have room); none for a zone
-        that is not configured."""
+        (the queue leases none of their deliveries until they have room); none (``[]``) for a
+        zone that is not configured."""
         if zone not in config.zones:
             return SkipDomains(skipDomains=[])
         limits = ZoneLimits(redis_or_503(), zone, config.zones[zone])
@@ -282,7 +303,9 @@ def router(services: Services) -> APIRouter:
     @api.get("/blacklist", response_model=BlacklistResponse, responses=error_responses(503))
     async def blacklist() -> BlacklistResponse:
         """Local addresses that a recipient domain said are blacklisted, unused for that domain
-        until the mark expires (bounce.blacklist_ttl after it was set)."""
+        until the mark expires (``bounce.blacklist_ttl`` after it was set); ``id``, ``seq`` and
+        ``response``: the delivery whose reply set the mark. Times in ms since the epoch, as
+        the original's ``created``."""
         marks = await Blacklist(redis_or_503()).entries()
         entries = [
             {

@@ -80,9 +80,13 @@ def router(services: Services) -> APIRouter:
     async def send(body: SendRequest, request: Request) -> JSONResponse:
         """Compose a message from Nodemailer-style JSON and queue it.
 
-        Attachments carry their content inline (text, or ``encoding`` base64/hex/...; a
-        ``data:`` URI as ``path`` works too); file paths and URLs are refused. An attachment
-        with a ``cid`` is an inline image of the html (multipart/related)."""
+        The fields: from, sender, to, cc, bcc, replyTo, inReplyTo, references, subject, text,
+        html, headers (``{"X-Key": "value"}`` or ``[{"key": ..., "value": ...}]``), attachments,
+        envelope ``{from, to, cc, bcc}``, messageId, date, priority. Attachments carry their
+        content inline (text, or ``encoding`` base64/hex/...; a ``data:`` URI as ``path`` works
+        too); file paths and URLs (``path``, ``href``) are refused: 400, field
+        ``attachments.0.path``. An attachment with a ``cid`` is an inline image of the html
+        (multipart/related)."""
         check_maildrop()
         try:
             # In a thread: a message with big attachments takes a while to encode.
@@ -108,7 +112,8 @@ def router(services: Services) -> APIRouter:
         openapi_extra={"requestBody": {"content": {"message/rfc822": {"schema": {"type": "string"}}}}},
     )
     async def send_raw(request: Request) -> JSONResponse:
-        """Queue a raw RFC 822 message; sender and recipients come from its headers."""
+        """Queue a raw RFC 822 message (``Content-Type: message/rfc822``); sender and recipients
+        come from its From/Sender and To/Cc/Bcc headers."""
         check_maildrop()
         envelope = envelope_for(request, "api")
         envelope.from_headers = True

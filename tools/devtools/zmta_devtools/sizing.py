@@ -1,6 +1,6 @@
 """What the database and the bus did for a load, per message: PostgreSQL statements (from
 ``pg_stat_statements``), transactions and WAL bytes, and NATS messages in and out (from
-the server's ``/varz``). The figures behind the README's sizing model.
+the server's ``/varz``). The figures behind the sizing model of docs/operations.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An example plugin: the smallest useful one, and the one the README walks through.
+"""An example plugin: the smallest useful one, and the one docs/configuration.md walks through.
 
 Enable it with::
 
