@@ -1,95 +1,40 @@
-"""Real servers for the tests: NATS, Redis, PostgreSQL, DNS and SMTP sinks on loopback.
+"""The fixtures: real servers for the tests (NATS, Redis, PostgreSQL, DNS and SMTP sinks on
+loopback), started once for the session, and deployments of the services on them.
 
-Session-wide: one PostgreSQL cluster, one Redis, one dnsmasq with the test domains
-below, and SMTP sinks on 127.0.0.2-127.0.0.5 that share one port. Each test that
-runs the services gets a :class:`Deployment`: a fresh database, its own NATS
-server, a config file pointing at all of that, and the services as processes, forked
-from a fork server that has imported them (``zmta_devtools.forking``): a deployment
-starts in well under a second instead of two or three.
+Session-wide: one PostgreSQL cluster, one Redis, one dnsmasq with the test domains of
+:mod:`tests.support`, and SMTP sinks on 127.0.0.2-127.0.0.6 that share one port. Each test
+that runs the services gets a :class:`tests.support.Deployment` from ``deploy`` (its own)
+or ``module_deploy`` (shared by a module's tests). Helpers live in :mod:`tests.support`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import shutil
-import smtplib
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import pytest_asyncio
-import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from zmta_common.config import Config, load_config
-from zmta_common.store import Store
-from zmta_devtools.servers import Dnsmasq, NatsServer, PostgresCluster, RedisServer, free_address, free_port
+from tests.support import (
+    A_ONLY,
+    IDN,
+    IPV6_ONLY,
+    MANY_DOMAINS,
+    MANY_DOMAINS_MX,
+    MTA_STS,
+    MX_HOSTS,
+    NULL_MX,
+    REFUSING,
+    STS_ID,
+    Deployer,
+    Infra,
+    publish_dkim_keys,
+)
+from zmta_devtools.servers import Dnsmasq, PostgresCluster, RedisServer, free_address, free_port
 from zmta_devtools.sink import Sink
-from zmta_devtools.system import System
-from zmta_sender.dkim_signer import load_key, public_txt
-
-# Test domains and the sink address their MX points at.
-MX_HOSTS = {
-    "a.test": "127.0.0.2",
-    "b.test": "127.0.0.3",
-    "slow.test": "127.0.0.4",
-}
-A_ONLY = {"amx.test": "127.0.0.5"}  # no MX record: delivered to its A record
-NULL_MX = ["nullmx.test"]
-# Many domains with one MX host, for tests that need mail to "many domains".
-MANY_DOMAINS = [f"w{n}.test" for n in range(100)]
-MANY_DOMAINS_MX = "127.0.0.6"
-IPV6_ONLY = {"v6.test": "::1"}  # MX host with an AAAA record only
-REFUSING = {"refused.test": "127.0.0.7"}  # MX host where nothing listens: connection refused
-# Internationalised domains (published in punycode): one on the SMTPUTF8 sink, one on
-# 127.0.0.5, which tests may turn into a sink without SMTPUTF8.
-IDN = {"уайлддак.орг": "127.0.0.2", "почта.испытание": "127.0.0.5"}
-# Domains with an MTA-STS TXT record (id STS_ID); mta-sts.<domain> is Infra.sts_address,
-# where tests serve the policies over HTTPS on port 443.
-MTA_STS = {"sts.test": "127.0.0.3", "sts-mismatch.test": "127.0.0.3", "sts-testing.test": "127.0.0.3"}
-STS_ID = "20261201T000000"
-
-
-@dataclass
-class Infra:
-    workdir: Path
-    postgres: PostgresCluster
-    redis: RedisServer
-    dns: Dnsmasq
-    sink_port: int
-    sinks: dict[str, Sink] = field(default_factory=dict)
-    sts_address: str = ""
-
-
-# DKIM keys made for the test session: (domain, selector, kind). The private keys are
-# written to <workdir>/dkim/<domain>.<selector>.pem (a dkim.key_dir), the public ones
-# published in the test DNS.
-DKIM_KEYS = [("b.test", "rsa", "rsa2048"), ("b.test", "ed", "ed25519"), ("platform.test", "pf", "rsa1024")]
-
-
-def publish_dkim_keys(dns: Dnsmasq, folder: Path) -> None:
-    folder.mkdir(parents=True)
-    for domain, selector, kind in DKIM_KEYS:
-        private = (
-            ed25519.Ed25519PrivateKey.generate()
-            if kind == "ed25519"
-            else rsa.generate_private_key(public_exponent=65537, key_size=int(kind[3:]))
-        )
-        pem = private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        (folder / f"{domain}.{selector}.pem").write_bytes(pem)
-        record = public_txt(load_key(domain, selector, pem))
-        # A TXT character-string holds 255 octets; dnsmasq splits the record at commas.
-        dns.add_txt(
-            f"{selector}._domainkey.{domain}", ",".join(record[i : i + 250] for i in range(0, len(record), 250))
-        )
 
 
 @pytest.fixture(scope="session")
@@ -141,151 +86,8 @@ def infra() -> Iterator[Infra]:
 def sinks(infra: Infra) -> dict[str, Sink]:
     """The sinks, emptied and with no scripted replies, for one test."""
     for sink in infra.sinks.values():
-        sink.handler.messages.clear()
-        sink.handler.scripted.clear()
-        sink.handler.scripted_rcpt.clear()
-        sink.handler.greetings.clear()
-        sink.handler.refused = 0
-        sink.handler.data_delay = 0.0
-        sink.handler.open_max = sink.handler.open_now
-        sink.use_tls(None)
-        sink.use_smtputf8(True)
+        sink.reset()
     return infra.sinks
-
-
-_db_numbers = itertools.count()
-_redis_databases = itertools.count(1)  # a Redis database of its own for each deployment
-
-
-@dataclass
-class Deployment:
-    """One isolated installation: its database, NATS, config file and service processes."""
-
-    infra: Infra
-    workdir: Path
-    nats: NatsServer
-    config_path: Path
-    config: Config
-    system: System
-    store: Store
-
-    @property
-    def log_dir(self) -> Path:
-        """Where the services write their logs, one ``<service>.log`` each."""
-        assert self.system.log_dir is not None
-        return self.system.log_dir
-
-    @property
-    def smtp_port(self) -> int:
-        return self.config.smtp_interfaces["feeder"].port
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.config.api.port}"
-
-    def smtp_send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> str:
-        """Submit over SMTP with the standard library's client; return the final reply text."""
-        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:
-            client.ehlo("client.test")
-            client.mail(mail_from)
-            for rcpt in rcpt_to:
-                code, text = client.rcpt(rcpt)
-                assert code == 250, (code, text)
-            code, text = client.data(data)
-            assert code == 250, (code, text)
-            return text.decode()
-
-
-def write_config(
-    path: Path, infra: Infra, nats_url: str, database: str, overrides: dict[str, Any], redis_url: str | None = None
-) -> Config:
-    config: dict[str, Any] = {
-        "hostname": "mta.test",
-        "log_level": "DEBUG",
-        "dbs": {
-            "postgres": f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/{database}",
-            "redis": redis_url or infra.redis.url,
-            "nats": nats_url,
-            "postgres_pool_size": 10,
-        },
-        "smtp_interfaces": {"feeder": {"port": free_port()}},
-        # Loopback only, so the original's open API; tests of API keys turn it off.
-        "api": {"port": free_port(), "open_access": True},
-        "dns": {"nameservers": ["127.0.0.1"], "port": infra.dns.port, "timeout": 2},
-        "queue": {"lease_time": 30, "housekeeping_interval": 1},
-        "metrics": {
-            "ingest_port": free_port(),
-            "queue_port": free_port(),
-            "sender_port": free_port(),
-            "bounce_port": free_port(),
-        },
-        "zones": {
-            "default": {"mx_port": infra.sink_port, "connections": 10, "connect_timeout": 5, "command_timeout": 20},
-            "bounces": {"mx_port": infra.sink_port, "connections": 1},
-        },
-    }
-    merge(config, overrides)
-    for zone in config["zones"].values():
-        zone.setdefault("mx_port", infra.sink_port)  # every test domain's MX is a sink on this port
-    path.write_text(yaml.safe_dump(config))
-    return load_config(path)
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-
-
-async def create_database(infra: Infra) -> str:
-    name = f"zmta_{next(_db_numbers)}"
-    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/postgres")
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return name
-
-
-class Deployer:
-    """Makes deployments under ``workdir`` and tears them all down at the end."""
-
-    def __init__(self, infra: Infra, workdir: Path) -> None:
-        self.infra = infra
-        self.workdir = workdir
-        self.made: list[Deployment] = []
-
-    async def __call__(
-        self, overrides: dict[str, Any] | None = None, senders: dict[str, int] | None = None, start: bool = True
-    ) -> Deployment:
-        """A running deployment; ``senders`` maps zone -> sender processes (default: one per zone)."""
-        workdir = self.workdir / f"deploy{len(self.made)}"
-        workdir.mkdir(parents=True)
-        nats = NatsServer(workdir / "nats")
-        nats.start()
-        database = await create_database(self.infra)
-        config_path = workdir / "zmta.yaml"
-        redis_url = self.infra.redis.url_of(next(_redis_databases))
-        config = write_config(config_path, self.infra, nats.url, database, overrides or {}, redis_url)
-        store = await Store.connect(config.dbs.postgres, max_size=4)
-        system = System(config_path, config, workdir / "logs", fork=True)
-        deployment = Deployment(self.infra, workdir, nats, config_path, config, system, store)
-        self.made.append(deployment)
-        if start:
-            await asyncio.to_thread(system.start, senders)
-        return deployment
-
-    async def close(self) -> None:
-        for deployment in self.made:
-            await asyncio.to_thread(deployment.system.stop)
-            await deployment.store.close()
-            deployment.nats.stop()
-
-
-DeploymentFactory = Deployer
 
 
 @pytest_asyncio.fixture
@@ -302,21 +104,6 @@ async def module_deploy(infra: Infra, tmp_path_factory: pytest.TempPathFactory) 
     deployer = Deployer(infra, tmp_path_factory.mktemp("module"))
     yield deployer
     await deployer.close()
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
-    """Await until ``check()`` (sync or async) returns something true; return it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
-        await asyncio.sleep(interval)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

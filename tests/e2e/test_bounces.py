@@ -16,8 +16,8 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from tests.conftest import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
 from tests.e2e.test_outcomes import queued_id
+from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
 from zmta_bounce.consumer import CONSUMER as BOUNCE_CONSUMER
 from zmta_common import bus as zbus
 from zmta_common.events import STREAM_BOUNCES

@@ -9,7 +9,7 @@ import dkim
 import dns.resolver
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, Infra, eventually
+from tests.support import Deployment, DeploymentFactory, Infra, eventually
 from zmta_devtools.sink import Sink
 
 MESSAGE = (

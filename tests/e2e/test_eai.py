@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 
-from tests.conftest import DeploymentFactory, eventually
+from tests.support import DeploymentFactory, eventually
 
 SENDER = "отправитель@b.test"
 RECIPIENT = "андрис@уайлддак.орг"

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_devtools.servers import free_port
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 
-from tests.conftest import DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
+from tests.support import DeploymentFactory, eventually
 
 BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 

@@ -8,7 +8,7 @@ import itertools
 import httpx
 from redis.asyncio import Redis
 
-from tests.conftest import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
+from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
 from zmta_common.limits import Blacklist
 
 

@@ -13,7 +13,7 @@ from typing import Any, cast
 import httpx
 from redis.asyncio import Redis
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_common import bus as zbus
 from zmta_common import redis_keys
 from zmta_common.events import DELIVERED, STREAM_RESULTS, DeliveryReport, WorkRequest, reported_subject, work_subject

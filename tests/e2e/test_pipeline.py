@@ -10,7 +10,7 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually
 
 SMTP_MESSAGE = (
     b"From: Sender <sender@origin.test>\r\n"

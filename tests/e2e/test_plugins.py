@@ -7,7 +7,7 @@ import smtplib
 import subprocess
 import sys
 
-from tests.conftest import DeploymentFactory, eventually
+from tests.support import DeploymentFactory, eventually
 
 PLUGIN = {
     "zmta_common.plugins.example": {

@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections import Counter
 
-from tests.conftest import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
+from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
 
 POOL = [{"name": f"out{n}.mta.test", "address": f"127.0.0.{n}"} for n in (11, 12, 13, 14)]
 

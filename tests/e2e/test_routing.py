@@ -8,8 +8,8 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
+from tests.support import Deployment, DeploymentFactory, eventually
 
 ZONES = {
     "zones": {

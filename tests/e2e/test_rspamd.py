@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_common.config import Config, Plugin
 from zmta_common.headers import HeaderBlock
 from zmta_common.hooks import Reject, load

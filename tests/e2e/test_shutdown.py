@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_devtools.sink import Sink
 
 GRACE = 15.0  # the sender's --shutdown-grace: 10 s to finish, 5 s to give the rest back

@@ -22,7 +22,7 @@ import pytest
 import trustme
 from redis.asyncio import Redis
 
-from tests.conftest import MTA_STS, MX_HOSTS, STS_ID, Deployment, DeploymentFactory, Infra, eventually
+from tests.support import MTA_STS, MX_HOSTS, STS_ID, Deployment, DeploymentFactory, Infra, eventually
 
 MX_NAMES = [f"mx.{domain}" for domain in (*MX_HOSTS, *MTA_STS)]
 POLICIES = {

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory
+from tests.support import Deployment, DeploymentFactory
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DeploymentFactory
+from tests.support import DeploymentFactory
 
 SCHEMATHESIS = shutil.which("schemathesis") or str(Path(__file__).parents[2] / ".venv" / "bin" / "schemathesis")
 # What must hold for every generated request: no 5xx, and every response as the schema says.

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from starlette.datastructures import Headers
 
-from tests.conftest import Deployment, DeploymentFactory
+from tests.support import Deployment, DeploymentFactory
 from zmta_api.security import Guard, Refused
 from zmta_common.config import Api, ApiKey
 

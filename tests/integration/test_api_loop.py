@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import DeploymentFactory
+from tests.support import DeploymentFactory
 from zmta_api import routes_send
 from zmta_api.app import Services, create_app
 from zmta_api.compose import compose

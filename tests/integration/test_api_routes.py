@@ -21,7 +21,7 @@ import pytest
 from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_common import redis_keys
 from zmta_common.events import work_subject
 from zmta_common.intake import CHUNK_SIZE

@@ -10,8 +10,8 @@ import threading
 import psutil
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
+from tests.support import Deployment, DeploymentFactory, eventually
 
 MB = 1024 * 1024
 LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\r\n"  # 78 bytes

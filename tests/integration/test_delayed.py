@@ -7,7 +7,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-from tests.conftest import DeploymentFactory
+from tests.support import DeploymentFactory
 
 
 async def test_a_future_date_holds_the_first_attempt(deploy: DeploymentFactory) -> None:

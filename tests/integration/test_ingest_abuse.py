@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
+from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_common.intake import CHUNK_SIZE
 
 SLOW_CLIENT = "127.0.0.8"  # sends one and a half chunks, then a byte a second

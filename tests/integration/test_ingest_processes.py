@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import DeploymentFactory
 from tests.smtpwire import SmtpWire
+from tests.support import DeploymentFactory
 
 
 def send_one(port: int, n: int) -> str:

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory
 from tests.smtpwire import SmtpWire
+from tests.support import Deployment, DeploymentFactory
 
 OVERRIDES = {
     "smtp_interfaces": {

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import MANY_DOMAINS, Infra
+from tests.support import MANY_DOMAINS, Infra
 from zmta_common import redis_keys
 from zmta_common.config import Dns, Zone
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits

@@ -23,8 +23,8 @@ import pytest
 import trustme
 import yaml
 
-from tests.conftest import Deployment, DeploymentFactory
 from tests.smtpwire import SmtpWire
+from tests.support import Deployment, DeploymentFactory
 from zmta_devtools.servers import free_port, wait_for_port
 
 PASSWORD = "correct horse battery staple"

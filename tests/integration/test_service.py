@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Deployment, DeploymentFactory
+from tests.support import Deployment, DeploymentFactory
 from zmta_common import service
 
 

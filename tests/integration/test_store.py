@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.conftest import Infra, create_database
+from tests.support import Infra, create_database
 from zmta_common.domains import domain_of
 from zmta_common.ids import new_queue_id, seq_for
 from zmta_common.store import (

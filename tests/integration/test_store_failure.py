@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import Deployment, DeploymentFactory, eventually
 from tests.smtpwire import SmtpWire
+from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_common.intake import CHUNK_SIZE
 
 

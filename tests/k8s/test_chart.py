@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Deployer, eventually
+from tests.support import Deployer, eventually
 from zmta_common import slices
 from zmta_common.config import Config, PoolAddress, Zone, load_config
 from zmta_devtools.servers import free_port

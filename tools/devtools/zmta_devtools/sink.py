@@ -157,6 +157,20 @@ class Sink:
     def messages(self) -> list[Received]:
         return self.handler.messages
 
+    def reset(self) -> None:
+        """Forget what was received and scripted, and serve as a fresh sink would (plain text,
+        SMTPUTF8 offered, no delay); the connections open now stay counted."""
+        handler = self.handler
+        handler.messages.clear()
+        handler.scripted.clear()
+        handler.scripted_rcpt.clear()
+        handler.greetings.clear()
+        handler.refused = 0
+        handler.data_delay = 0.0
+        handler.open_max = handler.open_now
+        self.use_tls(None)
+        self.use_smtputf8(True)
+
     def use_smtputf8(self, enabled: bool) -> None:
         """Advertise SMTPUTF8 on new connections from now on, or not."""
         self.handler.smtputf8 = enabled
