@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from zmta_common import metrics
 from zmta_common.bus import Bus, consume
-from zmta_common.config import Config, Zone
+from zmta_common.config import Bounce, Config, Zone
 from zmta_common.events import (
     DEFERRED,
     DELAYED,
@@ -44,6 +44,36 @@ log = logging.getLogger(__name__)
 REPORT_ACK_WAIT = 60.0  # seconds, at most (see ResultApplier.ack_wait)
 
 CONSUMER = "zmta-queue"
+
+
+def next_attempt(zone: Zone, past: AttemptHistory, now: datetime) -> datetime | None:
+    """When a delivery that failed softly at ``now`` is tried next, or None when it bounces.
+
+    The delay is ``zone.defer_times[n]`` seconds from ``now``, ``n`` being the delivery's
+    earlier deferrals (``past.attempts``). It bounces when the schedule has no entry ``n``
+    (out of retries), or when that next attempt would fall more than ``zone.max_age``
+    seconds after the delivery was queued (``past.created``).
+    """
+    times = zone.defer_times
+    if past.attempts >= len(times):
+        return None
+    when = now + timedelta(seconds=times[past.attempts])
+    return None if when - past.created > timedelta(seconds=zone.max_age) else when
+
+
+def delay_warning_due(bounce: Bounce, past: AttemptHistory, now: datetime) -> bool:
+    """Whether a delivery deferred at ``now`` gets its one "delayed" DSN now.
+
+    Only with ``bounce.delay_warning`` on, and only for the failure that is the first one
+    ``bounce.delay_warning_after`` seconds or more past queueing (the previous failure, or
+    the queueing itself when there was none, came before that line): exactly one attempt
+    crosses it, so the sender hears of the delay once.
+    """
+    if not bounce.delay_warning:
+        return False
+    after = timedelta(seconds=bounce.delay_warning_after)
+    previous = past.last_deferred or past.created
+    return previous - past.created < after <= now - past.created
 
 
 class ResultApplier:
@@ -107,16 +137,14 @@ class ResultApplier:
                 rejected.append(report)
             else:
                 past = history.get(DeliveryKey(report.id, report.seq), AttemptHistory(0, now, None))
-                delay = self._retry_delay(report.zone, past.attempts)
-                if delay is None or now + timedelta(seconds=delay) - past.created > self._max_age(report.zone):
+                retry_at = next_attempt(self._zone(report.zone), past, now)
+                if retry_at is None:
                     # out of retries or too old: a soft failure becomes a bounce
                     report.response = f"{report.response} (gave up after {past.attempts + 1} attempts)"
                     rejected.append(report)
                     continue
-                batch.deferred.append(
-                    Deferral(report.id, report.seq, report.lease_token, now + timedelta(seconds=delay), report.response)
-                )
-                if self._warning_due(past, now):
+                batch.deferred.append(Deferral(report.id, report.seq, report.lease_token, retry_at, report.response))
+                if delay_warning_due(self.config.bounce, past, now):
                     delayed.append(report)
         for report in rejected:
             if await self._publish_bounce(report, FAILED):
@@ -153,17 +181,6 @@ class ResultApplier:
         except Reject as exc:
             log.warning("log:entry plugin failed", extra={"error": exc.reply})
 
-    def _warning_due(self, past: AttemptHistory, now: datetime) -> bool:
-        """Whether this failure is the first one ``delay_warning_after`` past queueing.
-
-        Exactly one attempt crosses that line, so the sender hears of the delay once.
-        """
-        if not self.config.bounce.delay_warning:
-            return False
-        after = timedelta(seconds=self.config.bounce.delay_warning_after)
-        previous = past.last_deferred or past.created
-        return previous - past.created < after <= now - past.created
-
     async def _release(self, reports: list[DeliveryReport]) -> None:
         """Finished deliveries no longer count against their domain's in-flight limit."""
         by_zone: dict[str, list[str]] = {}
@@ -177,13 +194,6 @@ class ResultApplier:
 
     def _zone(self, zone: str) -> Zone:
         return self.config.zones.get(zone) or self.config.zones[self.config.queue.default_zone]
-
-    def _retry_delay(self, zone: str, attempts: int) -> float | None:
-        times = self._zone(zone).defer_times
-        return times[attempts] if attempts < len(times) else None
-
-    def _max_age(self, zone: str) -> timedelta:
-        return timedelta(seconds=self._zone(zone).max_age)
 
     async def _publish_bounce(self, report: DeliveryReport, kind: str) -> bool:
         """Publish the bounce (or delay) event of a report that still holds its lease."""

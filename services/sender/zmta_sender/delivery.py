@@ -59,6 +59,32 @@ class Unread:
 UNREAD = Unread()
 
 
+def same_family(
+    local: PoolAddress | None, targets: list[Target], pool: list[PoolAddress], key: str, domain: str
+) -> tuple[PoolAddress | None, list[Target]]:
+    """The local address and the MX targets of one IP version, for the delivery ``key``
+    (``<id>.<seq>``) to ``domain``.
+
+    No local address (the operating system picks): every target, as they are. Else the
+    targets of the local address's version, in their order; when there are none, an address
+    of the other version from ``pool`` (chosen for ``key`` as :func:`local_address.choose`
+    does) with the targets of that version. :class:`DeliveryError` (``network``) when the
+    pool has no such address either.
+    """
+    if local is None:
+        return local, targets
+    v6 = ":" in local.address
+    same = [t for t in targets if (":" in t.ip) == v6]
+    if same:
+        return local, same
+    others = [a for a in pool if (":" in a.address) != v6]
+    other = local_address.choose(others, key, ipv6=True)
+    if other is None:
+        version = "IPv6" if not v6 else "IPv4"
+        raise DeliveryError(f"the mail servers of {domain} have only {version} addresses", "network")
+    return other, [t for t in targets if (":" in t.ip) != v6]
+
+
 class Deliverer:
     """Makes delivery attempts for one zone, from this sender's slice of its pool."""
 
@@ -124,7 +150,7 @@ class Deliverer:
         try:
             targets = await self._targets(delivery.domain)
             tls, targets = await self._tls(delivery.domain, targets)
-            local, targets = self._same_family(local, targets, delivery)
+            local, targets = same_family(local, targets, self.pool, f"{delivery.id}.{delivery.seq}", delivery.domain)
             ehlo_name = local.name if local else self.config.hostname
             head = await self._head(message, context, ehlo_name)
             attempt = Attempt(
@@ -241,23 +267,6 @@ class Deliverer:
         excluded |= await self.blacklist.listed(delivery.domain, [a.address for a in self.pool])
         usable = [a for a in self.pool if a.address not in excluded]
         return local_address.choose(usable, f"{delivery.id}.{delivery.seq}", ipv6=not self.zone.ignore_ipv6)
-
-    def _same_family(
-        self, local: PoolAddress | None, targets: list[Target], delivery: LeasedDelivery
-    ) -> tuple[PoolAddress | None, list[Target]]:
-        """Targets of the local address's IP version; another address of ours if that version has none."""
-        if local is None:
-            return local, targets
-        v6 = ":" in local.address
-        same = [t for t in targets if (":" in t.ip) == v6]
-        if same:
-            return local, same
-        others = [a for a in self.pool if (":" in a.address) != v6]
-        other = local_address.choose(others, f"{delivery.id}.{delivery.seq}", ipv6=True)
-        if other is None:
-            version = "IPv6" if not v6 else "IPv4"
-            raise DeliveryError(f"the mail servers of {delivery.domain} have only {version} addresses", "network")
-        return other, [t for t in targets if (":" in t.ip) != v6]
 
     async def _targets(self, domain: str) -> list[Target]:
         if self.zone.smarthost:
