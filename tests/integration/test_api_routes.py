@@ -3,7 +3,6 @@ and retry now, drop and pause acting on real queued deliveries that senders deli
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email
 import email.policy
@@ -424,6 +423,7 @@ async def test_retry_now_sends_a_deferred_delivery_at_once(deploy: DeploymentFac
     d = await deploy({"zones": {"default": {"defer_times": [3600]}}}, senders={"default": 1})
     sink = sinks["127.0.0.2"]
     sink.handler.scripted["later@a.test"] = ["451 4.3.0 Please try again later"]
+    requests = await WorkRequests.watch(d)
     async with httpx.AsyncClient(base_url=d.api_url) as client:
         message_id = await send(client, {"from": "s@origin.test", "to": "later@a.test", "text": "retry me"})
 
@@ -432,8 +432,10 @@ async def test_retry_now_sends_a_deferred_delivery_at_once(deploy: DeploymentFac
 
         (row,) = await eventually(deferred, what="the deferral")
         assert (row["id"], row["seq"], row["deferred"]) == (message_id, "001", 1)
-        await asyncio.sleep(1.5)
+        # The queue has answered a work request since, and left the delivery out.
+        await requests.two_more()
         assert sink.messages == []  # not before its hour is up
+        assert [(r.leased, r.attempts) for r in await d.store.deliveries_of(message_id)] == [(False, 1)]
         retry = await client.put(f"/message/{message_id}/001")
         assert retry.json() == {"success": True}
         await eventually(lambda: sink.messages, what="the delivery after retry now")
@@ -446,6 +448,7 @@ async def test_retry_now_sends_a_deferred_delivery_at_once(deploy: DeploymentFac
         again = await client.put(f"/message/{message_id}/001")  # the original answers success all the same
         assert (again.status_code, again.json()["success"]) == (200, True)
         assert "not in the queue" in again.json()["message"]
+    await requests.close()
 
 
 async def test_pause_holds_delivery_until_resumed(deploy: DeploymentFactory, sinks: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -71,11 +72,25 @@ async def start_slow_client(port: int) -> AsyncWire:
     return wire
 
 
-async def trickle(wires: list[AsyncWire], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        for wire in wires:
-            wire.writer.write(b"s")
-        await asyncio.sleep(1.0)
+class Trickle:
+    """Slow clients in DATA: a byte a second from each wire."""
+
+    def __init__(self, wires: list[AsyncWire]) -> None:
+        self.wires = wires
+        self.rounds = 0  # bytes sent by each wire so far
+
+    async def until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        """Trickle until ``done()`` holds; AssertionError if it does not within ``timeout`` seconds."""
+
+        def one_more() -> bool:
+            if done():
+                return True
+            for wire in self.wires:
+                wire.writer.write(b"s")
+            self.rounds += 1
+            return False
+
+        await eventually(one_more, timeout=timeout, interval=1.0, what=what)
 
 
 def legit_transaction(port: int, body: bytes) -> tuple[float, tuple[int, str]]:
@@ -95,7 +110,8 @@ async def test_slow_and_idle_clients_do_not_starve_a_legitimate_one(ingest: Depl
     slow = await asyncio.gather(*(start_slow_client(port) for _ in range(25)))
     idle = await asyncio.gather(*(AsyncWire.open(port, IDLE_CLIENT) for _ in range(300)))
     stop = asyncio.Event()
-    trickling = asyncio.create_task(trickle(slow, stop))
+    trickle = Trickle(slow)
+    trickling = asyncio.create_task(trickle.until(stop.is_set, timeout=240, what="the end of the test"))
     try:
         # All 300 are answered at once (a listen backlog of asyncio's default 100 lost some).
         greetings = await asyncio.wait_for(asyncio.gather(*(wire.reply() for wire in idle)), timeout=20)
@@ -103,7 +119,10 @@ async def test_slow_and_idle_clients_do_not_starve_a_legitimate_one(ingest: Depl
         assert sum(code == 220 for code, _ in greetings) == 50  # max_connections_per_client
         assert len(refused) == 250
         assert "too many connections from 127.0.0.9" in refused[0]
-        await asyncio.sleep(2)  # the slow clients are well into their trickle
+        # The slow clients are well into their trickle: each past its first chunk, which the
+        # ingest stored, and two more bytes sent.
+        await eventually(lambda: _chunks_stored(ingest, 25), what="the slow clients' first chunks stored")
+        await eventually(lambda: trickle.rounds >= 2, what="two trickled bytes from each slow client")
         small = b"Subject: small\r\n\r\nhello\r\n"
         big = b"Subject: big\r\n\r\n" + (b"b" * 998 + b"\r\n") * (CHUNK_SIZE * 2 // 1000)  # chunk writes of its own
         for body in (small, big, small):
@@ -150,11 +169,12 @@ async def test_a_client_under_the_minimum_data_rate_is_cut_off(deploy: Deploymen
         assert (await wire.command("DATA"))[0] == 354
         wire.writer.write(b"Subject: slow\r\n\r\n" + b"x" * 300_000)  # one fast second, then almost nothing
         started = time.monotonic()
-        stop = asyncio.Event()
-        trickling = asyncio.create_task(trickle([wire], stop))
-        code, text = await asyncio.wait_for(wire.reply(), timeout=30)
-        stop.set()
-        await trickling
+        answer = asyncio.create_task(wire.reply())
+        try:
+            await Trickle([wire]).until(answer.done, timeout=10, what="the slow client cut off")
+        finally:
+            answer.cancel()  # nothing to cancel once it came
+        code, text = answer.result()
         assert code == 421, text
         assert "DATA too slow" in text
         assert time.monotonic() - started < 10
@@ -165,6 +185,10 @@ async def test_a_client_under_the_minimum_data_rate_is_cut_off(deploy: Deploymen
     assert reply[0] == 250, reply
     counts = await eventually(lambda: _one_message(d), what="only the legitimate message stored")
     assert counts["deliveries"] == 1
+
+
+async def _chunks_stored(d: Deployment, count: int) -> bool:
+    return (await d.store.row_counts())["message_chunks"] == count
 
 
 async def _one_message(d: Deployment) -> dict[str, int] | None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import MANY_DOMAINS, Infra
+from tests.support import MANY_DOMAINS, Infra, eventually
 from zmta_common import redis_keys
 from zmta_common.config import Dns, Zone
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
@@ -55,24 +55,32 @@ async def test_expired_leases_free_their_place(redis: Redis) -> None:
     limits = ZoneLimits(redis, "z", zone(domains={"*": {"connections": 1}}))
     assert await limits.admit(candidates("a.test", 1), 10, time.time() + 0.3) == [0]
     assert await limits.admit(candidates("a.test", 1, start=1), 10, time.time() + 60) == []
-    await asyncio.sleep(0.4)
-    assert await limits.admit(candidates("a.test", 1, start=1), 10, time.time() + 60) == [0]
+
+    async def admitted() -> bool:
+        return await limits.admit(candidates("a.test", 1, start=1), 10, time.time() + 60) == [0]
+
+    await eventually(admitted, timeout=5, what="the lost lease's place to free itself at its expiry")
 
 
 async def test_rate_spaces_admissions(redis: Redis) -> None:
     limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"rate": "4/sec", "connections": 100}}))
-    admitted_at = []
-    deadline = time.monotonic() + 1.6
-    n = 0
-    while time.monotonic() < deadline:
-        if await limits.admit(candidates("a.test", 1, start=n), 10, time.time() + 60):
+    admitted_at: list[float] = []
+
+    async def admit_next() -> bool:
+        if await limits.admit(candidates("a.test", 1, start=len(admitted_at)), 10, time.time() + 60):
             admitted_at.append(time.monotonic())
-            n += 1
-        await asyncio.sleep(0.01)
-    # a burst of 2, then one every 0.25 s: 2 + 1.6 / 0.25 = 8, give or take one
-    assert 7 <= len(admitted_at) <= 9, admitted_at
-    gaps = [b - a for a, b in itertools.pairwise(admitted_at[2:])]
-    assert min(gaps) > 0.2
+            return True
+        return False
+
+    # a burst of 2, then one every 0.25 s
+    assert await admit_next() and await admit_next()
+    assert not await admit_next()
+    for _ in range(6):
+        await eventually(admit_next, timeout=2, interval=0.01, what="the next admission at 4/sec")
+    gaps = [b - a for a, b in itertools.pairwise(admitted_at[1:])]
+    assert min(gaps) > 0.2, gaps
+    # 2 + 1.6 / 0.25 = 8 in 1.6 s, give or take one: the seventh is in by then
+    assert admitted_at[6] - admitted_at[0] < 1.6, admitted_at
 
 
 async def test_mx_group_limit_spans_domains(redis: Redis) -> None:
@@ -113,8 +121,10 @@ async def test_connection_slots(redis: Redis) -> None:
     assert await limits.wanted(keys)  # c3's failed try asks holders to let go of idle connections
     await limits.release_connection("c1", keys)
     assert await limits.acquire_connection("c3", "a.test", None, ttl=10)
-    await asyncio.sleep(0.4)  # c2 was never renewed: its slot expires
-    assert await limits.acquire_connection("c4", "a.test", None, ttl=10)
+    # c2 was never renewed: its slot expires
+    await eventually(
+        lambda: limits.acquire_connection("c4", "a.test", None, ttl=10), timeout=5, what="c2's slot to expire"
+    )
     await limits.renew_connections({"c3": keys, "c4": keys}, ttl=10)
     assert not await limits.acquire_connection("c5", "a.test", None, ttl=10)
 
@@ -128,8 +138,11 @@ async def test_blacklist_marks_expire(redis: Redis) -> None:
     assert await blacklist.count() == 3
     by_domain = await blacklist.listed_by_domain(["a.test", "b.test", "c.test"], ["192.0.2.1", "192.0.2.2"])
     assert by_domain == {"a.test": {"192.0.2.1", "192.0.2.2"}, "b.test": {"192.0.2.1"}, "c.test": set()}
-    await asyncio.sleep(0.4)
-    assert await blacklist.listed("a.test", ["192.0.2.1", "192.0.2.2"]) == {"192.0.2.2"}
+
+    async def short_mark_gone() -> bool:
+        return await blacklist.listed("a.test", ["192.0.2.1", "192.0.2.2"]) == {"192.0.2.2"}
+
+    await eventually(short_mark_gone, timeout=5, what="the 0.3 s mark to expire")
     assert await blacklist.count() == 2
 
 
@@ -156,12 +169,11 @@ def sink_session(infra: Infra) -> tuple[Callable[[], Awaitable[SmtpSession]], Po
 
 async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis, infra: Infra) -> None:
     limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 1}}))
-    pool = ConnectionPool(limits, idle_ttl=0.05)
+    pool = ConnectionPool(limits, idle_ttl=0)  # a parked connection is stale at once
     connect, key = sink_session(infra)
     conn = await pool.open("a.test", None, connect)
     await pool.give(key, conn)  # parked, holding the domain's only slot
     assert not await limits.acquire_connection("other", "a.test", None, 15)
-    await asyncio.sleep(0.1)  # past idle_ttl: stale
     assert await pool.take(key) is None
     assert await limits.acquire_connection("other", "a.test", None, 15)  # freed at once, not in 15 s
     assert not conn.session.usable

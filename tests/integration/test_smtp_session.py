@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.support import eventually
 from zmta_sender.connections import ConnectionPool
 from zmta_sender.errors import DeliveryError
 from zmta_sender.mx import Target
@@ -67,6 +68,11 @@ class ScriptedServer:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections still served: one the client closed is gone once all it sent was read."""
+        return len(self._writers)
 
     def scripted(self, verb: str, default: str) -> str:
         replies = self.replies.get(verb)
@@ -277,6 +283,14 @@ def target(server: ScriptedServer) -> list[Target]:
 ENVELOPE = ["MAIL FROM:<from@origin.test> BODY=8BITMIME SIZE=42", "RCPT TO:<rcpt@session.test>", "DATA"]
 
 
+@pytest.fixture
+async def pool() -> AsyncIterator[ConnectionPool]:
+    """A connection pool for one test; what it parked is closed afterwards."""
+    connections = ConnectionPool()
+    yield connections
+    await connections.close_all()
+
+
 async def test_pipelining_sends_mail_rcpt_and_data_in_one_write(server: ScriptedServer) -> None:
     session = await connect(server)
     assert session.extensions["SIZE"] == "1000000"
@@ -329,7 +343,10 @@ async def test_a_refused_recipient_then_no_usable_reply_to_data(server: Scripted
     session, refusal = await refused_send(server)
     assert (refusal.stage, refusal.code) == ("rcpt", 550)
     assert not session.usable
-    await asyncio.sleep(0.05)
+    # Once the server has read the client's hang-up, it has read all the client sent before it.
+    await eventually(
+        lambda: server.open_connections == 0, timeout=5, interval=0.01, what="the server to see the hang-up"
+    )
     assert server.commands[-1] == "DATA" and server.messages == []
 
 
@@ -445,54 +462,56 @@ async def test_starttls_with_sni_and_the_outcome(server: ScriptedServer, ca: tru
     await pool.close_all()
 
 
-async def test_required_tls_without_starttls_is_deferred(server: ScriptedServer, contexts: TlsContexts) -> None:
+async def test_required_tls_without_starttls_is_deferred(
+    server: ScriptedServer, contexts: TlsContexts, pool: ConnectionPool
+) -> None:
     with pytest.raises(DeliveryError, match="does not offer STARTTLS") as error:
-        await deliver(attempt(TlsPolicy(REQUIRED, contexts)), target(server), body, ConnectionPool(), None)
+        await deliver(attempt(TlsPolicy(REQUIRED, contexts)), target(server), body, pool, None)
     assert error.value.category == "tls"
     assert server.messages == []
 
 
 async def test_opportunistic_tls_takes_an_untrusted_certificate_unverified(
-    server: ScriptedServer, contexts: TlsContexts
+    server: ScriptedServer, contexts: TlsContexts, pool: ConnectionPool
 ) -> None:
     server.tls = server_context(trustme.CA(), [])  # a CA nobody trusts
     policy = TlsPolicy(OPPORTUNISTIC, contexts)
     with pytest.raises(DeliveryError, match="certificate verify failed"):
-        await deliver(attempt(TlsPolicy(REQUIRED, contexts)), target(server), body, ConnectionPool(), None)
-    accepted = await deliver(attempt(policy), target(server), body, ConnectionPool(), None)
+        await deliver(attempt(TlsPolicy(REQUIRED, contexts)), target(server), body, pool, None)
+    accepted = await deliver(attempt(policy), target(server), body, pool, None)
     assert accepted.tls.version.startswith("TLSv1.") and not accepted.tls.verified
     assert contexts.unverifiable(f"{MX}[127.0.0.1]:{server.port}")
 
 
-async def test_a_refused_starttls_falls_back_to_plain_text(server: ScriptedServer, ca: trustme.CA) -> None:
+async def test_a_refused_starttls_falls_back_to_plain_text(
+    server: ScriptedServer, ca: trustme.CA, pool: ConnectionPool
+) -> None:
     server.tls = server_context(ca, [])
     server.replies["STARTTLS"] = ["454 4.7.0 TLS not available"]
-    accepted = await deliver(
-        attempt(TlsPolicy(OPPORTUNISTIC, TlsContexts(None))), target(server), body, ConnectionPool(), None
-    )
+    accepted = await deliver(attempt(TlsPolicy(OPPORTUNISTIC, TlsContexts(None))), target(server), body, pool, None)
     assert str(accepted.tls) == "none"
     assert len(server.messages) == 1
 
 
-async def test_stages_through_deliver(server: ScriptedServer) -> None:
+async def test_stages_through_deliver(server: ScriptedServer, pool: ConnectionPool) -> None:
     policy = TlsPolicy(NONE, TlsContexts(None))
     server.replies["RCPT"] = ["550 5.1.1 No such user"]
     with pytest.raises(ReplyError) as refused:
-        await deliver(attempt(policy), target(server), body, ConnectionPool(), None)
+        await deliver(attempt(policy), target(server), body, pool, None)
     assert (refused.value.stage, refused.value.code, refused.value.target.host) == ("rcpt", 550, MX)
     server.replies["MAIL"] = ["553 5.7.1 Sender refused"]
     with pytest.raises(ReplyError) as refused:
-        await deliver(attempt(policy), target(server), body, ConnectionPool(), None)
+        await deliver(attempt(policy), target(server), body, pool, None)
     assert (refused.value.stage, refused.value.code) == ("mail", 553)
     assert server.messages == []
     # A failed transaction closes its connection (with QUIT).
     assert server.commands.count("QUIT") == 2
 
 
-async def test_a_refused_greeting_is_a_reply_at_connect(server: ScriptedServer) -> None:
+async def test_a_refused_greeting_is_a_reply_at_connect(server: ScriptedServer, pool: ConnectionPool) -> None:
     server.replies["GREETING"] = ["421 4.3.2 Too busy"]
     with pytest.raises(ReplyError) as refused:
-        await deliver(attempt(TlsPolicy(NONE, TlsContexts(None))), target(server), body, ConnectionPool(), None)
+        await deliver(attempt(TlsPolicy(NONE, TlsContexts(None))), target(server), body, pool, None)
     assert (refused.value.stage, refused.value.code, refused.value.text) == ("connect", 421, "4.3.2 Too busy")
 
 
@@ -521,9 +540,13 @@ async def test_a_parked_connection_the_server_spoke_on_is_not_reused(server: Scr
     pool = ConnectionPool()
     policy = TlsPolicy(NONE, TlsContexts(None))
     await deliver(attempt(policy), target(server), body, pool, None)
+    (parked,) = [conn for conns in pool._idle.values() for conn in conns]
+    assert parked.session.usable
     for writer in list(server._writers):
         writer.write(b"421 4.4.2 Idle too long\r\n")  # and no hang-up (yet)
-    await asyncio.sleep(0.2)
+    await eventually(
+        lambda: not parked.session.usable, timeout=5, interval=0.01, what="the 421 to reach the parked connection"
+    )
     await deliver(attempt(policy), target(server), body, pool, None)
     assert len(server.messages) == 2 and len(server.peers) == 2 and pool.reuses == 0
     with contextlib.suppress(Exception):
