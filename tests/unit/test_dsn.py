@@ -207,3 +207,40 @@ def test_never_for_automatic_mail_or_reports(headers: bytes, reason: str) -> Non
 
 def test_the_null_sender_is_checked_before_the_headers() -> None:
     assert skip("", b"Precedence: bulk\r\n") == "null or mailer-daemon sender"
+
+
+def test_a_reply_and_host_not_in_ascii_are_escaped_in_an_ascii_report() -> None:
+    event = replace(EVENT, response="550 5.1.1 Benutzer unbekannt: Grüße", mx="mx.bücher.test")
+    msg, raw, _ = report(event)
+    assert raw.isascii()
+    assert parts(msg)[1].get_content_type() == "message/delivery-status"
+    _, per_recipient = status_blocks(msg)
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 Benutzer unbekannt: Gr\\x{FC}\\x{DF}e"
+    assert per_recipient["Remote-MTA"] == "dns; mx.b\\x{FC}cher.test"
+    assert "Grüße" in parts(msg)[0].get_content()  # the readable part keeps the reply as it was
+
+
+@pytest.mark.parametrize("who", ["mail_from", "recipient"])
+def test_an_address_not_in_ascii_gets_the_international_report(who: str) -> None:
+    address = "jöe@ürigin.test"
+    event = replace(EVENT, mail_from=address) if who == "mail_from" else replace(EVENT, recipient=address)
+    msg, raw, recipient = report(event)
+    assert msg.get_param("report-type") == "global-delivery-status"
+    assert parts(msg)[1].get_content_type() == "message/global-delivery-status"
+    assert address.encode() in raw  # written as UTF-8, not as encoded words
+    assert b"=?utf-8?" not in raw.split(b"\r\n\r\n", 1)[0]
+    per_message, per_recipient = global_status_blocks(raw)
+    field = per_message["X-ZoneMTA-Sender"] if who == "mail_from" else per_recipient["Final-Recipient"]
+    assert field == f"utf-8; {address}"
+    assert per_recipient["Action"] == "failed"
+    assert recipient == (address if who == "mail_from" else EVENT.mail_from)
+
+
+def global_status_blocks(raw: bytes) -> tuple[dict[str, str], dict[str, str]]:
+    """The two field blocks of a message/global-delivery-status part (which the email
+    package reads as one opaque message), split by hand."""
+    section = raw.split(b"Content-Type: message/global-delivery-status", 1)[1]
+    body = section.split(b"\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0].decode("utf-8").strip()
+    blocks = [dict(line.split(": ", 1) for line in block.split("\r\n")) for block in body.split("\r\n\r\n")]
+    assert len(blocks) == 2, blocks
+    return blocks[0], blocks[1]

@@ -6,6 +6,12 @@ machine-readable ``message/delivery-status`` part and the original's headers
 (``text/rfc822-headers``). None is sent for mail from the null sender, nor for
 automatic mail (``Auto-Submitted`` other than ``no``, ``Precedence: bulk``,
 ``list`` or ``junk``), nor for a report itself: never a bounce of a bounce.
+
+Where the sender's or the recipient's address is not ASCII (SMTPUTF8 mail), the report
+is the international one of RFC 6533: ``message/global-delivery-status`` with ``utf-8``
+address types, written as UTF-8 (its delivery needs SMTPUTF8 anyway). Otherwise the
+status fields stay ASCII, as RFC 3464 wants them: a reply or host name with other
+characters carries them as RFC 6533's ``\\x{HEX}`` escapes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime, make_msgid
 
 from zmta_common.events import DELAYED, BounceEvent
@@ -74,25 +80,29 @@ def build(event: BounceEvent, reporting_mta: str, zone: str, retry_until: float 
     headers = HeaderBlock.parse(event.headers)
     arrival = datetime.fromtimestamp(event.arrival or event.time, UTC)
     notice = _text(_notice(event, reporting_mta, retry_until if delayed else None), "plain")
-    per_message = Message()
-    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
-    per_message["X-ZoneMTA-Queue-ID"] = event.id
-    per_message["X-ZoneMTA-Sender"] = f"rfc822; {event.mail_from}"
-    per_message["Arrival-Date"] = format_datetime(arrival)
-    per_recipient = Message()
-    per_recipient["Final-Recipient"] = f"rfc822; {event.recipient}"
-    per_recipient["Action"] = "delayed" if delayed else "failed"
-    per_recipient["Status"] = _status(event.response, delayed)
+    international = not (event.mail_from.isascii() and event.recipient.isascii())
+    address_type = "utf-8" if international else "rfc822"
+    field = (lambda text: text) if international else _escaped
+    per_message = [
+        ("Reporting-MTA", f"dns; {reporting_mta}"),
+        ("X-ZoneMTA-Queue-ID", event.id),
+        ("X-ZoneMTA-Sender", f"{address_type}; {event.mail_from}"),
+        ("Arrival-Date", format_datetime(arrival)),
+    ]
+    per_recipient = [
+        ("Final-Recipient", f"{address_type}; {event.recipient}"),
+        ("Action", "delayed" if delayed else "failed"),
+        ("Status", _status(event.response, delayed)),
+    ]
     if event.mx:
-        per_recipient["Remote-MTA"] = f"dns; {event.mx}"
-    per_recipient["Diagnostic-Code"] = f"smtp; {event.response}"
+        per_recipient.append(("Remote-MTA", f"dns; {field(event.mx)}"))
+    per_recipient.append(("Diagnostic-Code", f"smtp; {field(event.response)}"))
     if delayed and retry_until:
-        per_recipient["Will-Retry-Until"] = format_datetime(datetime.fromtimestamp(retry_until, UTC))
-    status = MIMEBase("message", "delivery-status")
-    status.attach(per_message)  # the email package writes each block as a header block
-    status.attach(per_recipient)
+        per_recipient.append(("Will-Retry-Until", format_datetime(datetime.fromtimestamp(retry_until, UTC))))
+    report_type = "global-delivery-status" if international else "delivery-status"
+    status = _status_part(report_type, [per_message, per_recipient])
     original = _text(event.headers.decode("utf-8", "replace").replace("\r\n", "\n"), "rfc822-headers")
-    report = MIMEMultipart("report", report_type="delivery-status", _subparts=[notice, status, original])
+    report = MIMEMultipart("report", report_type=report_type, _subparts=[notice, status, original])
     report["From"] = f"{MAILER_DAEMON} <mailer-daemon@{reporting_mta}>"
     report["To"] = event.mail_from
     what = "Delay" if delayed else "Failure"
@@ -106,7 +116,38 @@ def build(event: BounceEvent, reporting_mta: str, zone: str, retry_until: float 
     if message_id := headers.get("message-id"):
         report["In-Reply-To"] = message_id
         report["References"] = message_id
+    if international:
+        # As text, then UTF-8: the email package's bytes writer takes 8-bit text only in
+        # the parts it decodes itself, not in this one.
+        return report.as_string(policy=SMTPUTF8).encode("utf-8"), event.mail_from
     return report.as_bytes(policy=SMTP), event.mail_from
+
+
+def _status_part(subtype: str, blocks: list[list[tuple[str, str]]]) -> MIMEBase:
+    """The machine-readable part: its blocks of fields, a blank line between them.
+
+    The email package lays out the blocks of ``message/delivery-status`` (ASCII) itself,
+    each given as a header block; those of ``message/global-delivery-status`` are
+    written out here, as UTF-8.
+    """
+    part = MIMEBase("message", subtype)
+    if subtype == "delivery-status":
+        for block in blocks:
+            fields = Message()
+            for name, value in block:
+                fields[name] = value
+            part.attach(fields)
+        return part
+    text = "\r\n\r\n".join("\r\n".join(f"{name}: {value}" for name, value in block) for block in blocks)
+    part.set_payload(text + "\r\n")  # UTF-8 when written: see build()
+    if not text.isascii():
+        part["Content-Transfer-Encoding"] = "8bit"
+    return part
+
+
+def _escaped(text: str) -> str:
+    """``text`` in ASCII: every other character as RFC 6533's ``\\x{HEX}``."""
+    return "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in text)
 
 
 def _notice(event: BounceEvent, reporting_mta: str, retry_until: float | None) -> str:
