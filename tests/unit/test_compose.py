@@ -6,7 +6,7 @@ Line breaks in header text and the basic recipient cap are in test_header_safety
 from __future__ import annotations
 
 import base64
-from email import message_from_bytes, policy
+from email import message_from_bytes, message_from_string, policy
 from email.message import EmailMessage
 from typing import Any
 
@@ -239,6 +239,25 @@ def test_an_envelope_overrides_the_headers() -> None:
 def test_internationalised_addresses_reach_the_envelope_as_written() -> None:
     _, _, mail_from, recipients = send({"from": "Jöe <jöe@exämple.test>", "to": "ünï@exämple.test"})
     assert (mail_from, recipients) == ("jöe@exämple.test", ["ünï@exämple.test"])
+
+
+def test_internationalised_addresses_are_written_as_utf8_in_the_header() -> None:
+    """RFC 6532: an address that is not ASCII is written as UTF-8; encoded words are not
+    allowed in an address (RFC 2047 section 5), so a receiving server could not read one."""
+    _, raw, _, _ = send({"from": "Jöe <jöe@exämple.test>", "to": "ünï@exämple.test", "subject": "Grüße"})
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert b"=?" not in head
+    assert "From: Jöe <jöe@exämple.test>".encode() in head
+    assert "To: ünï@exämple.test".encode() in head
+    read_back = message_from_string(raw.decode("utf-8"), policy=policy.default)
+    assert isinstance(read_back, EmailMessage)
+    assert read_back["To"].addresses[0].addr_spec == "ünï@exämple.test"
+
+
+def test_ascii_addresses_keep_a_seven_bit_header() -> None:
+    _, raw, _, _ = send({"from": "Jörg <joerg@b.test>", "to": "c@d.test", "subject": "Grüße"})
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()  # display name and subject as encoded words
 
 
 def test_parse_addresses() -> None:

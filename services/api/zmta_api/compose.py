@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime, formataddr, getaddresses, parsedate_to_datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -76,9 +76,12 @@ def compose(request: SendRequest, max_recipients: int = 1000) -> tuple[bytes, st
     bcc = parse_addresses(request.bcc, "bcc")
     reply_to = parse_addresses(request.replyTo, "replyTo")
     mail_from, recipients = _envelope(request, senders[0][1], sender, to + cc + bcc)
+    # An address that is not ASCII is written as UTF-8 (RFC 6532): encoded words are not
+    # allowed in an address. Such mail goes out with SMTPUTF8 anyway.
+    international = not all(address.isascii() for _, address in senders + sender + to + cc + reply_to)
     try:
         msg = _message(request, senders, sender, to, cc, reply_to)
-        return msg.as_bytes(), mail_from, recipients
+        return msg.as_bytes(policy=SMTPUTF8 if international else SMTP), mail_from, recipients
     except ComposeError:
         raise
     except (ValueError, TypeError, IndexError, LookupError, MessageError) as exc:
