@@ -375,3 +375,15 @@ def test_the_recipient_cap_counts_the_envelope_when_it_has_recipients() -> None:
     )
     _, _, _, recipients = send({**BASE, "to": many, "envelope": {"to": "one@x.test"}}, max_recipients=4)
     assert recipients == ["one@x.test"]  # header recipients past the cap are not delivered to: allowed
+
+
+@pytest.mark.parametrize("value", ["ok@x.test, bad@", "bad@", "a@x.test bad@", "a@x.test, , b@y.test"])
+def test_an_address_list_with_an_unreadable_entry_is_refused(value: str) -> None:
+    field, reason = refusal({**BASE, "to": value})
+    assert field == "to"
+    assert reason == f"{value!r} cannot be read as a list of addresses"
+
+
+def test_a_trailing_comma_is_no_address() -> None:
+    _, _, _, recipients = send({**BASE, "to": "a@x.test, b@y.test, "})
+    assert recipients == ["a@x.test", "b@y.test"]

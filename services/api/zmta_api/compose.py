@@ -54,8 +54,13 @@ def parse_addresses(value: AddressField | None, field: str) -> list[tuple[str, s
     for item in items:
         if isinstance(item, AddressObject):
             pairs.append((item.name, item.address.strip()))
-        else:
-            pairs.extend((name, addr.strip()) for name, addr in getaddresses([item]) if name or addr)
+            continue
+        text = item.strip().strip(",").strip()  # a trailing comma is no address
+        found = getaddresses([text]) if text else []
+        # getaddresses() gives ('', '') for what it cannot read: never drop that silently.
+        if ("", "") in found:
+            raise ComposeError(field, f"{item!r} cannot be read as a list of addresses")
+        pairs.extend((name, addr.strip()) for name, addr in found)
     for _, address in pairs:
         if reason := address_error(address):
             raise ComposeError(field, f"{address!r} is not a valid address: {reason}")
