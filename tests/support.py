@@ -3,13 +3,15 @@ test domains the session's DNS serves and the sinks they lead to, :class:`Deploy
 (one isolated installation: its database, NATS server, Redis database, config file and
 service processes, forked from a fork server that has imported them, see
 ``zmta_devtools.forking``) and the :class:`Deployer` that makes them, and
-:func:`eventually`, the one way a test waits: for an event, bounded, never for a time.
+:func:`eventually`, the one way a test waits: for an event, bounded, never for a time, and
+:func:`log_entries`, the events a service logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import smtplib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,3 +236,20 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
         await asyncio.sleep(interval)
+
+
+def log_entries(path: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The JSON lines of a service's log file (``Deployment.log_dir / "<service>.log"``), or
+    only those of ``event``; a line still being written is left out."""
+    entries = []
+    text = path.read_text(errors="replace") if path.exists() else ""
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event is None or entry.get("event") == event:
+            entries.append(entry)
+    return entries

@@ -19,8 +19,9 @@ import pytest
 from tests.e2e.test_outcomes import queued_id
 from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
 from zmta_bounce.consumer import CONSUMER as BOUNCE_CONSUMER
+from zmta_bounce.notifications import CONSUMER as NOTIFY_CONSUMER
 from zmta_common import bus as zbus
-from zmta_common.events import STREAM_BOUNCES
+from zmta_common.events import STREAM_BOUNCES, STREAM_NOTIFY
 from zmta_devtools.servers import free_port
 
 SENDER = "sender@b.test"  # b.test's MX is the sink at 127.0.0.3: DSNs arrive there
@@ -130,9 +131,17 @@ async def test_delay_warning_then_delivery(deploy: DeploymentFactory, sinks: dic
     await eventually(lambda: sink.messages, timeout=30, what="the delivery after the retries")
     await eventually(lambda: _gone(d, message_id), what="the row removed")
     await eventually(lambda: reports(sinks), what="the delay warning")
-    await asyncio.sleep(1)  # time for a wrong second warning to arrive
-    (warning,) = reports(sinks)  # exactly one warning, however many attempts failed after it
-    assert warning["Subject"] == "Delivery Status Notification (Delay: slow@a.test)"
+    # Then a refusal: the bounce service handles its events in order and the bounces zone sends
+    # the oldest DSN first, so a second warning would come before this refusal's DSN.
+    sink.handler.scripted_rcpt["gone@a.test"] = ["550 5.1.1 <gone@a.test>: User unknown"]
+    await send(d, ["gone@a.test"], "refused")
+    await eventually(lambda: len(reports(sinks)) >= 2, what="the DSN of the refusal")
+    # exactly one warning, however many attempts failed after it
+    assert [r["Subject"] for r in reports(sinks)] == [
+        "Delivery Status Notification (Delay: slow@a.test)",
+        "Delivery Status Notification (Failure: gone@a.test)",
+    ]
+    warning = reports(sinks)[0]
     status = delivery_status(warning)
     assert status["Action"] == "delayed"
     assert status["Status"] == "4.4.1"
@@ -180,7 +189,21 @@ async def test_http_notification_is_retried_until_the_receiver_takes_it(
     headers = f"From: {SENDER}\r\nX-FBL: campaign-7\r\nSubject: x\r\n\r\nx\r\n".encode()
     message_id = queued_id(await asyncio.to_thread(d.smtp_send, SENDER, ["gone@a.test"], headers))
     await eventually(lambda: 200 in Receiver.statuses, what="the notification accepted")
-    await asyncio.sleep(1.5)  # time for a wrong second delivery to show up
+    # Every bounce event and notification handled and acknowledged: none is left to be posted
+    # again, nor waits for its acknowledgement to time out.
+    bus = await zbus.connect(d.nats.url, "test")
+    try:
+
+        async def all_acknowledged() -> bool:
+            for stream, consumer in ((STREAM_BOUNCES, BOUNCE_CONSUMER), (STREAM_NOTIFY, NOTIFY_CONSUMER)):
+                info = await bus.js.consumer_info(stream, consumer)
+                if info.num_pending or info.num_ack_pending:
+                    return False
+            return True
+
+        await eventually(all_acknowledged, what="the bounce and its notification acknowledged")
+    finally:
+        await bus.close()
     assert Receiver.statuses == [503, 503, 503, 200]
     note = Receiver.posts[-1]
     assert note["id"] == message_id

@@ -7,13 +7,14 @@ import email
 import email.policy
 import re
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
 from redis.asyncio import Redis
 
-from tests.support import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually, log_entries
 from zmta_common import bus as zbus
 from zmta_common import redis_keys
 from zmta_common.events import DELIVERED, STREAM_RESULTS, DeliveryReport, WorkRequest, reported_subject, work_subject
@@ -122,7 +123,9 @@ async def test_results_wait_on_the_stream_while_the_queue_is_down(deploy: Deploy
     queue = d.system.get("queue")
     await asyncio.to_thread(queue.stop)  # the sender finishes and reports while no queue runs
     await eventually(lambda: sink.messages, what="delivery", timeout=10)
-    await asyncio.sleep(0.5)
+    # The sender logs an outcome once its report is on the stream.
+    sender_log = d.log_dir / "sender-default-0.log"
+    await eventually(lambda: _logged(sender_log, "delivered", message_id), what="the report on the stream")
     assert await d.store.deliveries_of(message_id)  # nobody applied the report yet
     await asyncio.to_thread(queue.start)
     await asyncio.to_thread(queue.wait_ready)
@@ -133,6 +136,11 @@ async def test_results_wait_on_the_stream_while_the_queue_is_down(deploy: Deploy
 async def _leased(d: Deployment, message_id: str) -> bool:
     rows = await d.store.deliveries_of(message_id)
     return bool(rows) and rows[0].leased
+
+
+def _logged(log: Path, event: str, message_id: str) -> bool:
+    """Whether the service logged ``event`` for the message (with its id)."""
+    return any(entry.get("id") == message_id for entry in log_entries(log, event))
 
 
 async def test_a_rejected_delivery_sends_a_dsn_to_the_sender(deploy: DeploymentFactory, sinks: dict) -> None:
@@ -183,9 +191,15 @@ async def test_no_dsn_for_null_senders_or_automatic_mail(deploy: DeploymentFacto
     await asyncio.to_thread(d.smtp_send, "", ["n1@a.test"], b"Subject: bounce of a bounce\r\n\r\nx\r\n")
     await asyncio.to_thread(d.smtp_send, "s@b.test", ["n2@a.test"], b"Auto-Submitted: auto-replied\r\n\r\nx\r\n")
     await asyncio.to_thread(d.smtp_send, "s@b.test", ["n3@a.test"], b"Precedence: bulk\r\n\r\nx\r\n")
-    await eventually(lambda: (d.log_dir / "bounce.log").read_text().count('"no dsn"') == 3, what="3 skips")
-    await asyncio.sleep(1.0)
-    assert sinks["127.0.0.3"].messages == []
+    await eventually(lambda: len(log_entries(d.log_dir / "bounce.log", "no dsn")) == 3, what="3 skips")
+    # Then a refusal that does get a DSN: the bounce service handles its events in order and the
+    # bounces zone sends the oldest DSN first, so a DSN for any of the three would come before it.
+    sinks["127.0.0.2"].handler.scripted["n4@a.test"] = ["550 5.1.1 User unknown"]
+    await asyncio.to_thread(d.smtp_send, "s@b.test", ["n4@a.test"], b"Subject: plain mail\r\n\r\nx\r\n")
+    await eventually(lambda: sinks["127.0.0.3"].messages, what="the DSN of the plain message")
+    assert [m.rcpt_tos for m in sinks["127.0.0.3"].messages] == [["s@b.test"]]
+    assert b"Final-Recipient: rfc822; n4@a.test" in sinks["127.0.0.3"].messages[0].data
+    assert len(log_entries(d.log_dir / "bounce.log", "dsn queued")) == 1
 
 
 async def test_a_soft_failure_past_the_maximum_age_bounces(deploy: DeploymentFactory, sinks: dict) -> None:
@@ -203,26 +217,40 @@ async def test_a_soft_failure_past_the_maximum_age_bounces(deploy: DeploymentFac
 
 
 async def test_a_delivery_longer_than_its_lease_is_not_sent_twice(deploy: DeploymentFactory, sinks: dict) -> None:
-    # Leases of 2 s, a server that takes 6 s to answer DATA, and a second sender that would
+    # Leases of 2 s, a server that takes 4 s to answer DATA, and a second sender that would
     # take over any lease that runs out: only renewal keeps the delivery with its sender.
-    d = await deploy({"queue": {"lease_time": 2}}, senders={"default": 2, "bounces": 1})
+    lease_time = 2.0
+    d = await deploy({"queue": {"lease_time": lease_time}}, senders={"default": 2, "bounces": 1})
     sink = sinks["127.0.0.2"]
-    sink.handler.data_delay = 6.0
+    sink.handler.data_delay = 4.0
     message_id = queued_id(
         await asyncio.to_thread(d.smtp_send, "s@origin.test", ["slow@a.test"], b"Subject: slow\r\n\r\nx\r\n")
     )
-    # Past its first lease, the delivery still holds its place under the domain's limit.
-    await asyncio.sleep(4)
     redis = Redis.from_url(d.config.dbs.redis)
-    places = cast(
-        list[tuple[bytes, float]],
-        await redis.zrange(redis_keys.inflight_prefix("default") + "d:a.test", 0, -1, withscores=True),
-    )
-    await redis.aclose()
-    assert [(member.decode(), score > time.time()) for member, score in places] == [(f"{message_id}.001", True)]
+    try:
+
+        async def places() -> list[tuple[str, float]]:
+            key = redis_keys.inflight_prefix("default") + "d:a.test"
+            found = cast(list[tuple[bytes, float]], await redis.zrange(key, 0, -1, withscores=True))
+            return [(member.decode(), score) for member, score in found]
+
+        ((_, first_expiry),) = await eventually(places, what="the delivery's place under the domain's limit")
+
+        async def renewed_past_first_lease() -> list[tuple[str, float]]:
+            # A renewal made after the first lease ran out sets an expiry past this.
+            current = await places()
+            return current if any(score > first_expiry + lease_time for _, score in current) else []
+
+        held = await eventually(renewed_past_first_lease, what="the place renewed after its first lease")
+    finally:
+        await redis.aclose()
+    # Past its first lease, the delivery still holds its place under the domain's limit.
+    assert [(member, score > time.time()) for member, score in held] == [(f"{message_id}.001", True)]
     await eventually(lambda: sink.messages, timeout=30, what="the slow delivery")
     await eventually(lambda: _no_rows(d, message_id), what="the row removed")
-    await asyncio.sleep(7)  # long enough for a second copy to arrive, if one was sent
+    # Only a lease sends a copy, and the row is leased no more once it is gone: one lease, one copy.
+    leases = [e["count"] for e in log_entries(d.log_dir / "queue.log", "leased") if e["zone"] == "default"]
+    assert leases == [1], leases
     assert len(sink.messages) == 1
 
 
@@ -294,7 +322,7 @@ async def test_a_lease_is_kept_while_its_report_waits_for_nats(deploy: Deploymen
     """NATS goes away while a delivery is in DATA and stays away for longer than the lease:
     the sender keeps the lease until its report is on the stream, so the message is not
     handed out and sent a second time."""
-    lease_time = 4.0
+    lease_time = 2.0
     d = await deploy({"queue": {"lease_time": lease_time}})
     sink = sinks["127.0.0.2"]
     sink.handler.data_delay = 2.0
@@ -310,13 +338,23 @@ async def test_a_lease_is_kept_while_its_report_waits_for_nats(deploy: Deploymen
         await eventually(leased, what="the delivery leased")
         await asyncio.to_thread(d.nats.stop)  # the delivery goes on; its report cannot be published
         await eventually(lambda: len(sink.messages) == 1, what="the message delivered")
+        delivered = datetime.now(UTC)
+
+        async def renewed_a_lease_later() -> bool:
+            # A renewal made more than a whole lease after the delivery sets an expiry past this.
+            rows = await d.store.deliveries_of(message_id)
+            expires = rows[0].lease_expires if rows else None
+            return expires is not None and expires > delivered + timedelta(seconds=2 * lease_time)
+
         # Past a whole lease after the delivery, with NATS still down: the lease still holds.
-        await asyncio.sleep(lease_time * 1.5)
+        await eventually(renewed_a_lease_later, what="the lease renewed a whole lease after the delivery")
         assert await leased(), "the lease ran out while the report waited for NATS"
         await asyncio.to_thread(d.nats.start)
         await eventually(lambda: _rows_gone(d, message_id), timeout=30, what="the report applied")
     finally:
         sink.handler.data_delay = 0.0
+    # Only a lease sends a copy, and the row is leased no more once it is gone: one lease, one copy.
+    assert [e["count"] for e in log_entries(d.log_dir / "queue.log", "leased") if e["zone"] == "default"] == [1]
     assert len(sink.messages) == 1
 
 

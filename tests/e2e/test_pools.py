@@ -6,7 +6,10 @@ import asyncio
 import json
 from collections import Counter
 
+from redis.asyncio import Redis
+
 from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
+from zmta_common import redis_keys
 
 POOL = [{"name": f"out{n}.mta.test", "address": f"127.0.0.{n}"} for n in (11, 12, 13, 14)]
 
@@ -73,9 +76,14 @@ async def test_a_quiet_pods_deliveries_go_to_the_others(deploy: DeploymentFactor
     d = await deploy({"zones": {"default": {"pool": POOL}}, "queue": {"sender_timeout": 1}}, senders={})
     await asyncio.to_thread(d.system.start_sender, "default", True, "--slice", "0/2")
     gone = await asyncio.to_thread(d.system.start_sender, "default", True, "--slice", "1/2")
-    await asyncio.sleep(1.0)
+    redis = Redis.from_url(d.config.dbs.redis)
+    try:
+        # The queue notes each pod that asks for work; pod 1's deliveries wait for it while it asks.
+        await eventually(lambda: redis.hexists(redis_keys.pods("default"), "1/2"), what="pod 1 seen by the queue")
+    finally:
+        await redis.aclose()
     await asyncio.to_thread(gone.stop)
-    await asyncio.sleep(1.5)
+    # Sent at once: pod 1's share waits until it has asked for nothing for the sender_timeout.
     await asyncio.to_thread(send_many, d, 20, "quiet")
     sink = sinks[MANY_DOMAINS_MX]
     await eventually(lambda: len(sink.messages) == 20, what="20 deliveries by the remaining pod")

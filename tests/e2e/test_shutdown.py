@@ -15,8 +15,12 @@ import signal
 import smtplib
 import socket
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
+import httpx
 import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_devtools.sink import Sink
@@ -26,9 +30,31 @@ FAST = [f"<fast-{n}@origin.test>" for n in range(6)]  # a.test: 3 s in DATA, fin
 SLOW = [f"<slow-{n}@origin.test>" for n in range(6)]  # slow.test: 60 s in DATA, cannot finish
 
 
+@pytest.fixture
+def in_data(sinks: dict[str, Sink], monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Per sink address: the sessions that have sent a whole message there and wait for the
+    reply, counted in the sessions opened from now on (a session takes its handler's hooks
+    when it opens)."""
+    counts: Counter[str] = Counter()
+    for address, sink in sinks.items():
+        monkeypatch.setitem(vars(sink.handler), "handle_DATA", _counting(sink.handler.handle_DATA, counts, address))
+    return counts
+
+
+DataHook = Callable[[SMTP, Session, Envelope], Awaitable[str]]
+
+
+def _counting(handle_data: DataHook, counts: Counter[str], address: str) -> DataHook:
+    async def counted(server: SMTP, session: Session, envelope: Envelope) -> str:
+        counts[address] += 1
+        return await handle_data(server, session, envelope)
+
+    return counted
+
+
 @pytest.mark.slow
 async def test_sigterm_to_a_sender_with_leases_in_flight_loses_nothing(
-    deploy: DeploymentFactory, sinks: dict[str, Sink]
+    deploy: DeploymentFactory, sinks: dict[str, Sink], in_data: Counter[str]
 ) -> None:
     # Leases that outlive the test: whatever comes back to the queue was given back.
     d: Deployment = await deploy({"queue": {"lease_time": 600}}, senders={}, start=False)
@@ -44,9 +70,8 @@ async def test_sigterm_to_a_sender_with_leases_in_flight_loses_nothing(
     sender = await asyncio.to_thread(d.system.start_sender, "default", True, "--shutdown-grace", str(GRACE))
     # In flight: both domains' connection limit (5 each, 10 in all) reached, every one in DATA.
     await eventually(
-        lambda: fast.handler.open_now >= 5 and slow.handler.open_now >= 5, timeout=30, what="deliveries in flight"
+        lambda: in_data["127.0.0.2"] >= 5 and in_data["127.0.0.4"] >= 5, timeout=30, what="deliveries in DATA"
     )
-    await asyncio.sleep(0.2)  # past RCPT: the sessions sit in DATA
     assert await _leased(d) == 10
     assert fast.messages == [] and slow.messages == []
 
@@ -84,10 +109,18 @@ async def test_sigterm_to_a_sender_with_leases_in_flight_loses_nothing(
     # A new sender delivers the rest, each message once.
     slow.handler.data_delay = 0.0
     fast.handler.data_delay = 0.0
-    await asyncio.to_thread(d.system.start_sender, "default")
+    successor = await asyncio.to_thread(d.system.start_sender, "default")
     await eventually(lambda: len(fast.messages) + len(slow.messages) >= 12, timeout=60, what="the rest delivered")
     await eventually(lambda: _empty(d), what="an empty queue")
-    await asyncio.sleep(0.5)
+
+    async def successor_idle() -> bool:
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(f"http://127.0.0.1:{successor.ready_port}/health")).json()
+        return bool(health["in_flight"] == 0)
+
+    # The queue leases nothing once it is empty: with nothing in flight at the new sender either,
+    # every copy that was sent is in.
+    await eventually(successor_idle, what="the new sender with nothing in flight")
     delivered_all = sorted(_mid(m.data) for m in fast.messages + slow.messages)
     assert delivered_all == sorted(FAST + SLOW)
 
@@ -109,12 +142,11 @@ async def test_sigterm_to_ingest_lets_a_transaction_in_progress_finish(deploy: D
     idle.ehlo("client.test")
 
     ingest.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(1.0)
-    # No new connections...
+    # A session between transactions is told so (once ingest has stopped listening)...
+    assert (await asyncio.to_thread(idle.getreply))[0] == 421
+    # ...no new connections...
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", d.smtp_port), timeout=2):
         pass
-    # ...a session between transactions is told so...
-    assert idle.getreply()[0] == 421
     # ...and the one in DATA finishes its message.
     busy.send(b"second half\r\n.\r\n")
     code, text = busy.getreply()
