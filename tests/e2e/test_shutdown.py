@@ -144,6 +144,7 @@ async def test_sigterm_to_ingest_lets_a_transaction_in_progress_finish(deploy: D
     ingest.proc.send_signal(signal.SIGTERM)
     # A session between transactions is told so (once ingest has stopped listening)...
     assert (await asyncio.to_thread(idle.getreply))[0] == 421
+    idle.close()
     # ...no new connections...
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", d.smtp_port), timeout=2):
         pass
