@@ -196,3 +196,19 @@ async def test_a_connection_taken_while_the_upkeep_runs_is_not_parked_again(redi
     assert taken is good
     assert pool.idle == 0  # in use, so not parked
     await pool.discard(good)
+
+
+async def test_close_all_frees_the_slots_of_connections_still_in_use(redis: Redis, infra: Infra) -> None:
+    """A stopping sender closes its pool while cancelled deliveries still hold connections:
+    their slots are freed at once, not left to hold the domain's limit for SLOT_TTL."""
+    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 2}}))
+    pool = ConnectionPool(limits)
+    connect, key = sink_session(infra)
+    parked = await pool.open("a.test", None, connect)
+    await pool.give(key, parked)
+    in_use = await pool.open("a.test", None, connect)  # taken by a delivery, never given back
+    assert not await limits.acquire_connection("other", "a.test", None, 15)
+    await pool.close_all()
+    assert await limits.acquire_connection("other-1", "a.test", None, 15)
+    assert await limits.acquire_connection("other-2", "a.test", None, 15)  # both slots free
+    assert not in_use.session.usable

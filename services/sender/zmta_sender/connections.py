@@ -177,7 +177,15 @@ class ConnectionPool:
                 log.warning("connection upkeep failed", extra={"error": repr(exc)})
 
     async def close_all(self) -> None:
+        """QUIT the parked connections; drop the ones still in use (a stopping sender has
+        cancelled their deliveries) without waiting for a QUIT. Every slot is freed now:
+        left to expire, it would hold the domain's connection limit for SLOT_TTL after
+        this sender is gone."""
         for conns in list(self._idle.values()):
             for conn in conns:
                 await self.discard(conn)
         self._idle.clear()
+        for conn in list(self._open.values()):
+            self._forget(conn)
+            conn.session.close()
+            await self._free_slot(conn)
