@@ -25,7 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from tests.support import Deployment, DeploymentFactory, eventually
 from zmta_devtools.sink import Sink
 
-GRACE = 15.0  # the sender's --shutdown-grace: 10 s to finish, 5 s to give the rest back
+GRACE = 6.0  # the sender's --shutdown-grace: 4 s to finish (the fast ones take 3), 2 s to give the rest back
 FAST = [f"<fast-{n}@origin.test>" for n in range(6)]  # a.test: 3 s in DATA, finishes in time
 SLOW = [f"<slow-{n}@origin.test>" for n in range(6)]  # slow.test: 60 s in DATA, cannot finish
 

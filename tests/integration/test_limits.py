@@ -212,3 +212,33 @@ async def test_close_all_frees_the_slots_of_connections_still_in_use(redis: Redi
     assert await limits.acquire_connection("other-1", "a.test", None, 15)
     assert await limits.acquire_connection("other-2", "a.test", None, 15)  # both slots free
     assert not in_use.session.usable
+
+
+async def test_close_all_frees_the_slot_of_a_connection_whose_quit_hangs(redis: Redis) -> None:
+    """A delivery cancelled at stop QUITs its connection, and the server does not answer: the
+    stopping sender's close_all() still drops that connection and frees its slot."""
+    heard: list[bytes] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mute.test ready\r\n")
+        while line := await reader.readline():
+            heard.append(line)  # and never a reply
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 1}}))
+    pool = ConnectionPool(limits)
+
+    async def connect() -> SmtpSession:
+        return await SmtpSession.connect("127.0.0.1", port, source_ip=None, connect_timeout=5, command_timeout=5)
+
+    conn = await pool.open("a.test", None, connect)
+    quitting = asyncio.create_task(pool.discard(conn))
+    await eventually(lambda: b"QUIT\r\n" in heard, what="the QUIT sent")
+    assert not await limits.acquire_connection("other", "a.test", None, 15)
+    await pool.close_all()
+    assert await limits.acquire_connection("other", "a.test", None, 15)  # freed now, not in 15 s
+    await quitting  # the QUIT ends with the connection, not after its 5 s timeout
+    server.close()
+    await server.wait_closed()

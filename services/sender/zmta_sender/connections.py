@@ -130,10 +130,13 @@ class ConnectionPool:
         self._idle[key].append(conn)
 
     async def discard(self, conn: Connection) -> None:
-        """QUIT (or drop) a connection and free its slot."""
-        self._forget(conn)
-        await conn.session.quit(timeout=5)  # QUIT politely; just dropped when the server is gone or slow
-        await self._free_slot(conn)
+        """QUIT (or drop) a connection and free its slot. It counts as open until then, so
+        that a sender stopping meanwhile (close_all) still drops it and frees its slot."""
+        try:
+            await conn.session.quit(timeout=5)  # QUIT politely; just dropped when the server is gone or slow
+        finally:
+            self._forget(conn)
+            await self._free_slot(conn)
 
     async def _free_slot(self, conn: Connection) -> None:
         if self.limits is not None and conn.slot_keys:
