@@ -10,20 +10,24 @@ service processes, forked from a fork server that has imported them, see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import smtplib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import nats
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from nats.aio.msg import Msg
 
 from zmta_common.config import Config, load_config
+from zmta_common.events import WorkRequest, work_subject
 from zmta_common.store import Store
 from zmta_devtools.servers import Dnsmasq, NatsServer, PostgresCluster, RedisServer, free_port
 from zmta_devtools.sink import Sink
@@ -253,3 +257,34 @@ def log_entries(path: Path, event: str | None = None) -> list[dict[str, Any]]:
         if event is None or entry.get("event") == event:
             entries.append(entry)
     return entries
+
+
+@dataclass
+class WorkRequests:
+    """The work requests senders sent, seen on a deployment's NATS: the zone of each."""
+
+    zones: list[str] = field(default_factory=list)
+
+    async def two_more(self) -> None:
+        """Wait for two more requests. A sender asks again only once it has the answer to its
+        last request, so after two requests seen since something was queued, the queue has
+        answered one of them with it there (leased or, if it may not be, left alone)."""
+        target = len(self.zones) + 2
+        await eventually(lambda: len(self.zones) >= target, what="two more work requests")
+
+
+@contextlib.asynccontextmanager
+async def work_requests(d: Deployment, zone: str = "default") -> AsyncIterator[WorkRequests]:
+    """Watch the work requests of ``zone`` (``"*"``: of every zone) while the block runs."""
+    nc = await nats.connect(d.nats.url)
+    seen = WorkRequests()
+
+    async def record(msg: Msg) -> None:
+        seen.zones.append(WorkRequest.decode(msg.data).zone)
+
+    try:
+        await nc.subscribe(work_subject(zone), cb=record)
+        await nc.flush()  # subscribed at the server before the block sends anything
+        yield seen
+    finally:
+        await nc.close()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 
 from redis.asyncio import Redis
 
-from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
+from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually, log_entries
 from zmta_common import redis_keys
 
 POOL = [{"name": f"out{n}.mta.test", "address": f"127.0.0.{n}"} for n in (11, 12, 13, 14)]
@@ -46,10 +45,8 @@ def attempts_by_delivery(d: Deployment, status: str) -> dict[str, str]:
     found = {}
     for process in d.system.processes:
         if process.name.startswith("sender-") and process.log_path is not None:
-            for line in process.log_path.read_text().splitlines():
-                entry = json.loads(line)
-                if entry.get("event") == status:
-                    found[f"{entry['id']}.{entry['seq']}"] = entry["local_address"]
+            for entry in log_entries(process.log_path, status):
+                found[f"{entry['id']}.{entry['seq']}"] = entry["local_address"]
     return found
 
 

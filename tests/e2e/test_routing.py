@@ -6,13 +6,10 @@ import asyncio
 import re
 
 import httpx
-import nats
 import pytest
-from nats.aio.msg import Msg
 
 from tests.smtpwire import SmtpWire
-from tests.support import Deployment, DeploymentFactory, eventually
-from zmta_common.events import WORK_SUBJECT_ALL, WorkRequest
+from tests.support import Deployment, DeploymentFactory, eventually, work_requests
 
 ZONES = {
     "zones": {
@@ -89,24 +86,11 @@ async def test_api_routes_the_same_way(routed: Deployment) -> None:
 
 async def test_each_zone_is_delivered_by_its_own_senders(deploy: DeploymentFactory, sinks: dict) -> None:
     d = await deploy(ZONES, senders={"bulk": 1})
-    asked: list[str] = []  # the zone of every work request, in order
-
-    async def seen(msg: Msg) -> None:
-        asked.append(WorkRequest.decode(msg.data).zone)
-
-    nc = await nats.connect(d.nats.url)
-    try:
-        await nc.subscribe(WORK_SUBJECT_ALL, cb=seen)
-        await nc.flush()
+    async with work_requests(d, "*") as requests:
         await asyncio.to_thread(d.smtp_send, "s@origin.test", ["x@a.test", "y@b.test"], b"Subject: z\r\n\r\nx\r\n")
-        # A sender asks again only once it has the answer to its last request: after two more
-        # requests, the queue has answered one with the default zone's delivery ready.
-        more = len(asked) + 2
         await eventually(lambda: sinks["127.0.0.3"].messages, what="the bulk zone's delivery")
-        await eventually(lambda: len(asked) >= more, what="two more work requests")
-    finally:
-        await nc.close()
-    assert set(asked) == {"bulk"}  # no sender asks for the default zone's work
+        await requests.two_more()  # the queue has answered with the default zone's delivery ready
+    assert set(requests.zones) == {"bulk"}  # no sender asks for the default zone's work
     assert sinks["127.0.0.2"].messages == []  # nobody delivers for the default zone here
     rows = await d.store.pool.fetch("SELECT zone, recipient, lease_token IS NOT NULL AS leased FROM deliveries")
     assert [(r["zone"], r["recipient"], r["leased"]) for r in rows] == [("default", "x@a.test", False)]

@@ -9,7 +9,6 @@ transaction in progress finish; an idle session is told 421.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import signal
 import smtplib
@@ -22,7 +21,7 @@ import httpx
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.support import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually, log_entries
 from zmta_devtools.sink import Sink
 
 GRACE = 6.0  # the sender's --shutdown-grace: 4 s to finish (the fast ones take 3), 2 s to give the rest back
@@ -102,8 +101,8 @@ async def test_sigterm_to_a_sender_with_leases_in_flight_loses_nothing(
     rows = await _rows(d)
     assert {mid for mid, _, _ in rows} == set(SLOW) | (set(FAST) - set(delivered))
     assert all(attempts == 0 for _, _, attempts in rows)  # given back, not failed
-    events = [json.loads(line) for line in sender.tail_log(400).splitlines() if line.startswith("{")]
-    (released,) = [e for e in events if e["event"] == "leases released"]
+    assert sender.log_path is not None
+    (released,) = log_entries(sender.log_path, "leases released")
     assert released["count"] == 5
 
     # A new sender delivers the rest, each message once.

@@ -22,7 +22,7 @@ import pytest
 import trustme
 from redis.asyncio import Redis
 
-from tests.support import MTA_STS, MX_HOSTS, STS_ID, Deployment, DeploymentFactory, Infra, eventually
+from tests.support import MTA_STS, MX_HOSTS, STS_ID, Deployment, DeploymentFactory, Infra, eventually, log_entries
 
 MX_NAMES = [f"mx.{domain}" for domain in (*MX_HOSTS, *MTA_STS)]
 POLICIES = {
@@ -118,10 +118,7 @@ def policies(policy_server: PolicyServer) -> PolicyServer:
 
 
 def sender_events(d: Deployment, event: str) -> list[dict[str, Any]]:
-    path = d.log_dir / "sender-default-0.log"
-    lines = path.read_text().splitlines() if path.exists() else []
-    entries = [json.loads(line) for line in lines if line.startswith("{")]
-    return [e for e in entries if e.get("event") == event]
+    return log_entries(d.log_dir / "sender-default-0.log", event)
 
 
 async def sender_metrics(d: Deployment) -> str:

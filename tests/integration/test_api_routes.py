@@ -14,15 +14,11 @@ from email.message import EmailMessage
 from typing import Any
 
 import httpx
-import nats
-import nats.aio.client
 import pytest
-from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
-from tests.support import Deployment, DeploymentFactory, eventually
+from tests.support import Deployment, DeploymentFactory, eventually, work_requests
 from zmta_common import redis_keys
-from zmta_common.events import work_subject
 from zmta_common.intake import CHUNK_SIZE
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
 from zmta_common.store import Deferral, LeaseCandidate, OutcomeBatch
@@ -423,8 +419,7 @@ async def test_retry_now_sends_a_deferred_delivery_at_once(deploy: DeploymentFac
     d = await deploy({"zones": {"default": {"defer_times": [3600]}}}, senders={"default": 1})
     sink = sinks["127.0.0.2"]
     sink.handler.scripted["later@a.test"] = ["451 4.3.0 Please try again later"]
-    requests = await WorkRequests.watch(d)
-    async with httpx.AsyncClient(base_url=d.api_url) as client:
+    async with work_requests(d) as requests, httpx.AsyncClient(base_url=d.api_url) as client:
         message_id = await send(client, {"from": "s@origin.test", "to": "later@a.test", "text": "retry me"})
 
         async def deferred() -> list[dict[str, Any]]:
@@ -448,7 +443,6 @@ async def test_retry_now_sends_a_deferred_delivery_at_once(deploy: DeploymentFac
         again = await client.put(f"/message/{message_id}/001")  # the original answers success all the same
         assert (again.status_code, again.json()["success"]) == (200, True)
         assert "not in the queue" in again.json()["message"]
-    await requests.close()
 
 
 async def test_pause_holds_delivery_until_resumed(deploy: DeploymentFactory, sinks: dict) -> None:
@@ -456,8 +450,7 @@ async def test_pause_holds_delivery_until_resumed(deploy: DeploymentFactory, sin
     # holds from the moment the API has answered.
     d = await deploy({"queue": {"pauses_ttl": 0}}, senders={"default": 1})
     a, b = sinks["127.0.0.2"], sinks["127.0.0.3"]
-    requests = await WorkRequests.watch(d)
-    async with httpx.AsyncClient(base_url=d.api_url) as client:
+    async with work_requests(d) as requests, httpx.AsyncClient(base_url=d.api_url) as client:
         assert (await client.post("/pause/default/a.test")).status_code == 200
         # One message to both domains: the lease that hands out b.test's delivery leaves
         # a.test's out; then two more work requests, each answered without it.
@@ -479,34 +472,6 @@ async def test_pause_holds_delivery_until_resumed(deploy: DeploymentFactory, sin
         assert [m.rcpt_tos for m in b.messages] == [["free@b.test"]]
         assert (await client.delete("/pause/default")).json() == {"success": True}
         await eventually(lambda: len(b.messages) == 2, what="the zone after resuming")
-    await requests.close()
-
-
-class WorkRequests:
-    """The default zone's work requests, seen on the deployment's NATS. A sender asks again
-    only once it has the answer to its last request, so when two requests have been seen
-    after a message was queued, the queue has answered one of them with the message there."""
-
-    def __init__(self, nc: nats.aio.client.Client) -> None:
-        self.nc = nc
-        self.seen = 0
-
-    @classmethod
-    async def watch(cls, d: Deployment) -> WorkRequests:
-        watcher = cls(await nats.connect(d.nats.url))
-
-        async def seen(_: Msg) -> None:
-            watcher.seen += 1
-
-        await watcher.nc.subscribe(work_subject("default"), cb=seen)
-        return watcher
-
-    async def two_more(self) -> None:
-        target = self.seen + 2
-        await eventually(lambda: self.seen >= target, what="two more work requests")
-
-    async def close(self) -> None:
-        await self.nc.close()
 
 
 async def test_send_with_attachments_and_inline_images(deploy: DeploymentFactory, sinks: dict) -> None:

@@ -82,7 +82,7 @@ def build(event: BounceEvent, reporting_mta: str, zone: str, retry_until: float 
     notice = _text(_notice(event, reporting_mta, retry_until if delayed else None), "plain")
     international = not (event.mail_from.isascii() and event.recipient.isascii())
     address_type = "utf-8" if international else "rfc822"
-    field = (lambda text: text) if international else _escaped
+    mx, response = (event.mx, event.response) if international else (_escaped(event.mx), _escaped(event.response))
     per_message = [
         ("Reporting-MTA", f"dns; {reporting_mta}"),
         ("X-ZoneMTA-Queue-ID", event.id),
@@ -94,9 +94,9 @@ def build(event: BounceEvent, reporting_mta: str, zone: str, retry_until: float 
         ("Action", "delayed" if delayed else "failed"),
         ("Status", _status(event.response, delayed)),
     ]
-    if event.mx:
-        per_recipient.append(("Remote-MTA", f"dns; {field(event.mx)}"))
-    per_recipient.append(("Diagnostic-Code", f"smtp; {field(event.response)}"))
+    if mx:
+        per_recipient.append(("Remote-MTA", f"dns; {mx}"))
+    per_recipient.append(("Diagnostic-Code", f"smtp; {response}"))
     if delayed and retry_until:
         per_recipient.append(("Will-Retry-Until", format_datetime(datetime.fromtimestamp(retry_until, UTC))))
     report_type = "global-delivery-status" if international else "delivery-status"
