@@ -27,13 +27,19 @@ lock:
 run: $(STAMP)
 	$(PY) -m zmta_devtools.run --config $(CONFIG)
 
+# Test processes (pytest-xdist). The deployment tests mostly wait on their servers, so two
+# processes take half the time even on two cores. A module's tests stay in one process
+# (--dist loadscope): they may share a module-scoped deployment. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadscope
+
 # What CI runs (.ci/run): the checks of `make lint`, then every test.
 test: lint
-	$(VENV)/bin/pytest
+	$(PYTEST)
 
 # Unit tests and the integration tests that start no whole deployment (marked in tests/conftest.py).
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -m "not deployment" tests/unit tests/integration
+	$(PYTEST) -m "not deployment" tests/unit tests/integration
 
 # The same checks as .pre-commit-config.yaml.
 lint: $(STAMP)

@@ -146,7 +146,7 @@ async def test_delivery_to_a_records_when_there_is_no_mx(deploy: DeploymentFacto
 
 @pytest.mark.slow
 async def test_kill_9_of_a_sender_loses_nothing(deploy: DeploymentFactory, sinks: dict) -> None:
-    d: Deployment = await deploy({"queue": {"lease_time": 4}}, senders={})
+    d: Deployment = await deploy({"queue": {"lease_time": 4}, "zones": {"default": {"slot_ttl": 3}}}, senders={})
     slow = sinks["127.0.0.4"]
     slow.handler.data_delay = 30.0  # the sender sits in DATA until we kill it
     total = 12
@@ -156,7 +156,7 @@ async def test_kill_9_of_a_sender_loses_nothing(deploy: DeploymentFactory, sinks
 
     first = await asyncio.to_thread(d.system.start_sender, "default")
     # Wait until the sender holds leases: as many as the domain's connection limit (5 by default),
-    # each stuck in DATA. Its connection slots die with it and expire 15 s later.
+    # each stuck in DATA. Its connection slots die with it and expire slot_ttl (3 s) later.
     await eventually(lambda: _leased(d), what="leases held by the first sender")
     first.kill()
     assert not first.alive

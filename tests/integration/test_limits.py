@@ -200,7 +200,7 @@ async def test_a_connection_taken_while_the_upkeep_runs_is_not_parked_again(redi
 
 async def test_close_all_frees_the_slots_of_connections_still_in_use(redis: Redis, infra: Infra) -> None:
     """A stopping sender closes its pool while cancelled deliveries still hold connections:
-    their slots are freed at once, not left to hold the domain's limit for SLOT_TTL."""
+    their slots are freed at once, not left to hold the domain's limit for the slot_ttl."""
     limits = ZoneLimits(redis, "z", zone(domains={"a.test": {"connections": 2}}))
     pool = ConnectionPool(limits)
     connect, key = sink_session(infra)

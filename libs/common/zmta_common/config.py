@@ -524,6 +524,13 @@ class Zone(Section):
         description="per connection: at most so many messages over one connection, as `10/min` (units sec,"
         " min, hour, day)",
     )
+    slot_ttl: float = Field(
+        default=15.0,
+        ge=2,
+        description="seconds a connection's slot in Redis lives without renewal (senders renew them twice a"
+        " second): how long the connections of a sender pod that died without closing them still count"
+        " against their domain's and MX group's `connections` limit",
+    )
     domains: dict[str, DomainPolicy] = Field(
         default_factory=dict,
         description='zone-wide limits per recipient domain; `"*"` is the default for every domain without an'

@@ -34,7 +34,6 @@ from .smtp_session import SmtpSession
 log = logging.getLogger(__name__)
 
 PoolKey = tuple[str | None, str, str, int, str]  # local address, EHLO name, server IP, port, recipient domain
-SLOT_TTL = 15.0  # seconds a slot lives without renewal (a crashed sender's slots free themselves)
 
 
 @dataclass(slots=True)
@@ -55,12 +54,14 @@ class ConnectionPool:
         idle_ttl: float = 5.0,
         max_uses: int = 100,
         slot_wait: float = 60.0,
+        slot_ttl: float = 15.0,
     ) -> None:
         self.limits = limits
         self.interval = interval  # seconds between messages on one connection (throttling)
         self.idle_ttl = idle_ttl
         self.max_uses = max_uses
         self.slot_wait = slot_wait
+        self.slot_ttl = slot_ttl  # seconds a slot lives without renewal (a crashed sender's slots free themselves)
         self._idle: dict[PoolKey, list[Connection]] = defaultdict(list)
         self._open: dict[str, Connection] = {}
         self.reuses = 0
@@ -98,7 +99,7 @@ class ConnectionPool:
         if self.limits is not None:
             keys = self.limits.connection_keys(domain, group)[0]
             deadline = time.monotonic() + self.slot_wait
-            while not await self.limits.acquire_connection(conn_id, domain, group, SLOT_TTL):
+            while not await self.limits.acquire_connection(conn_id, domain, group, self.slot_ttl):
                 if time.monotonic() > deadline:
                     raise DeliveryError(f"no free connection slot for {domain} in {self.slot_wait:.0f}s", "rate")
                 await asyncio.sleep(0.1)
@@ -160,7 +161,7 @@ class ConnectionPool:
                 else:
                     self._idle[key].append(conn)
         if self.limits is not None:
-            await self.limits.renew_connections({c.id: c.slot_keys for c in self._open.values()}, SLOT_TTL)
+            await self.limits.renew_connections({c.id: c.slot_keys for c in self._open.values()}, self.slot_ttl)
 
     async def _wanted(self, conn: Connection) -> bool:
         if self.limits is None:
@@ -182,7 +183,7 @@ class ConnectionPool:
     async def close_all(self) -> None:
         """QUIT the parked connections; drop the ones still in use (a stopping sender has
         cancelled their deliveries) without waiting for a QUIT. Every slot is freed now:
-        left to expire, it would hold the domain's connection limit for SLOT_TTL after
+        left to expire, it would hold the domain's connection limit for its slot_ttl after
         this sender is gone."""
         for conns in list(self._idle.values()):
             for conn in conns:

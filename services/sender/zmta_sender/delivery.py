@@ -113,7 +113,7 @@ class Deliverer:
         if self.zone.throttling:  # at most so many messages over one connection
             count, period = parse_rate(self.zone.throttling)
             interval = period / count
-        self.connections = ConnectionPool(limits, interval)
+        self.connections = ConnectionPool(limits, interval, slot_ttl=self.zone.slot_ttl)
         self.blacklist = blacklist
         self.signer = signer
         self.hooks = hooks or Hooks()
