@@ -6,6 +6,7 @@ import asyncio
 import itertools
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from tests.support import MANY_DOMAINS, MANY_DOMAINS_MX, Deployment, DeploymentFactory, eventually
@@ -25,8 +26,17 @@ async def test_domain_connection_limit_holds_across_three_pods(deploy: Deploymen
     assert sink.handler.open_max == 2  # the limit was reached, never passed
 
 
-async def test_mx_host_limit_counts_all_its_domains_together(deploy: DeploymentFactory, sinks: dict) -> None:
-    d = await deploy({"zones": {"default": {"mx_hosts": {"mx.many.test": {"connections": 2}}}}}, senders={"default": 3})
+@pytest.mark.parametrize(
+    "zone",
+    [
+        pytest.param({"mx_hosts": {"mx.many.test": {"connections": 2}}}, id="mx_hosts-pattern"),
+        pytest.param({"sites": {"connections": 2}}, id="mx-rollup"),
+    ],
+)
+async def test_a_site_limit_counts_all_its_domains_together(deploy: DeploymentFactory, sinks: dict, zone: dict) -> None:
+    """The ten domains share one MX host: one site, one budget, with a pattern for it or
+    without any (MX rollup), from the first delivery of the burst on."""
+    d = await deploy({"zones": {"default": zone}}, senders={"default": 3})
     sink = sinks[MANY_DOMAINS_MX]
     sink.handler.data_delay = 0.2
     await asyncio.to_thread(send, d, [f"r{n}@{MANY_DOMAINS[n]}" for n in range(10)])  # 10 domains, one MX

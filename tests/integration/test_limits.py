@@ -83,7 +83,7 @@ async def test_rate_spaces_admissions(redis: Redis) -> None:
     assert admitted_at[6] - admitted_at[0] < 1.6, admitted_at
 
 
-async def test_mx_group_limit_spans_domains(redis: Redis) -> None:
+async def test_mx_hosts_site_limit_spans_domains(redis: Redis) -> None:
     limits = ZoneLimits(redis, "z", zone(mx_hosts={"*.outlook.test": {"connections": 2}}))
     group = "*.outlook.test"
     mixed = candidates("a.test", 2, group) + candidates("b.test", 2, group) + candidates("c.test", 2)
@@ -91,25 +91,50 @@ async def test_mx_group_limit_spans_domains(redis: Redis) -> None:
     assert await limits.skip_domains() == ["b.test"]  # found at the limit; a.test will be at its next try
 
 
-async def test_group_of_reads_the_senders_dns_cache(redis: Redis) -> None:
+async def test_site_of_reads_the_senders_dns_cache(redis: Redis) -> None:
     limits = ZoneLimits(redis, "z", zone(mx_hosts={"*.outlook.test": {"connections": 2}}))
     await redis.set(redis_keys.dns("a.test"), '[["a-test.mail.outlook.test", ["192.0.2.1"]], ["backup.test", []]]')
-    assert await limits.group_of(["a.test", "unknown.test"]) == {"a.test": "*.outlook.test", "unknown.test": None}
+    assert await limits.site_of(["a.test", "unknown.test"]) == {"a.test": "*.outlook.test", "unknown.test": None}
 
 
-async def test_group_of_looks_up_a_domain_no_sender_has_resolved(redis: Redis, infra: Infra) -> None:
+async def test_site_of_looks_up_a_domain_no_sender_has_resolved(redis: Redis, infra: Infra) -> None:
     """A cold burst to a big provider is held to its mx_hosts limit from the first lease:
     the queue resolves what the senders have not cached yet, and caches it for them."""
     lookup = MxLookup(Dns(nameservers=["127.0.0.1"], port=infra.dns.port, timeout=2), redis)
     limits = ZoneLimits(redis, "z", zone(mx_hosts={"mx.many.test": {"connections": 2}}), lookup)
     cold = [MANY_DOMAINS[0], MANY_DOMAINS[1], "nowhere.invalid"]
     assert await redis.get(redis_keys.dns(MANY_DOMAINS[0])) is None
-    groups = await limits.group_of(cold)
+    groups = await limits.site_of(cold)
     assert groups == {MANY_DOMAINS[0]: "mx.many.test", MANY_DOMAINS[1]: "mx.many.test", "nowhere.invalid": None}
     assert await redis.get(redis_keys.dns(MANY_DOMAINS[0])) is not None  # the senders find it cached
     admitted = await limits.admit([Candidate(f"m{d}.001", d, groups[d]) for d in cold], 10, time.time() + 60)
     assert admitted == [0, 1, 2]
     assert await limits.admit(candidates(MANY_DOMAINS[2], 1, "mx.many.test"), 10, time.time() + 60) == []
+
+
+async def test_domains_with_the_same_mx_hosts_are_one_site(redis: Redis) -> None:
+    """MX rollup: no configuration names the provider, its domains share the site's budget."""
+    limits = ZoneLimits(redis, "z", zone(sites={"connections": 3}))
+    hosts = '[["mx1.provider.test", ["192.0.2.1"]], ["MX2.provider.test.", ["192.0.2.2"]]]'
+    other_order = '[["mx2.provider.test", ["192.0.2.2"]], ["mx1.provider.test", ["192.0.2.1"]]]'
+    await redis.set(redis_keys.dns("a.test"), hosts)
+    await redis.set(redis_keys.dns("b.test"), other_order)
+    await redis.set(redis_keys.dns("c.test"), '[["mx.c.test", ["192.0.2.3"]]]')
+    sites = await limits.site_of(["a.test", "b.test", "c.test"])
+    assert sites == {"a.test": "mx1.provider.test,mx2.provider.test", "b.test": sites["a.test"], "c.test": "mx.c.test"}
+    batch = [
+        Candidate(f"m{n}.00{n}", d, sites[d]) for n, d in enumerate(["a.test", "b.test", "a.test", "b.test", "c.test"])
+    ]
+    assert await limits.admit(batch, 10, time.time() + 60) == [0, 1, 2, 4]  # 3 for the provider, c.test apart
+    # The senders' connections count against the same site.
+    keys, caps = limits.connection_keys("b.test", sites["b.test"])
+    assert keys[1] == redis_keys.connections("z", "s", "mx1.provider.test,mx2.provider.test") and caps == [5, 3]
+
+
+async def test_a_smarthost_zone_has_no_sites(redis: Redis) -> None:
+    limits = ZoneLimits(redis, "z", zone(smarthost="relay.test:25"))
+    await redis.set(redis_keys.dns("a.test"), '[["mx.a.test", ["192.0.2.1"]]]')
+    assert await limits.site_of(["a.test"]) == {"a.test": None}
 
 
 async def test_connection_slots(redis: Redis) -> None:
@@ -146,7 +171,7 @@ async def test_blacklist_marks_expire(redis: Redis) -> None:
     assert await blacklist.count() == 2
 
 
-async def test_mx_group_rate_spans_domains(redis: Redis) -> None:
+async def test_mx_hosts_site_rate_spans_domains(redis: Redis) -> None:
     limits = ZoneLimits(redis, "z", zone(mx_hosts={"mx.shared.test": {"rate": "1/min"}}))
     group = "mx.shared.test"
     batch = candidates("a.test", 1, group) + candidates("b.test", 1, group) + candidates("c.test", 1)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from zmta_bounce.classifier import Classifier, RulesError, load_all, load_rules, normalise
+from zmta_bounce.classifier import Classifier, RulesError, load_all, load_rules
+from zmta_common.replies import normalise
 
 
 @pytest.fixture(scope="module")

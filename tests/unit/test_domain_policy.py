@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from zmta_common.config import DEFAULT_DOMAIN_CONNECTIONS, DomainPolicy, Limit, Zone, parse_rate
 from zmta_common.domains import canonical_domain, domain_of
+from zmta_common.sites import site_name
 
 RATE_ERROR = "must be N/unit with unit sec, min, hour or day, as 100/min"
 
@@ -146,3 +147,27 @@ def test_mx_host_groups_match_whatever_the_case_and_the_first_pattern_wins() -> 
     assert zone.mx_group("smtp.outlook.com") == "*.outlook.com"
     assert zone.mx_group("outlook.com") is None
     assert zone.mx_group("mx.example.test") is None
+
+
+def test_a_site_is_its_set_of_mx_hosts_in_one_spelling() -> None:
+    google = ["aspmx.l.google.com", "ALT1.aspmx.l.google.com.", "alt2.aspmx.l.google.com"]
+    assert site_name(google) == "alt1.aspmx.l.google.com,alt2.aspmx.l.google.com,aspmx.l.google.com"
+    assert site_name(reversed(google)) == site_name(google)  # preference order does not matter
+    assert site_name(["mx.a.test", "mx.a.test."]) == "mx.a.test"
+    many = [f"mx{n}.very-long-provider-name.test" for n in range(20)]
+    short = site_name(many)
+    assert len(short) <= 200 and short.startswith("mx0.very-long-provider-name.test,+19:")
+    assert site_name(many[:19]) != short
+
+
+def test_a_site_takes_its_pattern_limits_else_the_zone_sites() -> None:
+    zone = Zone.model_validate(
+        {"sites": {"connections": 7, "rate": "100/min"}, "mx_hosts": {"*.outlook.test": {"connections": 2}}}
+    )
+    outlook = zone.site_of(["a-test.mail.outlook.test", "backup.example.test"])
+    assert outlook == "*.outlook.test" and zone.site_limit(outlook).connections == 2
+    # Only the best host decides the pattern; otherwise the set is the site.
+    other = zone.site_of(["backup.example.test", "a-test.mail.outlook.test"])
+    assert other == "a-test.mail.outlook.test,backup.example.test"
+    assert (zone.site_limit(other).connections, zone.site_limit(other).rate) == (7, "100/min")
+    assert Zone().site_limit("mx.a.test").connections == 20  # Postfix's default destination concurrency

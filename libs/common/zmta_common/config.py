@@ -48,6 +48,7 @@ from pydantic_settings import (
 )
 
 from .domains import canonical_domain
+from .sites import site_name
 
 CONFIG_FILE_ENV = "ZMTA_CONFIG_FILE"
 _yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
@@ -410,6 +411,7 @@ class DomainPolicy(Limit):
 
 
 DEFAULT_DOMAIN_CONNECTIONS = 5
+DEFAULT_SITE_CONNECTIONS = 20
 
 
 def _merge_policies(*layers: DomainPolicy | None) -> DomainPolicy:
@@ -542,11 +544,20 @@ class Zone(Section):
     dkim_platform_domain: str | None = Field(
         default=None, description="also sign every message for this domain (the sending platform's signature)"
     )
+    sites: Limit = Field(
+        default_factory=lambda: Limit(connections=DEFAULT_SITE_CONNECTIONS),
+        description="MX rollup: limits per *site*, the set of MX hosts a recipient domain's mail goes to"
+        " (`alt1.aspmx.l.google.com,aspmx.l.google.com,...`), so that every domain one provider hosts shares"
+        " one budget without configuration; counted across all sender pods like the domain limits. The queue"
+        " looks up the MX of a domain no sender has resolved yet before it leases, so the limit holds from the"
+        " first delivery of a burst. Default 20 connections (Postfix's `default_destination_concurrency_limit`),"
+        " no rate. A domain whose best MX host matches an `mx_hosts` pattern is in that pattern's site instead",
+    )
     mx_hosts: dict[str, Limit] = Field(
         default_factory=dict,
-        description="the same `connections`/`rate` limits for all recipient domains whose best MX host matches"
-        ' the pattern (`"*.mail.protection.outlook.com"`), counted together; the queue looks up the MX of a'
-        " domain no sender has resolved yet before it leases, so the limit holds from the first delivery",
+        description="sites by pattern, overriding `sites`: the same `connections`/`rate` limits for all"
+        ' recipient domains whose best MX host matches the pattern (`"*.mail.protection.outlook.com"`,'
+        " whose hosts differ per domain), counted together",
     )
     # domain_policy's merged entries, made on first use ("": every other domain).
     _merged_policies: dict[str, DomainPolicy] = PrivateAttr(default_factory=dict)
@@ -571,6 +582,15 @@ class Zone(Section):
         """The ``mx_hosts`` pattern that ``mx_host`` falls under, if any."""
         host = mx_host.lower().rstrip(".")
         return next((pattern for pattern in self.mx_hosts if fnmatch.fnmatchcase(host, pattern)), None)
+
+    def site_of(self, hosts: list[str]) -> str:
+        """The site of a domain whose MX hosts are ``hosts``, best first: the ``mx_hosts``
+        pattern of the best one, else the set of them (:func:`zmta_common.sites.site_name`)."""
+        return self.mx_group(hosts[0]) or site_name(hosts)
+
+    def site_limit(self, site: str) -> Limit:
+        """The limits of a site named by :meth:`site_of`."""
+        return self.mx_hosts.get(site) or self.sites
 
     @field_validator("domains")
     @classmethod

@@ -1,13 +1,14 @@
 """Limits that hold for a sending zone as a whole, across all its sender pods, in Redis.
 
-Three kinds, each counted per recipient domain and per MX host group (the
-``mx_hosts`` pattern a domain's best MX host falls under):
+Three kinds, each counted per recipient domain and per *site* (the set of MX hosts the
+domain's mail goes to, or the ``mx_hosts`` pattern its best MX host falls under; see
+:mod:`zmta_common.sites`):
 
 * **in flight** (the queue, when it leases): a delivery leased for a domain takes a
   place in a sorted set scored with its lease expiry; no more than ``connections``
   are leased at once. A report frees the place; a lost one frees itself at expiry.
 * **rate** (the queue, when it leases): GCRA, one theoretical-arrival-time key per
-  domain or group, so "60/min" admits a delivery every second with a burst of one.
+  domain or site, so "60/min" admits a delivery every second with a burst of one.
 * **open connections** (the senders): every open SMTP connection, busy or idle in the
   reuse pool, holds a slot with an expiry its sender keeps renewing. A sender that
   finds no free slot raises a short-lived *want* flag, and senders holding idle
@@ -42,8 +43,8 @@ from .mx import DnsFailure, Hosts, MxLookup, parse_hosts
 MX_LOOKUPS = 20
 
 # ARGV: the zone's skip key, inflight, rate and lease prefixes, now, lease_expiry, want,
-# then 9 per candidate: member, domain, group ("" for none), domain connections, domain
-# rate count, domain rate period, group connections, group rate count, group rate period
+# then 9 per candidate: member, domain, site ("" for none), domain connections, domain
+# rate count, domain rate period, site connections, site rate count, site rate period
 # (0 for no limit).
 _ADMIT = """
 local skip_key, inflight, rate, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -80,30 +81,30 @@ end
 
 local i = first
 while i + 8 <= #ARGV and #admitted < want do
-    local member, domain, group = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local member, domain, site = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local dconn, dcount, dperiod = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-    local gconn, gcount, gperiod = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
+    local sconn, scount, speriod = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
     local free_at = nil
-    if not room('d', domain, dconn) or (group ~= '' and not room('m', group, gconn)) then
+    if not room('d', domain, dconn) or (site ~= '' and not room('s', site, sconn)) then
         free_at = now + 0.5  -- or sooner: a report that frees a place takes it off the list
     end
-    local dtat, gtat = 0, 0
+    local dtat, s_tat = 0, 0
     if not free_at then
         local wait
         dtat, wait = next_tat('d', domain, dcount, dperiod)
         if not dtat then free_at = wait end
     end
-    if not free_at and group ~= '' then
+    if not free_at and site ~= '' then
         local wait
-        gtat, wait = next_tat('m', group, gcount, gperiod)
-        if not gtat then free_at = wait end
+        s_tat, wait = next_tat('s', site, scount, speriod)
+        if not s_tat then free_at = wait end
     end
     if free_at then
         redis.call('ZADD', skip_key, 'GT', free_at, domain)
     else
         take('d', domain, member, dconn, dtat, dperiod)
-        if group ~= '' then take('m', group, member, gconn, gtat, gperiod) end
-        redis.call('SET', lease .. member, domain .. '\\t' .. group,
+        if site ~= '' then take('s', site, member, sconn, s_tat, speriod) end
+        redis.call('SET', lease .. member, domain .. '\\t' .. site,
                    'PX', math.ceil((expiry - now) * 1000) + 60000)
         table.insert(admitted, (i - first) / 9)
     end
@@ -120,9 +121,9 @@ for i = 4, #ARGV do
     local where = redis.call('GET', lease_key)
     if where then
         local tab = string.find(where, '\\t', 1, true)
-        local domain, group = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
+        local domain, site = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
         redis.call('ZREM', inflight .. 'd:' .. domain, ARGV[i])
-        if group ~= '' then redis.call('ZREM', inflight .. 'm:' .. group, ARGV[i]) end
+        if site ~= '' then redis.call('ZREM', inflight .. 's:' .. site, ARGV[i]) end
         redis.call('DEL', lease_key)
         -- a place is free again: the domain may be leased at once (a rate wait keeps its own key)
         redis.call('ZREM', skip_key, domain)
@@ -140,10 +141,10 @@ for i = 4, #ARGV do
     local where = redis.call('GET', lease_key)
     if where then
         local tab = string.find(where, '\\t', 1, true)
-        local domain, group = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
+        local domain, site = string.sub(where, 1, tab - 1), string.sub(where, tab + 1)
         redis.call('ZADD', inflight .. 'd:' .. domain, 'XX', expiry, ARGV[i])
-        if group ~= '' then
-            redis.call('ZADD', inflight .. 'm:' .. group, 'XX', expiry, ARGV[i])
+        if site ~= '' then
+            redis.call('ZADD', inflight .. 's:' .. site, 'XX', expiry, ARGV[i])
         end
         redis.call('PEXPIRE', lease_key, ttl)
     end
@@ -151,7 +152,7 @@ end
 return 0
 """
 
-# KEYS: connection sets (domain, group); ARGV: now, expiry, connection id, limits (0: none), want keys
+# KEYS: connection sets (domain, site); ARGV: now, expiry, connection id, limits (0: none), want keys
 _ACQUIRE = """
 local now, expiry, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 for i = 1, #KEYS do
@@ -177,7 +178,7 @@ class Candidate:
 
     member: str  # "<id>.<seq>"
     domain: str
-    group: str | None  # the mx_hosts pattern of the domain's best MX host
+    site: str | None  # the domain's site (zmta_common.sites), None when its MX is unknown
 
 
 def _rate(text: str | None) -> tuple[int, float]:
@@ -229,9 +230,9 @@ class ZoneLimits:
         ]
         for c in candidates:
             policy = self.zone.domain_policy(c.domain)
-            group = self.zone.mx_hosts.get(c.group) if c.group else None
-            args += [c.member, c.domain, c.group or "", policy.connections or 0, *_rate(policy.rate)]
-            args += [(group.connections or 0) if group else 0, *(_rate(group.rate) if group else (0, 0.0))]
+            site = self.zone.site_limit(c.site) if c.site else None
+            args += [c.member, c.domain, c.site or "", policy.connections or 0, *_rate(policy.rate)]
+            args += [(site.connections or 0) if site else 0, *(_rate(site.rate) if site else (0, 0.0))]
         admitted = await self._admit(args=args)
         return [int(i) for i in admitted]
 
@@ -245,21 +246,21 @@ class ZoneLimits:
         if members:
             await self._renew(args=[self._inflight, self._lease, expiry, *members])
 
-    async def group_of(self, domains: list[str]) -> dict[str, str | None]:
-        """Each domain's MX host group, from the MX answers cached in Redis; a domain not
-        in the cache is looked up first (when this has a lookup), so that a burst to a
-        domain no sender has resolved yet is held to its group's limit from the start."""
-        if not self.zone.mx_hosts or not domains or self.zone.smarthost:
+    async def site_of(self, domains: list[str]) -> dict[str, str | None]:
+        """Each domain's site, from the MX answers cached in Redis; a domain not in the
+        cache is looked up first (when this has a lookup), so that a burst to a domain no
+        sender has resolved yet is held to its site's limit from the start."""
+        if not domains or self.zone.smarthost:
             return dict.fromkeys(domains)
         cached = await self.redis.mget([redis_keys.dns(d) for d in domains])
         hosts = {domain: parse_hosts(raw) for domain, raw in zip(domains, cached, strict=True)}
         unknown = [d for d, found in hosts.items() if found is None]
         if unknown and self.lookup is not None:
             hosts.update(zip(unknown, await self._look_up(unknown), strict=True))
-        groups: dict[str, str | None] = {}
+        sites: dict[str, str | None] = {}
         for domain, found in hosts.items():
-            groups[domain] = self.zone.mx_group(found[0][0]) if found else None
-        return groups
+            sites[domain] = self.zone.site_of([host for host, _ in found]) if found else None
+        return sites
 
     async def _look_up(self, domains: list[str]) -> list[Hosts | None]:
         """MX hosts of each domain, None where DNS has no answer (the sender will say why)."""
@@ -277,17 +278,17 @@ class ZoneLimits:
 
     # -- the senders ---------------------------------------------------------
 
-    def connection_keys(self, domain: str, group: str | None) -> tuple[list[str], list[int]]:
+    def connection_keys(self, domain: str, site: str | None) -> tuple[list[str], list[int]]:
         keys = [redis_keys.connections(self.zone_name, "d", domain)]
         limits = [self.zone.domain_policy(canonical_domain(domain)).connections or 0]
-        if group is not None:
-            keys.append(redis_keys.connections(self.zone_name, "m", group))
-            limits.append(self.zone.mx_hosts[group].connections or 0)
+        if site is not None:
+            keys.append(redis_keys.connections(self.zone_name, "s", site))
+            limits.append(self.zone.site_limit(site).connections or 0)
         return keys, limits
 
-    async def acquire_connection(self, conn_id: str, domain: str, group: str | None, ttl: float) -> bool:
-        """Take a connection slot for ``domain`` (and its MX group) if one is free."""
-        keys, limits = self.connection_keys(domain, group)
+    async def acquire_connection(self, conn_id: str, domain: str, site: str | None, ttl: float) -> bool:
+        """Take a connection slot for ``domain`` (and its site) if one is free."""
+        keys, limits = self.connection_keys(domain, site)
         now = time.time()
         wants = [redis_keys.want(k) for k in keys]
         return bool(await self._acquire(keys=keys, args=[now, now + ttl, conn_id, *limits, *wants]))

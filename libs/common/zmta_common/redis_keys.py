@@ -1,13 +1,13 @@
 """Every Redis key name of the system, in one place.
 
 Each service reads keys that another one writes (the senders cache MX answers that the
-queue reads for ``mx_hosts`` limits, the queue's skip list is shown by the API), so a
+queue reads for site limits, the queue's skip list is shown by the API), so a
 name spelled twice is a bug waiting to happen. Domains in keys are always in their
 canonical form (:func:`zmta_common.domains.canonical_domain`); the functions here apply
 it, so a caller cannot get it wrong.
 
 The Lua scripts of :mod:`zmta_common.limits` get the per-zone prefixes below as
-arguments and only append the domain or MX group to them.
+arguments and only append the domain or site to them.
 
 =========================================  =============================================
 key                                        what it holds
@@ -16,17 +16,17 @@ key                                        what it holds
 ``zmta:sts:<domain>``                      the domain's MTA-STS policy (JSON)
 ``zmta:pods:<zone>``                       hash: sender slice -> last work request
 ``zmta:skip:<zone>``                       sorted set: domains at a limit -> free again at
-``zmta:inflight:<zone>:d|m:<name>``        sorted set: leased deliveries -> lease expiry
-``zmta:rate:<zone>:d|m:<name>``            GCRA theoretical arrival time
+``zmta:inflight:<zone>:d|s:<name>``        sorted set: leased deliveries -> lease expiry
+``zmta:rate:<zone>:d|s:<name>``            GCRA theoretical arrival time
 ``zmta:lease:<zone>:<id>.<seq>``           where a leased delivery holds its places
-``zmta:conn:<zone>:d|m:<name>``            sorted set: open SMTP connections -> expiry
-``zmta:want:<zone>:d|m:<name>``            flag: a sender waits for a connection slot
+``zmta:conn:<zone>:d|s:<name>``            sorted set: open SMTP connections -> expiry
+``zmta:want:<zone>:d|s:<name>``            flag: a sender waits for a connection slot
 ``zmta:blacklist``                         sorted set: ``<domain>|<local address>`` -> expiry
 ``zmta:blacklist:why``                     hash: the same members -> what set the mark (JSON)
 ``zmta:authfail:<interface>:<client>``     refused SMTP AUTH attempts in the window
 =========================================  =============================================
 
-``d`` keys count per recipient domain, ``m`` keys per ``mx_hosts`` group.
+``d`` keys count per recipient domain, ``s`` keys per site (:mod:`zmta_common.sites`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ PREFIX = "zmta:"
 BLACKLIST = f"{PREFIX}blacklist"
 BLACKLIST_WHY = f"{PREFIX}blacklist:why"
 
-# What a limit counts: a recipient domain, or an mx_hosts group.
-Kind = Literal["d", "m"]
+# What a limit counts: a recipient domain, or a site.
+Kind = Literal["d", "s"]
 
 
 def dns(domain: str) -> str:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from zmta_common.replies import STATUS, normalise
+
 DEFAULT_RULES = Path(__file__).with_name("rules.yaml")
 ACTIONS = ("defer", "reject", "blacklist")
-_STATUS = re.compile(r"\b([245])\.\d{1,3}\.\d{1,3}\b")
 
 
 class RulesError(ValueError):
@@ -74,23 +75,6 @@ def load_all(extra: Sequence[str | Path] = ()) -> list[Rule]:
     return rules
 
 
-def normalise(code: int, text: str) -> str:
-    """One line: ``<code> <text>``, without the reply-code and repeated status prefixes of
-    continuation lines, and with runs of whitespace collapsed."""
-    lines = text.strip().splitlines() or [""]
-    first = re.sub(r"^\d{3}[ -]", "", lines[0])
-    status = _STATUS.match(first)
-    rest = []
-    for line in lines[1:]:
-        line = re.sub(r"^\d{3}[ -]", "", line)
-        if status and line.startswith(status.group(0)):
-            line = line[len(status.group(0)) :]
-        rest.append(line)
-    joined = " ".join([first, *rest])
-    joined = " ".join(joined.split())
-    return f"{code} {joined}" if code else joined
-
-
 class Classifier:
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
@@ -106,7 +90,7 @@ class Classifier:
 
     def _classify(self, code: int, text: str) -> Verdict:
         line = normalise(code, text)
-        status_match = _STATUS.search(line[:100])
+        status_match = STATUS.search(line[:100])
         status = status_match.group(0) if status_match else ""
         if code == 0:
             return Verdict("defer", "network", "Connection or DNS problem", code, status)

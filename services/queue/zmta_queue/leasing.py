@@ -107,9 +107,9 @@ class WorkDesk:
                 if take:
                     mine.append(index)
                     addresses[(r.id, r.seq)] = address.address if address else ""
-            groups = await limits.group_of(sorted({ready[i].domain for i in mine}))
+            sites = await limits.site_of(sorted({ready[i].domain for i in mine}))
             candidates = [
-                Candidate(f"{ready[i].id}.{ready[i].seq}", ready[i].domain, groups[ready[i].domain]) for i in mine
+                Candidate(f"{ready[i].id}.{ready[i].seq}", ready[i].domain, sites[ready[i].domain]) for i in mine
             ]
             return [mine[j] for j in await limits.admit(candidates, want, time.time() + lease_time)]
 

@@ -7,8 +7,8 @@ server takes it instead of connecting, greeting and negotiating TLS again. A fai
 transaction closes its connection, and a parked one is not taken again once the server
 said anything unasked on it (a 421 before hanging up).
 
-Every open connection, busy or parked, holds a slot of its recipient domain (and MX
-host group) in Redis (:class:`~zmta_common.limits.ZoneLimits`), so a domain's
+Every open connection, busy or parked, holds a slot of its recipient domain (and its
+site) in Redis (:class:`~zmta_common.limits.ZoneLimits`), so a domain's
 connection limit holds for the whole zone. The slots are renewed while the
 connection lives and freed when it closes; parked connections are closed early when
 another sender waits for a slot of theirs. ``throttling`` spaces the messages sent
@@ -92,14 +92,14 @@ class ConnectionPool:
             self.reuses += 1
         return found
 
-    async def open(self, domain: str, group: str | None, connect: Callable[[], Awaitable[SmtpSession]]) -> Connection:
-        """A new connection, once a slot for ``domain`` (and ``group``) is free."""
+    async def open(self, domain: str, site: str | None, connect: Callable[[], Awaitable[SmtpSession]]) -> Connection:
+        """A new connection, once a slot for ``domain`` (and ``site``) is free."""
         conn_id = uuid.uuid4().hex
         keys: list[str] = []
         if self.limits is not None:
-            keys = self.limits.connection_keys(domain, group)[0]
+            keys = self.limits.connection_keys(domain, site)[0]
             deadline = time.monotonic() + self.slot_wait
-            while not await self.limits.acquire_connection(conn_id, domain, group, self.slot_ttl):
+            while not await self.limits.acquire_connection(conn_id, domain, site, self.slot_ttl):
                 if time.monotonic() > deadline:
                     raise DeliveryError(f"no free connection slot for {domain} in {self.slot_wait:.0f}s", "rate")
                 await asyncio.sleep(0.1)

@@ -148,7 +148,7 @@ class Deliverer:
                 "blacklisted",
             )
         try:
-            targets = await self._targets(delivery.domain)
+            targets, site = await self._targets(delivery.domain)
             tls, targets = await self._tls(delivery.domain, targets)
             local, targets = same_family(local, targets, self.pool, f"{delivery.id}.{delivery.seq}", delivery.domain)
             ehlo_name = local.name if local else self.config.hostname
@@ -163,10 +163,9 @@ class Deliverer:
                 tls=tls,
                 size=len(head) + 2 + message.body_size,  # as wire_chunks sends it, less the dot-stuffing
             )
-            group = None if self.zone.smarthost else self.zone.mx_group(targets[0].host)
             await self.hooks.run("sender:connect", context, targets[0].host)
             chunks = functools.partial(self._chunks, head, message)
-            accepted = await deliver(attempt, targets, chunks, self.connections, group)
+            accepted = await deliver(attempt, targets, chunks, self.connections, site)
         except DeliveryError as exc:
             status = REJECTED if exc.permanent else DEFERRED
             return self.report(delivery, status, str(exc), exc.category, local_ip=local.address if local else None)
@@ -268,11 +267,13 @@ class Deliverer:
         usable = [a for a in self.pool if a.address not in excluded]
         return local_address.choose(usable, f"{delivery.id}.{delivery.seq}", ipv6=not self.zone.ignore_ipv6)
 
-    async def _targets(self, domain: str) -> list[Target]:
+    async def _targets(self, domain: str) -> tuple[list[Target], str | None]:
+        """The addresses to try, and the domain's site (none for a smarthost)."""
         if self.zone.smarthost:
             host, _, port = self.zone.smarthost.rpartition(":")
-            return [Target(host, host.strip("[]"), int(port))]
-        return await self.resolver.targets(domain, self.zone.mx_port, ipv6=not self.zone.ignore_ipv6)
+            return [Target(host, host.strip("[]"), int(port))], None
+        route = await self.resolver.route(domain, self.zone.mx_port, ipv6=not self.zone.ignore_ipv6)
+        return route.targets, self.zone.site_of(route.hosts)
 
     async def _tls(self, domain: str, targets: list[Target]) -> tuple[TlsPolicy, list[Target]]:
         """The delivery's TLS policy (zone and domain ``tls``, MTA-STS) and the MX targets it allows."""

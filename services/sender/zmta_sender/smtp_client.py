@@ -84,11 +84,11 @@ ChunkSource = Callable[[], AsyncIterator[bytes]]
 
 
 async def deliver(
-    attempt: Attempt, targets: list[Target], chunks: ChunkSource, pool: ConnectionPool, group: str | None
+    attempt: Attempt, targets: list[Target], chunks: ChunkSource, pool: ConnectionPool, site: str | None
 ) -> Accepted:
     """Try the targets in order; return how the message was accepted or raise why not.
 
-    ``group`` is the MX host group of the recipient's domain, for connection limits.
+    ``site`` is the recipient domain's site (:mod:`zmta_common.sites`), for connection limits.
     """
     last: Exception | None = None
     domain = domain_of(attempt.recipient)
@@ -106,7 +106,7 @@ async def deliver(
                     raise
                 # The server dropped the parked connection; a fresh one decides.
         try:
-            conn = await pool.open(domain, group, functools.partial(_connect, attempt, target))
+            conn = await pool.open(domain, site, functools.partial(_connect, attempt, target))
         except ReplyError as exc:
             if exc.code >= 500:
                 raise  # a permanent refusal at the greeting is for the classifier
