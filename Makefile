@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/development.yaml
 
-.PHONY: setup lock run test test-fast lint bench bench-huge images clean
+.PHONY: setup lock run test test-fast lint bench bench-huge bench-shaping images clean
 
 STAMP  := $(VENV)/.setup-done
 SETUP_INPUTS := scripts/setup.sh constraints.txt requirements-dev.txt libs/common/pyproject.toml \
@@ -50,6 +50,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m zmta_devtools.bench $(BENCH_ARGS)
 	$(PY) -m zmta_devtools.bench_dkim
+
+# A campaign to one provider that pushes back: traffic shaping off, on, and limits tuned by hand.
+bench-shaping: $(STAMP)
+	$(PY) -m zmta_devtools.bench_shaping $(BENCH_ARGS)
 
 # One 1 GiB message through every service, with each service's peak memory, then through Postfix.
 bench-huge: $(STAMP)

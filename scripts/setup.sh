@@ -22,6 +22,11 @@ have smtp-sink || missing+=(postfix)
 have swaks || missing+=(swaks)
 # rspamd: the real spam checker of the rspamd plugin's tests (they run their own on a free port).
 have rspamd || missing+=(rspamd)
+# DANE tests: NSD serves zones that ldns-signzone (ldnsutils) signs, unbound validates them
+# (each test module runs its own on free ports).
+have nsd || missing+=(nsd)
+have unbound || missing+=(unbound)
+have ldns-signzone || missing+=(ldnsutils)
 # Mail::DKIM: the second, independent verifier in the DKIM signer tests.
 perl -MMail::DKIM::Verifier -e1 >/dev/null 2>&1 || missing+=(libmail-dkim-perl)
 "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
@@ -38,6 +43,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "postfix postfix/mailname string localhost.localdomain" | $SUDO debconf-set-selections
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # The nsd and unbound packages come as system services on port 53, which the tests do not
+    # want (they start their own): stopped and disabled where systemd runs them.
+    if [ -d /run/systemd/system ]; then
+        for unit in nsd unbound; do
+            if [[ " ${missing[*]} " == *" $unit "* ]]; then
+                $SUDO systemctl disable --now "$unit.service" >/dev/null 2>&1 || true
+            fi
+        done
+    fi
 else
     echo "setup: server packages already present"
 fi

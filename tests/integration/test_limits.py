@@ -16,6 +16,7 @@ from zmta_common.config import Dns, Zone
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
 from zmta_common.mx import MxLookup
 from zmta_sender.connections import ConnectionPool, PoolKey
+from zmta_sender.errors import DeliveryError
 from zmta_sender.smtp_session import SmtpSession
 
 
@@ -202,6 +203,29 @@ async def test_a_stale_parked_connection_frees_its_slot_when_found(redis: Redis,
     assert await pool.take(key) is None
     assert await limits.acquire_connection("other", "a.test", None, 15)  # freed at once, not in 15 s
     assert not conn.session.usable
+
+
+async def test_a_new_connection_to_a_full_site_closes_our_parked_one_to_another_domain(
+    redis: Redis, infra: Infra
+) -> None:
+    """Connections are pooled per recipient domain, so a site's budget is mostly taken by
+    parked ones: a delivery to another domain of the site closes one of ours at once."""
+    limits = ZoneLimits(redis, "z", zone(sites={"connections": 1}))
+    pool = ConnectionPool(limits, idle_ttl=30, slot_wait=0.5)
+    connect, key = sink_session(infra)
+    first = await pool.open("a.test", "mx.shared.test", connect)
+    await pool.give(key, first)  # parked, holding the site's only slot
+    second = await pool.open("b.test", "mx.shared.test", connect)  # not after slot_wait: no DeliveryError
+    assert not first.session.usable and pool.idle == 0
+    # A parked connection of another site is left alone (and this site has no room left).
+    other_key = (*key[:4], "c.test")
+    third = await pool.open("c.test", "mx.other.test", connect)
+    await pool.give(other_key, third)
+    with pytest.raises(DeliveryError, match=r"no free connection slot for d\.test"):
+        await pool.open("d.test", "mx.shared.test", connect)
+    assert pool.idle == 1 and third.session.usable
+    await pool.discard(second)
+    await pool.close_all()
 
 
 async def test_a_connection_taken_while_the_upkeep_runs_is_not_parked_again(redis: Redis, infra: Infra) -> None:

@@ -405,6 +405,11 @@ class DomainPolicy(Limit):
     tls: TlsMode | None = Field(
         default=None, description="the zone's `tls` for this recipient domain; unset: the zone's"
     )
+    dane: bool | None = Field(
+        default=None,
+        description='`tls.dane` for this recipient domain (`"*"`: for the zone); unset: `tls.dane`. `true`'
+        " needs `dns.dnssec`",
+    )
     http_url: HttpUrl | None = Field(
         default=None, description="deliver the domain's mail by POSTing it to this URL instead of over SMTP"
     )
@@ -651,10 +656,17 @@ class Dns(Section):
     )
     port: int = Field(default=53, ge=1, le=65535, description="port of the nameservers")
     timeout: float = Field(default=5.0, gt=0, description="seconds a lookup may take")
+    dnssec: bool = Field(
+        default=False,
+        description="the nameservers validate DNSSEC, and their AD flag (the answer is authenticated) is"
+        " trusted: Postfix's `smtp_dns_support_level = dnssec`. Needed for DANE (`tls.dane`), which it turns"
+        " on by default. Use a validating resolver on the same host or a network you trust (unbound, BIND,"
+        " Knot Resolver): the AD flag itself travels unprotected",
+    )
 
 
 class Tls(Section):
-    """Outbound TLS of the senders: certificate checks and MTA-STS (RFC 8461)."""
+    """Outbound TLS of the senders: certificate checks, MTA-STS (RFC 8461) and DANE (RFC 7672)."""
 
     ca_file: str | None = Field(
         default=None,
@@ -672,6 +684,22 @@ class Tls(Section):
         " be fetched: the cached one, else none",
     )
     mta_sts_timeout: float = Field(default=10.0, gt=0, description="seconds an MTA-STS policy fetch may take")
+    dane: bool | None = Field(
+        default=None,
+        description="DANE (RFC 7672) for recipient domains, not for smarthost zones: Postfix's"
+        " `smtp_tls_security_level = dane`; unset: on when `dns.dnssec` is, and `true` needs `dns.dnssec`."
+        " When the domain's MX records are DNSSEC-secure, and an MX host's address and TLSA records"
+        " (`_<mx_port>._tcp.<host>`) are too, that host must offer STARTTLS and its certificate must match"
+        " one of them: DANE-EE (`3 x x`: the certificate or its public key; name and dates not checked) or"
+        " DANE-TA (`2 x x`: a certificate of the chain it presents, which must issue its certificate, with"
+        " the MX host name and dates checked). A mismatch, no STARTTLS, or a TLSA lookup that fails (bogus)"
+        " defers the delivery to that host (`451 4.7.5 DANE: certificate of mx.a.test[192.0.2.1] matches"
+        " none of its 2 TLSA records`). PKIX records only (usages 0 and 1, unusable for SMTP): TLS required,"
+        " certificate not checked. No TLSA records, or insecure answers: the `tls` mode and MTA-STS as"
+        " without DANE. DANE takes precedence over MTA-STS for the hosts it covers; `tls: none` turns both"
+        " off. Answers are cached in Redis (`zmta:dane:<domain>`, `zmta:tlsa:<host>:<port>`) for their TTL,"
+        " 10 minutes at most; the report of a delivery says `dane=DANE-EE` (or `DANE-TA`, `unusable`)",
+    )
 
 
 class Queue(Section):
@@ -797,6 +825,46 @@ class Api(Section):
         if self.open_access and self.host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError(f"open_access needs the API on loopback, not on {self.host}")
         return self
+
+
+class Shaping(Section):
+    """Adaptive traffic shaping: the zones change their own pace when receiving sites push
+    back, across every sender pod and queue replica (state in Redis).
+
+    Rules are data: the operator's files, then the shipped `shaping.yaml` (Gmail's 4.7.28
+    and rate replies, Microsoft's 4.7.5xx/6xx and S3140-style throttles, Yahoo's TS01-TS04,
+    "too many connections", any rate limit seen a few times a minute, a site that keeps
+    failing to connect). The first rule a reply matches decides: a regular expression over
+    the reply and/or the bounce classifier's category, once or `threshold` times within
+    `window` seconds, then an action for `duration` seconds at a scope:
+
+    ```yaml
+    - name: provider-busy                 # unique; in logs, the API and metrics
+      match: '421 4\\.7\\.0 .*slow down'  # and/or category: rate_limited
+      threshold: 3                        # matches within window seconds (default 1, 60)
+      window: 60
+      scope: site                         # site | site_address | zone
+      action: throttle                    # suspend | throttle (scope site)
+      connections: 50%                    # of the configured limit, or a number
+      rate: 50%                           # of the configured rate (else of what was being sent), or "60/min"
+      duration: 600                       # seconds; the same signal again extends it
+    ```
+
+    `suspend` at `site` scope leases nothing for the site's domains; at `site_address` scope
+    they get other addresses of the pool; at `zone` scope the zone leases nothing. `throttle`
+    lowers the site's `connections` and `rate`. When the duration ends the configured values
+    apply again. Overrides in force: `GET /shaping`, lifted by `DELETE /shaping/<zone>`
+    (`?site=...&address=...`); each start and end is logged (`shaping started`, `shaping
+    ended`, `shaping lifted`); metrics `zonemta_shaping_triggered{zone,rule,action}` (senders)
+    and `zonemta_shaping_active{zone,scope,action}` (queue).
+    """
+
+    enabled: bool = Field(default=True, description="apply the shaping rules; `false`: the configured limits only")
+    rules_files: list[str] = Field(
+        default_factory=list,
+        description="the operator's shaping rule files (YAML, as the shipped `shaping.yaml`), checked in order"
+        " before the shipped rules",
+    )
 
 
 class Bounce(Section):
@@ -1104,6 +1172,7 @@ class Config(BaseSettings):
     dns: Dns = Field(default_factory=Dns, description="MX lookups")
     tls: Tls = Field(default_factory=Tls, description="outbound TLS")
     bounce: Bounce = Field(default_factory=Bounce, description="classification, DSNs and notifications")
+    shaping: Shaping = Field(default_factory=Shaping, description="adaptive traffic shaping")
     dkim: Dkim = Field(default_factory=Dkim, description="DKIM signing")
     plugins: dict[str, Plugin] = Field(
         default_factory=dict,
@@ -1124,6 +1193,22 @@ class Config(BaseSettings):
         for key, zone in (("queue.default_zone", self.queue.default_zone), ("bounce.zone", self.bounce.zone)):
             if zone is not None and zone not in self.zones:
                 raise ValueError(f"{key} {zone!r} is not one of the zones ({', '.join(sorted(self.zones))})")
+        return self
+
+    @model_validator(mode="after")
+    def _dane_needs_dnssec(self) -> Config:
+        # DANE stands on the resolver's AD flag: without a validating resolver it has nothing to stand on.
+        if self.dns.dnssec:
+            return self
+        keys = ["tls.dane"] if self.tls.dane else []
+        keys += [
+            f"zones.{name}.domains.{domain}.dane"
+            for name, zone in self.zones.items()
+            for domain, policy in zone.domains.items()
+            if policy.dane
+        ]
+        if keys:
+            raise ValueError(f"{', '.join(keys)}: DANE needs dns.dnssec: true (nameservers that validate DNSSEC)")
         return self
 
     @property

@@ -35,21 +35,25 @@ from typing import Any
 from redis.asyncio import Redis
 
 from . import redis_keys
-from .config import Zone, parse_rate
+from .config import Limit, Zone, parse_rate
 from .domains import canonical_domain
 from .mx import DnsFailure, Hosts, MxLookup, parse_hosts
+from .shaping import InForce, Override, scope_key
 
 # MX lookups the queue runs at once for domains that no sender has resolved yet.
 MX_LOOKUPS = 20
+# Seconds the domains of a suspended site stay on the skip list before they are looked at again.
+SUSPENDED_RECHECK = 5.0
 
-# ARGV: the zone's skip key, inflight, rate and lease prefixes, now, lease_expiry, want,
-# then 9 per candidate: member, domain, site ("" for none), domain connections, domain
+# ARGV: the zone's skip key, inflight, rate, lease and leased prefixes, now, lease_expiry,
+# want, then 9 per candidate: member, domain, site ("" for none), domain connections, domain
 # rate count, domain rate period, site connections, site rate count, site rate period
 # (0 for no limit).
 _ADMIT = """
-local skip_key, inflight, rate, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now, expiry, want = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local first = 8
+local skip_key, inflight, rate, lease, leased = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now, expiry, want = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local first = 9
+local minute = ':' .. tostring(math.floor(now / 60))
 local admitted = {}
 
 local function room(kind, name, connections)
@@ -103,7 +107,12 @@ while i + 8 <= #ARGV and #admitted < want do
         redis.call('ZADD', skip_key, 'GT', free_at, domain)
     else
         take('d', domain, member, dconn, dtat, dperiod)
-        if site ~= '' then take('s', site, member, sconn, s_tat, speriod) end
+        if site ~= '' then
+            take('s', site, member, sconn, s_tat, speriod)
+            -- what the site is being sent, for a shaping throttle of "50%" of it
+            local count_key = leased .. site .. minute
+            if redis.call('INCR', count_key) == 1 then redis.call('EXPIRE', count_key, 150) end
+        end
         redis.call('SET', lease .. member, domain .. '\\t' .. site,
                    'PX', math.ceil((expiry - now) * 1000) + 60000)
         table.insert(admitted, (i - first) / 9)
@@ -152,21 +161,35 @@ end
 return 0
 """
 
-# KEYS: connection sets (domain, site); ARGV: now, expiry, connection id, limits (0: none), want keys
+# KEYS: connection sets (domain, site); ARGV: now, expiry, connection id, the zone's shaping
+# hash and the site's field in it ("" for none), limits (0: none), want keys
 _ACQUIRE = """
 local now, expiry, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local limits = {}
+for i = 1, #KEYS do limits[i] = tonumber(ARGV[5 + i]) end
+if ARGV[4] ~= '' then
+    -- a shaping throttle in force lowers the site's connections (KEYS[2])
+    local raw = redis.call('HGET', ARGV[4], ARGV[5])
+    if raw then
+        local held = cjson.decode(raw)
+        local cap = held.connections
+        if held.expires > now and held.action == 'throttle' and type(cap) == 'number'
+                and (limits[2] <= 0 or cap < limits[2]) then
+            limits[2] = cap
+        end
+    end
+end
 for i = 1, #KEYS do
-    local limit = tonumber(ARGV[3 + i])
-    if limit > 0 then
+    if limits[i] > 0 then
         redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-        if redis.call('ZSCORE', KEYS[i], id) == false and redis.call('ZCARD', KEYS[i]) >= limit then
-            redis.call('SET', ARGV[3 + #KEYS + i], '1', 'PX', 2000)
+        if redis.call('ZSCORE', KEYS[i], id) == false and redis.call('ZCARD', KEYS[i]) >= limits[i] then
+            redis.call('SET', ARGV[5 + #KEYS + i], '1', 'PX', 2000)
             return 0
         end
     end
 end
 for i = 1, #KEYS do
-    if tonumber(ARGV[3 + i]) > 0 then redis.call('ZADD', KEYS[i], expiry, id) end
+    if limits[i] > 0 then redis.call('ZADD', KEYS[i], expiry, id) end
 end
 return 1
 """
@@ -185,6 +208,22 @@ def _rate(text: str | None) -> tuple[int, float]:
     return parse_rate(text) if text else (0, 0.0)
 
 
+def _throttled(limit: Limit, override: Override | None) -> Limit:
+    """A site's limits, lowered by a shaping throttle in force (never raised by one)."""
+    if override is None or override.action != "throttle":
+        return limit
+    connections = min(limit.connections or override.connections or 0, override.connections or limit.connections or 0)
+    rate = limit.rate
+    if override.rate and (not limit.rate or _per_second(override.rate) < _per_second(limit.rate)):
+        rate = override.rate
+    return Limit(connections=connections or None, rate=rate)
+
+
+def _per_second(rate: str) -> float:
+    count, period = parse_rate(rate)
+    return count / period
+
+
 class ZoneLimits:
     def __init__(self, redis: Redis, zone_name: str, zone: Zone, lookup: MxLookup | None = None) -> None:
         self.redis = redis
@@ -201,6 +240,7 @@ class ZoneLimits:
         self._inflight = redis_keys.inflight_prefix(zone_name)
         self._rate = redis_keys.rate_prefix(zone_name)
         self._lease = redis_keys.lease_prefix(zone_name)
+        self._leased = redis_keys.leased_prefix(zone_name)
 
     # -- the queue -----------------------------------------------------------
 
@@ -217,24 +257,39 @@ class ZoneLimits:
         soonest = await self.redis.zrangebyscore(self._skip, time.time(), "+inf", start=0, num=1, withscores=True)
         return max(0.0, float(soonest[0][1]) - time.time()) if soonest else 0.0
 
-    async def admit(self, candidates: list[Candidate], want: int, lease_expiry: float) -> list[int]:
-        """Indices of the candidates (in order, at most ``want``) that fit every limit; takes their places."""
+    async def admit(
+        self, candidates: list[Candidate], want: int, lease_expiry: float, shaping: InForce | None = None
+    ) -> list[int]:
+        """Indices of the candidates (in order, at most ``want``) that fit every limit, the
+        traffic shaping ``shaping`` holds them to included; takes their places."""
+        shaping = shaping or InForce([])
+        held = {c.domain: o.expires for c in candidates if (o := shaping.site(c.site)) and o.action == "suspend"}
+        if held:
+            await self._hold(held)
+        passing = [i for i, c in enumerate(candidates) if c.domain not in held]
         args: list[str | float | int] = [
             self._skip,
             self._inflight,
             self._rate,
             self._lease,
+            self._leased,
             time.time(),
             lease_expiry,
             want,
         ]
-        for c in candidates:
+        for c in (candidates[i] for i in passing):
             policy = self.zone.domain_policy(c.domain)
-            site = self.zone.site_limit(c.site) if c.site else None
+            site = _throttled(self.zone.site_limit(c.site), shaping.site(c.site)) if c.site else None
             args += [c.member, c.domain, c.site or "", policy.connections or 0, *_rate(policy.rate)]
             args += [(site.connections or 0) if site else 0, *(_rate(site.rate) if site else (0, 0.0))]
         admitted = await self._admit(args=args)
-        return [int(i) for i in admitted]
+        return [passing[int(i)] for i in admitted]
+
+    async def _hold(self, until: dict[str, float]) -> None:
+        """Put the domains of suspended sites on the skip list: until the suspension ends,
+        or a few seconds, whichever is sooner (an operator may lift it through the API)."""
+        soon = time.time() + SUSPENDED_RECHECK
+        await self.redis.zadd(self._skip, {d: min(t, soon) for d, t in until.items()}, gt=True)
 
     async def release(self, members: list[str]) -> None:
         """Free the in-flight places of finished deliveries."""
@@ -287,11 +342,13 @@ class ZoneLimits:
         return keys, limits
 
     async def acquire_connection(self, conn_id: str, domain: str, site: str | None, ttl: float) -> bool:
-        """Take a connection slot for ``domain`` (and its site) if one is free."""
+        """Take a connection slot for ``domain`` (and its site) if one is free; a shaping
+        throttle in force for the site lowers its connections here too, parked ones included."""
         keys, limits = self.connection_keys(domain, site)
         now = time.time()
         wants = [redis_keys.want(k) for k in keys]
-        return bool(await self._acquire(keys=keys, args=[now, now + ttl, conn_id, *limits, *wants]))
+        shaping = [redis_keys.shaping(self.zone_name), scope_key("site", site)] if site else ["", ""]
+        return bool(await self._acquire(keys=keys, args=[now, now + ttl, conn_id, *shaping, *limits, *wants]))
 
     async def renew_connections(self, held: dict[str, list[str]], ttl: float) -> None:
         """Push the expiry of every slot in ``held`` (connection id -> its keys) forward."""

@@ -68,6 +68,7 @@ delivery_status = Tally("zonemta_delivery_status", "Delivery outcomes", ("result
 bounce_generation = Tally("zonemta_bounce_generation", "Bounces generated")
 queue_size = Gauge("zonemta_queue_size", "Deliveries in the queue", ("type", "zone"))
 blacklisted = Gauge("zonemta_blacklisted", "Blacklisted recipient domain and local address pairs")
+shaping_active = Gauge("zonemta_shaping_active", "Traffic shaping overrides in force", ("zone", "scope", "action"))
 
 
 def count_delivery(status: str, zone: str) -> None:

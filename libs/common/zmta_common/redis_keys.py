@@ -14,6 +14,8 @@ key                                        what it holds
 =========================================  =============================================
 ``zmta:dns:<domain>``                      MX hosts and their addresses (JSON), DNS TTL
 ``zmta:sts:<domain>``                      the domain's MTA-STS policy (JSON)
+``zmta:dane:<domain>``                     DNSSEC status of the domain's MX records, DNS TTL
+``zmta:tlsa:<host>:<port>``                an MX host's TLSA records and their status (JSON)
 ``zmta:pods:<zone>``                       hash: sender slice -> last work request
 ``zmta:skip:<zone>``                       sorted set: domains at a limit -> free again at
 ``zmta:inflight:<zone>:d|s:<name>``        sorted set: leased deliveries -> lease expiry
@@ -24,6 +26,9 @@ key                                        what it holds
 ``zmta:blacklist``                         sorted set: ``<domain>|<local address>`` -> expiry
 ``zmta:blacklist:why``                     hash: the same members -> what set the mark (JSON)
 ``zmta:authfail:<interface>:<client>``     refused SMTP AUTH attempts in the window
+``zmta:leased:<zone>:<site>:<minute>``     deliveries leased to a site in a minute (shaping)
+``zmta:shaping:<zone>``                    hash: scope key -> traffic shaping override (JSON)
+``zmta:shapinghits:<zone>:<rule>:<scope>`` a shaping rule's matches in its window
 =========================================  =============================================
 
 ``d`` keys count per recipient domain, ``s`` keys per site (:mod:`zmta_common.sites`).
@@ -50,6 +55,14 @@ def dns(domain: str) -> str:
 
 def sts(domain: str) -> str:
     return f"{PREFIX}sts:{canonical_domain(domain)}"
+
+
+def dane(domain: str) -> str:
+    return f"{PREFIX}dane:{canonical_domain(domain)}"
+
+
+def tlsa(host: str, port: int) -> str:
+    return f"{PREFIX}tlsa:{canonical_domain(host)}:{port}"
 
 
 def pods(zone: str) -> str:
@@ -87,3 +100,24 @@ def blacklist_member(domain: str, address: str) -> str:
 
 def auth_failures(interface: str, client: str) -> str:
     return f"{PREFIX}authfail:{interface}:{client}"
+
+
+def inflight(zone: str, kind: Kind, name: str) -> str:
+    return f"{inflight_prefix(zone)}{kind}:{canonical_domain(name) if kind == 'd' else name}"
+
+
+def leased_prefix(zone: str) -> str:
+    return f"{PREFIX}leased:{zone}:"
+
+
+def site_leased(zone: str, site: str, minute: int) -> str:
+    """Deliveries leased to ``site`` in the minute ``minute`` (Unix time // 60)."""
+    return f"{leased_prefix(zone)}{site}:{minute}"
+
+
+def shaping(zone: str) -> str:
+    return f"{PREFIX}shaping:{zone}"
+
+
+def shaping_hits(zone: str, rule: str, scope_key: str) -> str:
+    return f"{PREFIX}shapinghits:{zone}:{rule}:{scope_key}"

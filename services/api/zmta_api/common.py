@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,10 +13,13 @@ from redis.asyncio import Redis
 
 from zmta_common.bus import Bus
 from zmta_common.config import Config
+from zmta_common.events import WorkReady, ready_subject
 from zmta_common.hooks import Hooks
 from zmta_common.store import Store
 
 from .models import ErrorResponse
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -26,6 +30,18 @@ class Services:
     hooks: Hooks = field(default_factory=Hooks)
     # Limits and blacklist marks (/skipdomains, /blacklist); those routes answer 503 without it.
     redis: Redis | None = None
+
+    def redis_or_503(self) -> Redis:
+        if self.redis is None:
+            raise ApiError(503, "this api has no Redis connection")
+        return self.redis
+
+    async def wake(self, zone: str) -> None:
+        """Tell the zone's senders that work is ready (best effort: they poll every second anyway)."""
+        try:
+            await self.bus.nc.publish(ready_subject(zone), WorkReady(zone=zone, finished=0).encode())
+        except Exception as exc:  # NATS down: the senders find the work by themselves
+            log.warning("wake failed", extra={"zone": zone, "error": repr(exc)})
 
 
 class ApiError(Exception):

@@ -218,6 +218,28 @@ class BlacklistResponse(BaseModel):
     items: list[BlacklistEntry] = Field(alias="list")
 
 
+class ShapingEntry(BaseModel):
+    zone: str
+    scope: Literal["site", "site_address", "zone"]
+    site: str | None = Field(description="the site: its MX host names, or the `mx_hosts` pattern (null: the zone)")
+    address: str | None = Field(description="the local address, at `site_address` scope")
+    rule: str = Field(description="the shaping rule that set it")
+    action: Literal["suspend", "throttle"]
+    connections: int | None = Field(description="throttle: the site's connections while it lasts")
+    rate: str | None = Field(description="throttle: the site's rate while it lasts")
+    started: int = Field(description="Unix time in milliseconds")
+    expires: int = Field(description="when the configured limits apply again (Unix time in milliseconds)")
+    response: str = Field(description="the reply that set it")
+
+
+class ShapingList(BaseModel):
+    shaping: list[ShapingEntry]
+
+
+class ShapingLifted(BaseModel):
+    lifted: ShapingEntry
+
+
 class Success(BaseModel):
     success: bool
 

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ValidationError
 from zmta_common import metrics
 from zmta_common.addresses import address_error
 from zmta_common.domains import canonical_domain
-from zmta_common.events import WorkReady, ready_subject
 from zmta_common.store import Pause, Suppression
 
 from .common import ApiError, Services, ZoneName, check_zone, error_responses, iso
@@ -99,11 +98,7 @@ def router(services: Services) -> APIRouter:
 
     # -- pauses --------------------------------------------------------------
 
-    async def wake(zone: str) -> None:
-        try:
-            await services.bus.nc.publish(ready_subject(zone), WorkReady(zone=zone, finished=0).encode())
-        except Exception as exc:  # the senders poll anyway
-            log.warning("wake failed", extra={"zone": zone, "error": repr(exc)})
+    wake = services.wake
 
     async def pause(zone: str, domain: str | None) -> PauseAdded:
         check_zone(config, zone)

@@ -17,7 +17,6 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
 from zmta_common.config import Config
-from zmta_common.events import WorkReady, ready_subject
 from zmta_common.headers import HeaderBlock
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import DeliveryRow, DomainCount, DropResult, QueuedRow, RetryResult, Store, StoredMessage
@@ -57,17 +56,7 @@ def router(services: Services) -> APIRouter:
     api = APIRouter(tags=["queue"])
     config, store = services.config, services.store
 
-    async def wake(zone: str) -> None:
-        """Tell the zone's senders that work is ready (best effort: they poll every second anyway)."""
-        try:
-            await services.bus.nc.publish(ready_subject(zone), WorkReady(zone=zone, finished=0).encode())
-        except Exception as exc:  # NATS down: the senders find the work by themselves
-            log.warning("wake failed", extra={"zone": zone, "error": repr(exc)})
-
-    def redis_or_503() -> Any:
-        if services.redis is None:
-            raise ApiError(503, "this api has no Redis connection")
-        return services.redis
+    wake, redis_or_503 = services.wake, services.redis_or_503
 
     @api.get("/zones", response_model=list[ZoneEntry])
     async def zones(

@@ -9,6 +9,7 @@ from zmta_common import hooks, service
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.mx import MxLookup
+from zmta_common.shaping import Overrides
 
 from .collector import GarbageCollector
 from .housekeeping import Housekeeping
@@ -35,7 +36,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
             log.info("running")
             await asyncio.gather(
                 results.run(stop),
-                Housekeeping(config, store, Blacklist(redis)).run(stop),
+                Housekeeping(config, store, Blacklist(redis), Overrides(redis)).run(stop),
                 GarbageCollector(config, store, bus).run(stop),
                 return_exceptions=True,
             )

@@ -20,6 +20,7 @@ from zmta_common.events import (
     WorkRequest,
 )
 from zmta_common.limits import Blacklist, Candidate, ZoneLimits
+from zmta_common.shaping import InForce, Overrides
 from zmta_common.slices import Slice
 from zmta_common.store import LeaseCandidate, Store
 
@@ -41,6 +42,7 @@ class WorkDesk:
         self.store = store
         self.limits = limits
         self.blacklist = Blacklist(redis)
+        self.overrides = Overrides(redis)
         self.assignments = {
             name: Assignment(redis, name, zone.pool, not zone.ignore_ipv6, config.queue.sender_timeout)
             for name, zone in config.zones.items()
@@ -92,6 +94,9 @@ class WorkDesk:
         paused = await self._paused(request.zone)
         if "" in paused:
             return []
+        shaping = InForce(await self.overrides.active(request.zone))
+        if shaping.zone is not None and shaping.zone.action == "suspend":
+            return []
         limits = self.limits[request.zone]
         assignment = self.assignments[request.zone]
         want = min(request.max, self.config.queue.max_batch)
@@ -100,18 +105,18 @@ class WorkDesk:
         addresses: dict[tuple[str, str], str] = {}
 
         async def admit(ready: list[LeaseCandidate]) -> list[int]:
-            excluded = await self._excluded(request.zone, {r.domain for r in ready})
+            sites = await limits.site_of(sorted({r.domain for r in ready}))
+            excluded = await self._excluded(request.zone, sites, shaping)
             mine = []
             for index, r in enumerate(ready):
                 take, address = assignment.assign(f"{r.id}.{r.seq}", excluded[r.domain], requester, alive)
                 if take:
                     mine.append(index)
                     addresses[(r.id, r.seq)] = address.address if address else ""
-            sites = await limits.site_of(sorted({ready[i].domain for i in mine}))
             candidates = [
                 Candidate(f"{ready[i].id}.{ready[i].seq}", ready[i].domain, sites[ready[i].domain]) for i in mine
             ]
-            return [mine[j] for j in await limits.admit(candidates, want, time.time() + lease_time)]
+            return [mine[j] for j in await limits.admit(candidates, want, time.time() + lease_time, shaping)]
 
         leases = await self.store.lease(
             request.zone,
@@ -150,9 +155,13 @@ class WorkDesk:
             self._pauses, self._pauses_read = pauses, now
         return self._pauses.get(zone, set())
 
-    async def _excluded(self, zone_name: str, domains: set[str]) -> dict[str, set[str]]:
-        """Per domain: the pool addresses disabled for it in the config or blacklisted by it."""
+    async def _excluded(self, zone_name: str, sites: dict[str, str | None], shaping: InForce) -> dict[str, set[str]]:
+        """Per domain: the pool addresses disabled for it in the config, blacklisted by it, or
+        suspended for its site by traffic shaping."""
         zone = self.config.zones[zone_name]
-        ordered = sorted(domains)
+        ordered = sorted(sites)
         listed = await self.blacklist.listed_by_domain(ordered, [a.address for a in zone.pool])
-        return {d: listed[d] | set(zone.domain_policy(d).disabled_addresses) for d in ordered}
+        return {
+            d: listed[d] | set(zone.domain_policy(d).disabled_addresses) | shaping.suspended_addresses(sites[d])
+            for d in ordered
+        }

@@ -11,12 +11,14 @@ from typing import Annotated
 
 import typer
 
-from zmta_common import hooks, service, slices
+from zmta_common import hooks, service, shaping, slices
 from zmta_common.config import Config
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.mx import MxLookup
+from zmta_common.shaping import Overrides, Shaper
 from zmta_common.slices import Slice
 
+from .dane import Dane
 from .delivery import Deliverer
 from .mta_sts import MtaSts
 from .mx import MxResolver
@@ -40,6 +42,10 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
             verifying_context(config.tls.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise SystemExit(f"sender: tls.ca_file {config.tls.ca_file}: {exc}") from None
+        try:
+            rules = shaping.load_all(config.shaping.rules_files) if config.shaping.enabled else []
+        except shaping.RulesError as exc:
+            raise SystemExit(f"sender: {exc}") from None
         async with service.connections(config, f"sender-{zone}") as conn:
             name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
             limits = ZoneLimits(conn.redis, zone, config.zones[zone])
@@ -56,6 +62,8 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
                 Signer(config, config.zones[zone], keys),
                 hooks.load(config, "sender"),
                 sts=MtaSts(config.dns, conn.redis, config.tls) if config.tls.mta_sts else None,
+                shaper=Shaper(Overrides(conn.redis), zone, config.zones[zone], rules) if rules else None,
+                dane=Dane(config.dns, config.tls, conn.redis) if config.dns.dnssec else None,
             )
             sender = Sender(config, zone, conn.store, conn.bus, name, part, limits, deliverer)
 

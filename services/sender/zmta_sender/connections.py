@@ -102,7 +102,8 @@ class ConnectionPool:
             while not await self.limits.acquire_connection(conn_id, domain, site, self.slot_ttl):
                 if time.monotonic() > deadline:
                     raise DeliveryError(f"no free connection slot for {domain} in {self.slot_wait:.0f}s", "rate")
-                await asyncio.sleep(0.1)
+                if not await self._close_parked(keys):
+                    await asyncio.sleep(0.1)
         try:
             session = await connect()
         except BaseException:
@@ -112,6 +113,18 @@ class ConnectionPool:
         conn = Connection(session, id=conn_id, slot_keys=keys)
         self._open[conn_id] = conn
         return conn
+
+    async def _close_parked(self, keys: list[str]) -> bool:
+        """Close the longest-parked connection of ours that holds a slot under one of ``keys``
+        (the same domain, or another domain of the same site): a new connection needs its
+        place now, not at the next upkeep. False when there is none."""
+        parked = [(conn.idle_since, key, conn) for key, conns in self._idle.items() for conn in conns]
+        for _, key, conn in sorted(parked, key=lambda p: p[0]):
+            if set(conn.slot_keys) & set(keys):
+                self._idle[key].remove(conn)
+                await self.discard(conn)
+                return True
+        return False
 
     async def pace(self, conn: Connection) -> None:
         """Wait until the connection may carry its next message (``throttling``)."""

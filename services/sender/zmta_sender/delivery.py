@@ -3,9 +3,10 @@
 The plugin hooks of the sender (``sender:fetch``, ``sender:headers``, ``sender:connect``,
 ``sender:delivered``), HTTP delivery for domains with an ``http_url``, the local address
 (the one the queue assigned, else one of this sender's slice the domain takes), the MX
-targets and their TLS policy (zone, domain, MTA-STS), our Received header and the DKIM
-signatures, the SMTP transaction over a pooled connection, and what a refusal means
-(the classifier's verdict; a listed local address is left alone for a while). The work
+targets, the domain's site and their TLS policy (zone, domain, DANE, MTA-STS), our Received
+header and the DKIM signatures, the SMTP transaction over a pooled connection, and what a
+refusal means (the classifier's verdict; a listed local address is left alone for a while;
+traffic shaping reads every refusal and connection failure). The work
 loop that leases deliveries and reports their outcomes is :mod:`.worker`.
 """
 
@@ -33,11 +34,13 @@ from zmta_common.events import (
 from zmta_common.headers import HeaderBlock, without_bare_line_ends
 from zmta_common.hooks import Hooks, Reject
 from zmta_common.limits import Blacklist, ZoneLimits
+from zmta_common.shaping import Shaper, Signal
 from zmta_common.store import Store, StoredMessage
 
 from . import http_delivery
 from .connections import ConnectionPool
 from .context import DeliveryContext
+from .dane import Dane, with_sts
 from .errors import DeliveryError
 from .mta_sts import MtaSts
 from .mta_sts import apply as apply_sts
@@ -101,6 +104,8 @@ class Deliverer:
         signer: Signer | None = None,
         hooks: Hooks | None = None,
         sts: MtaSts | None = None,
+        shaper: Shaper | None = None,
+        dane: Dane | None = None,
     ) -> None:
         self.config = config
         self.zone_name = zone
@@ -118,6 +123,8 @@ class Deliverer:
         self.signer = signer
         self.hooks = hooks or Hooks()
         self.sts = sts  # None: MTA-STS off
+        self.shaper = shaper  # None: traffic shaping off
+        self.dane = dane  # None: DANE off (no validating resolver)
         self.tls_contexts = TlsContexts(config.tls.ca_file)
         self.http = httpx.AsyncClient(timeout=self.zone.command_timeout)
 
@@ -147,6 +154,7 @@ class Deliverer:
                 f"451 4.7.1 Every local address of this sender is blacklisted or disabled for {delivery.domain}",
                 "blacklisted",
             )
+        site: str | None = None
         try:
             targets, site = await self._targets(delivery.domain)
             tls, targets = await self._tls(delivery.domain, targets)
@@ -168,9 +176,10 @@ class Deliverer:
             accepted = await deliver(attempt, targets, chunks, self.connections, site)
         except DeliveryError as exc:
             status = REJECTED if exc.permanent else DEFERRED
+            await self._shape(Signal(0, str(exc), exc.category, site, local.address if local else None))
             return self.report(delivery, status, str(exc), exc.category, local_ip=local.address if local else None)
         except ReplyError as exc:
-            return await self._refused(delivery, exc, attempt.source_ip)
+            return await self._refused(delivery, exc, attempt.source_ip, site)
         except Reject as exc:
             return self.report(delivery, DEFERRED if exc.temporary else REJECTED, exc.reply, "plugin")
         await self._delivered_hook(context, accepted.response)
@@ -228,9 +237,13 @@ class Deliverer:
         async for chunk in self.store.body(message, PREFETCH_CHUNKS):
             yield chunk
 
-    async def _refused(self, delivery: LeasedDelivery, exc: ReplyError, source_ip: str | None) -> DeliveryReport:
-        """A server's refusal: classified; a listed local address is left alone for a while."""
+    async def _refused(
+        self, delivery: LeasedDelivery, exc: ReplyError, source_ip: str | None, site: str | None
+    ) -> DeliveryReport:
+        """A server's refusal: classified; a listed local address is left alone for a while;
+        a site that pushes back slows the zone down (traffic shaping)."""
         verdict = await self._classify(exc)
+        await self._shape(Signal(exc.code, exc.text, verdict.category, site, source_ip))
         if verdict.action == "blacklist" and source_ip:
             await self.blacklist.mark(
                 delivery.domain,
@@ -276,15 +289,29 @@ class Deliverer:
         return route.targets, self.zone.site_of(route.hosts)
 
     async def _tls(self, domain: str, targets: list[Target]) -> tuple[TlsPolicy, list[Target]]:
-        """The delivery's TLS policy (zone and domain ``tls``, MTA-STS) and the MX targets it allows."""
+        """The delivery's TLS policy (zone and domain ``tls``, DANE, MTA-STS) and the MX targets it
+        allows. DANE first: it takes precedence over MTA-STS for the hosts it covers."""
         tls = TlsPolicy(self.zone.tls_mode(domain), self.tls_contexts)
-        if tls.mode == NONE or self.sts is None or self.zone.smarthost:
+        if tls.mode == NONE or self.zone.smarthost:
             return tls, targets
-        return apply_sts(await self.sts.policy(domain), domain, tls, targets)
+        if self.dane is not None and self.dane.wanted(self.zone, domain):
+            tls, targets = await self.dane.apply(domain, tls, targets)
+        if self.sts is None or all(t.host in tls.dane for t in targets):
+            return tls, targets
+        policy = await self.sts.policy(domain)
+        return with_sts(policy, domain, tls, targets) if tls.dane else apply_sts(policy, domain, tls, targets)
 
     async def _chunks(self, head: bytes, message: StoredMessage) -> AsyncIterator[bytes]:
         async for chunk in wire_chunks(head, self.store.body(message, PREFETCH_CHUNKS)):
             yield chunk
+
+    async def _shape(self, signal: Signal) -> None:
+        if self.shaper is None or self.zone.smarthost:
+            return
+        try:
+            await self.shaper.observe(signal)
+        except Exception as exc:  # Redis down: the configured limits hold as they are
+            log.warning("shaping failed", extra={"zone": self.zone_name, "error": repr(exc)})
 
     async def _classify(self, exc: ReplyError) -> Classification:
         request = ClassifyRequest(code=exc.code, text=exc.text, stage=exc.stage)

@@ -4,6 +4,8 @@ The addresses of the recipient's MX hosts are tried in order until one takes the
 transaction. Failing to connect (or a 4xx greeting, or TLS that the delivery's
 :class:`~.tls.TlsPolicy` requires and the server does not give) moves on to the next
 address; a reply to MAIL, RCPT or DATA ends the attempt, to be classified by the caller.
+An MX host with DANE TLSA records gets STARTTLS without a CA check, then its certificate
+chain is checked against the records (:mod:`.dane`) before anything else is said.
 Connections are reused through a :class:`~.connections.ConnectionPool`.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from zmta_common.domains import domain_of
 
 from .connections import Connection, ConnectionPool, PoolKey
+from .dane import DANE_DEFERRAL, DaneMismatch, HostDane, presented_chain
 from .errors import DeliveryError
 from .mx import Target
 from .smtp_session import Reply, SmtpBroken, SmtpError, SmtpRefused, SmtpSession
@@ -95,7 +98,7 @@ async def deliver(
     for target in targets:
         key: PoolKey = (attempt.source_ip, attempt.ehlo_name, target.ip, target.port, domain)
         reused = await pool.take(key)
-        if reused is not None and not attempt.tls.satisfied_by(outcome(reused.session)):
+        if reused is not None and not attempt.tls.satisfied_by(outcome(reused.session), target.host):
             await pool.discard(reused)  # parked before the domain's policy demanded more
             reused = None
         if reused is not None:
@@ -142,6 +145,8 @@ async def _connect(attempt: Attempt, target: Target) -> SmtpSession:
     """Connect, greet and STARTTLS as the delivery's TLS policy says."""
     policy = attempt.tls
     try:
+        if target.host in policy.dane:
+            return await _dane(attempt, target, policy.dane[target.host])
         if policy.mode == NONE:
             return await _open(attempt, target, None)
         if policy.mode == REQUIRED:
@@ -173,10 +178,39 @@ async def _opportunistic(attempt: Attempt, target: Target) -> SmtpSession:
     return await _open(attempt, target, None)
 
 
+async def _dane(attempt: Attempt, target: Target, dane: HostDane) -> SmtpSession:
+    """STARTTLS required and the certificate checked against the host's TLSA records; else
+    DeliveryError (``451 4.7.5 DANE: ...``). Only unusable records: TLS without the check."""
+    where = f"{target.host}[{target.ip}]"
+
+    def check(session: SmtpSession) -> None:
+        if not dane.usable:
+            session.dane = "unusable"
+            return
+        names = (target.host, domain_of(attempt.recipient))  # the MX host, and the next-hop domain
+        chain = presented_chain(session.ssl_object) if session.ssl_object is not None else []
+        session.dane = dane.authenticate(chain, names)
+
+    try:
+        return await _open(attempt, target, attempt.tls.contexts.unverified, required=True, check=check)
+    except DaneMismatch as exc:
+        raise DeliveryError(f"{DANE_DEFERRAL} certificate of {where} {exc}", "tls") from None
+    except TlsFailure as exc:
+        if not exc.offered:
+            reason = f"{where} does not offer STARTTLS, which its TLSA records require"
+            raise DeliveryError(f"{DANE_DEFERRAL} {reason}", "tls") from None
+        raise DeliveryError(f"{DANE_DEFERRAL} {where} {exc}", "tls") from None
+
+
 async def _open(
-    attempt: Attempt, target: Target, context: ssl.SSLContext | None, required: bool = False
+    attempt: Attempt,
+    target: Target,
+    context: ssl.SSLContext | None,
+    required: bool = False,
+    check: Callable[[SmtpSession], None] | None = None,
 ) -> SmtpSession:
-    """A greeted session; with ``context``, upgraded by STARTTLS (if offered, or else TlsFailure if ``required``)."""
+    """A greeted session; with ``context``, upgraded by STARTTLS (if offered, or else TlsFailure if
+    ``required``). ``check`` judges the session right after the handshake, before anything is said."""
     session = await SmtpSession.connect(
         target.ip,
         target.port,
@@ -188,6 +222,8 @@ async def _open(
         await session.ehlo(attempt.ehlo_name)
         if context is not None and session.supports("STARTTLS"):
             await _starttls(session, target, context)
+            if check is not None:
+                check(session)
             await session.ehlo(attempt.ehlo_name)  # RFC 3207 §4.2: what the server offers is learnt again over TLS
         elif required:
             raise TlsFailure("no STARTTLS", offered=False)

