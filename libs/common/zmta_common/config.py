@@ -827,6 +827,23 @@ class Api(Section):
         return self
 
 
+class DeliveryLog(Section):
+    """The delivery log: every event of a message's life, in PostgreSQL, searchable through
+    `GET /log` (by message id, recipient, sender, recipient domain, zone, action and time)
+    and per message in `GET /message/<id>` (`log`). Actions carry the original's remote-log
+    names: `QUEUED` (interface, client, size), `DROP` (a suppressed recipient), `ACCEPTED`,
+    `DEFERRED` (with `next_attempt`) and `REJECTED` (each with the reply, its category, the
+    MX host, the local address and the TLS of the session), `DELETED` (dropped through the
+    API), `HELD` and `RELEASED`. The entries are written in the statements that queue mail
+    and apply outcomes, so they cost no round trip of their own."""
+
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="days an entry is kept (the queue's garbage collection removes older ones); `0`: no log",
+    )
+
+
 class Shaping(Section):
     """Adaptive traffic shaping: the zones change their own pace when receiving sites push
     back, across every sender pod and queue replica (state in Redis).
@@ -1173,6 +1190,7 @@ class Config(BaseSettings):
     tls: Tls = Field(default_factory=Tls, description="outbound TLS")
     bounce: Bounce = Field(default_factory=Bounce, description="classification, DSNs and notifications")
     shaping: Shaping = Field(default_factory=Shaping, description="adaptive traffic shaping")
+    delivery_log: DeliveryLog = Field(default_factory=DeliveryLog, description="the searchable delivery log")
     dkim: Dkim = Field(default_factory=Dkim, description="DKIM signing")
     plugins: dict[str, Plugin] = Field(
         default_factory=dict,

@@ -110,7 +110,10 @@ async def connections(config: Config, client_name: str) -> AsyncIterator[Connect
     again, in reverse order, however the service ends (a failed start-up included)."""
     async with contextlib.AsyncExitStack() as stack:
         store = await Store.connect(
-            config.dbs.postgres, config.dbs.postgres_pool_size, commit_check_time=config.dbs.commit_check_time
+            config.dbs.postgres,
+            config.dbs.postgres_pool_size,
+            commit_check_time=config.dbs.commit_check_time,
+            log_enabled=config.delivery_log.retention_days > 0,
         )
         stack.push_async_callback(store.close)
         bus = await zbus.connect(config.dbs.nats, client_name)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import routes_admin, routes_queue, routes_send, routes_shaping
+from . import routes_admin, routes_log, routes_queue, routes_send, routes_shaping
 from .common import ApiError, Services
 from .models import ErrorResponse
 from .security import PUBLIC_PATHS, Gate
@@ -126,6 +126,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(routes_queue.router(services))
     app.include_router(routes_admin.router(services))
     app.include_router(routes_shaping.router(services))
+    app.include_router(routes_log.router(services))
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, with the 400 that bad input really gets in place of its default 422."""

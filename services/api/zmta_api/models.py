@@ -149,9 +149,78 @@ class QueuedDelivery(BaseModel):
     deferred: DeferredInfo | None = Field(default=None, description="absent unless the status is DEFERRED")
 
 
+class LogEntryModel(BaseModel):
+    """One event of a message's life in the delivery log (absent values are null)."""
+
+    time: str = Field(description="ISO 8601")
+    action: str = Field(
+        description="QUEUED, DROP (a suppressed recipient), ACCEPTED, DEFERRED, REJECTED, DELETED, HELD, RELEASED"
+    )
+    id: str
+    seq: str | None
+    zone: str | None
+    from_: str | None = Field(alias="from", description="the envelope sender")
+    to: str | None = Field(description="the recipient")
+    domain: str | None = Field(description="the recipient domain")
+    interface: str | None = None
+    client: str | None = Field(default=None, description="the client's address (QUEUED)")
+    size: int | None = None
+    local_address: str | None = None
+    mx: str | None = None
+    tls: str | None = None
+    response: str | None = None
+    category: str | None = None
+    next_attempt: str | None = Field(default=None, description="DEFERRED: when it is tried again (ISO 8601)")
+    reason: str | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class LogPage(BaseModel):
+    entries: list[LogEntryModel]
+    next: str | None = Field(description="pass as ?cursor= for the next (older) page; null on the last one")
+
+
+class HourStats(BaseModel):
+    hour: str
+    zone: str
+    queued: int
+    delivered: int
+    deferred: int
+    bounced: int
+
+
+class CategoryCount(BaseModel):
+    category: str
+    count: int
+
+
+class DomainTally(BaseModel):
+    domain: str
+    count: int
+
+
+class LogStats(BaseModel):
+    hours: list[HourStats]
+    categories: list[CategoryCount]
+    domains: list[DomainTally]
+
+
+class HoldResult(BaseModel):
+    success: bool
+    held: int | None = None
+    released: int | None = None
+
+
+class RetryZoneResult(BaseModel):
+    success: bool
+    retried: int
+
+
 class MessageResponse(BaseModel):
     meta: dict[str, Any]
     messages: list[QueuedDelivery]
+    log: list[LogEntryModel] = Field(default_factory=list, description="the delivery log of the message, oldest first")
 
 
 class SuppressionRequest(BaseModel):
@@ -193,7 +262,7 @@ class QueuedItem(BaseModel):
 
 class QueuedList(BaseModel):
     zone: str
-    type: Literal["queued", "deferred"]
+    type: Literal["queued", "deferred", "held"]
     items: list[QueuedItem] = Field(alias="list")
     next: str | None = Field(
         default=None, description="cursor of the next page (pass it as ?cursor=), null on the last page"

@@ -7,7 +7,7 @@ import logging
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
@@ -16,7 +16,7 @@ from zmta_common.addresses import address_error
 from zmta_common.domains import canonical_domain
 from zmta_common.store import Pause, Suppression
 
-from .common import ApiError, Services, ZoneName, check_zone, error_responses, iso
+from .common import ApiError, DomainName, Services, ZoneName, check_zone, error_responses, iso
 from .models import (
     PauseAdded,
     PauseEntry,
@@ -31,7 +31,6 @@ from .models import (
 log = logging.getLogger(__name__)
 
 TEXT = {"type": "string"}
-DomainName = Annotated[str, Path(min_length=1, max_length=255, description="a recipient domain")]
 
 
 class Health(BaseModel):

@@ -17,22 +17,37 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
 from zmta_common.config import Config
+from zmta_common.domains import canonical_domain
 from zmta_common.headers import HeaderBlock
 from zmta_common.limits import Blacklist, ZoneLimits
 from zmta_common.store import DeliveryRow, DomainCount, DropResult, QueuedRow, RetryResult, Store, StoredMessage
 
-from .common import AnyId, ApiError, MessageId, Services, ZoneName, error_responses, iso, well_formed
+from .common import (
+    AnyId,
+    ApiError,
+    DomainName,
+    MessageId,
+    Services,
+    ZoneName,
+    check_zone,
+    error_responses,
+    iso,
+    log_view,
+    well_formed,
+)
 from .models import (
     BlacklistResponse,
     Counter,
     CounterResponse,
     DeferralRecord,
     DeferredInfo,
+    HoldResult,
     LockInfo,
     MessageResponse,
     Outcome,
     QueuedDelivery,
     QueuedList,
+    RetryZoneResult,
     SkipDomains,
     ZoneEntry,
 )
@@ -48,7 +63,8 @@ HELD_RESPONSE = "Deferred by router"
 SortKey = Literal["id", "created", "queued"]
 Order = Literal["asc", "desc"]
 QueueType = Annotated[
-    str, Path(max_length=200, description="queued (or active) or deferred; anything else counts as queued")
+    str,
+    Path(max_length=200, description="queued (or active), deferred or held; anything else counts as queued"),
 ]
 
 
@@ -115,11 +131,13 @@ def router(services: Services) -> APIRouter:
         ] = None,
     ) -> QueuedList:
         """Deliveries of a zone that are ready (``queued``; ``active`` or any other type: the
-        same, as in the original) or waiting for a later attempt (``deferred``, any case), a
-        page at a time. Beyond one page, pass ``next`` back as ``?cursor=`` (it keeps type, sort
-        and order); it is null on the last page. As the original, a zone that is not configured
+        same, as in the original), waiting for a later attempt (``deferred``, any case) or held
+        by an operator (``held``: never attempted until released), a page at a time. Beyond
+        one page, pass ``next`` back as ``?cursor=`` (it keeps type, sort and order); it is
+        null on the last page. As the original, a zone that is not configured
         is answered 200, with an empty list."""
-        kind: Literal["queued", "deferred"] = "deferred" if type.strip().lower() == "deferred" else "queued"
+        named = type.strip().lower()
+        kind: Literal["queued", "deferred", "held"] = named if named in ("deferred", "held") else "queued"  # type: ignore[assignment]
         after: list[Any] | None = None
         if cursor is not None:
             if start:
@@ -131,9 +149,7 @@ def router(services: Services) -> APIRouter:
             sort, order, after = key["s"], key["o"], key["k"]
         sort, order = sort or "id", order or "desc"
         limit = min(page_size, PAGE_MAX)
-        rows = await store.list_queued(
-            zone, kind == "deferred", sort, order == "desc", offset=start, limit=limit + 1, after=after
-        )
+        rows = await store.list_queued(zone, kind, sort, order == "desc", offset=start, limit=limit + 1, after=after)
         more = len(rows) > limit
         rows = rows[:limit]
         items = [
@@ -150,6 +166,47 @@ def router(services: Services) -> APIRouter:
         ]
         next_cursor = _make_cursor(kind, sort, order, rows[-1]) if more and rows else None
         return QueuedList.model_validate({"zone": zone, "type": kind, "list": items, "next": next_cursor})
+
+    # -- hold and release, retry a zone (before /message/{id}/{seq}: "hold" is no seq) --
+
+    @api.post("/message/{message_id}/hold", response_model=HoldResult, response_model_exclude_none=True)
+    async def hold(message_id: AnyId) -> HoldResult:
+        """Hold the message's deliveries (those no sender holds right now): they are never
+        attempted, and never expire, until released (Postfix's ``postsuper -h``)."""
+        held = await store.hold(message_id) if well_formed(message_id, None) else 0
+        log.info("held", extra={"id": message_id, "count": held})
+        return HoldResult(success=True, held=held)
+
+    @api.delete("/message/{message_id}/hold", response_model=HoldResult, response_model_exclude_none=True)
+    async def release(message_id: AnyId) -> HoldResult:
+        """Release the message's held deliveries: ready at once (``postsuper -H``)."""
+        released = await store.release(message_id) if well_formed(message_id, None) else 0
+        log.info("released", extra={"id": message_id, "count": released})
+        for zone in {d.zone for d in await store.deliveries_of(message_id)} if released else set():
+            await wake(zone)
+        return HoldResult(success=True, released=released)
+
+    @api.post("/retry/{zone}", response_model=RetryZoneResult, responses=error_responses(404))
+    async def retry_zone(zone: ZoneName) -> RetryZoneResult:
+        """Every deferred delivery of the zone is due now (``postqueue -f``); held ones stay held."""
+        return await retry_all(zone, None)
+
+    @api.post("/retry/{zone}/{domain}", response_model=RetryZoneResult, responses=error_responses(400, 404))
+    async def retry_domain(zone: ZoneName, domain: DomainName) -> RetryZoneResult:
+        """Every deferred delivery of the zone to the recipient domain is due now (``postqueue -s``)."""
+        try:
+            canonical = canonical_domain(domain)
+        except ValueError as exc:
+            raise ApiError(400, f"domain: {exc}", "domain") from None
+        return await retry_all(zone, canonical)
+
+    async def retry_all(zone: str, domain: str | None) -> RetryZoneResult:
+        check_zone(config, zone)
+        retried = await store.retry_zone(zone, domain)
+        log.info("retry now", extra={"zone": zone, "domain": domain, "count": retried})
+        if retried:
+            await wake(zone)
+        return RetryZoneResult(success=True, retried=retried)
 
     # Without the None fields of the models (a delivery's lock and deferred are absent, not
     # null, as in the original); meta is a plain dict, so its values are kept as they are.
@@ -184,7 +241,10 @@ def router(services: Services) -> APIRouter:
         if not meta.get("user"):
             meta["user"] = False  # the original's value for "no authenticated user"
         now = datetime.now(UTC)
-        return MessageResponse(meta=meta, messages=[_delivery_view(r, config, now) for r in rows])
+        entries = [log_view(e) for e in await store.message_log(message_id)]
+        return MessageResponse.model_validate(
+            {"meta": meta, "messages": [_delivery_view(r, config, now) for r in rows], "log": entries}
+        )
 
     async def retry(message_id: str, seq: str | None) -> Outcome:
         what = f"delivery {message_id}.{seq}" if seq else f"message {message_id}"
@@ -333,7 +393,7 @@ def _read_cursor(cursor: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad
     sort, key = data.get("s"), data.get("k")
-    if data.get("t") not in ("queued", "deferred") or sort not in ("id", "created", "queued"):
+    if data.get("t") not in ("queued", "deferred", "held") or sort not in ("id", "created", "queued"):
         raise bad
     if data.get("o") not in ("asc", "desc") or not isinstance(key, list):
         raise bad

@@ -1,4 +1,5 @@
-"""Garbage collection: bodies nobody will send, and deliveries older than their zone allows.
+"""Garbage collection: bodies nobody will send, deliveries older than their zone allows, and
+delivery log entries older than ``delivery_log.retention_days``.
 
 A delivery past its zone's ``max_age`` is not deleted quietly (the original drops such
 rows after 30 days without a word): the collector leases it and reports it rejected
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 OWNER = "queue-gc"
 BATCH = 500
+LOG_BATCH = 10000  # delivery log entries removed per statement (store.expire_log's limit)
 
 
 class GarbageCollector:
@@ -41,6 +43,10 @@ class GarbageCollector:
             log.warning("messages without deliveries removed", extra={"count": removed})
         for name, zone in self.config.zones.items():
             while await self._expire(name, zone.max_age):
+                pass
+        retention = self.config.delivery_log.retention_days
+        if retention > 0:
+            while await self.store.expire_log(retention) == LOG_BATCH:
                 pass
 
     async def _expire(self, zone: str, max_age: float) -> int:

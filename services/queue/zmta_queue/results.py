@@ -76,6 +76,17 @@ def delay_warning_due(bounce: Bounce, past: AttemptHistory, now: datetime) -> bo
     return previous - past.created < after <= now - past.created
 
 
+def _details(report: DeliveryReport) -> dict[str, str]:
+    fields = {
+        "response": report.response,
+        "category": report.category,
+        "mx": report.mx,
+        "local_address": report.local_address,
+        "tls": report.tls,
+    }
+    return {name: value for name, value in fields.items() if value}
+
+
 class ResultApplier:
     def __init__(
         self,
@@ -144,6 +155,7 @@ class ResultApplier:
                     rejected.append(report)
                     continue
                 batch.deferred.append(Deferral(report.id, report.seq, report.lease_token, retry_at, report.response))
+                batch.details[DeliveryKey(report.id, report.seq)] = {"next_attempt": retry_at.isoformat()}
                 if delay_warning_due(self.config.bounce, past, now):
                     delayed.append(report)
         for report in rejected:
@@ -151,6 +163,9 @@ class ResultApplier:
                 batch.rejected.append(LeaseRef(report.id, report.seq, report.lease_token))
         for report in delayed:
             await self._publish_bounce(report, DELAYED)
+        for report in reports:  # what the delivery log says of each attempt
+            details = batch.details.setdefault(DeliveryKey(report.id, report.seq), {})
+            details.update(_details(report))
         applied = await self.store.apply_outcomes(batch)
         await self._release(reports)
         rejected_ids = {id(r) for r in rejected}

@@ -14,7 +14,8 @@ be swapped (MongoDB's place in the original). The rules it keeps:
 
 Its modules, by role: ``records`` (what goes in and comes out), ``schema`` (migrations),
 ``intake``, ``leases``, ``outcomes``, ``bodies`` (reading messages), ``collection``
-(garbage collection) and ``admin`` (what the api reads and steers the queue with).
+(garbage collection), ``admin`` (what the api reads and steers the queue with) and ``log``
+(the delivery log).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from .bodies import BodyStore
 from .collection import CollectionStore
 from .intake import COMMIT_CHECK_TIME, GroupCommit, IntakeLost, IntakeStore, IntakeTransaction
 from .leases import Admit, LeaseStore
+from .log import DeliveryLogStore
 from .outcomes import OutcomeStore
 from .records import (
+    LOG_ACTIONS,
     AttemptHistory,
     Deferral,
     DeliveryKey,
@@ -37,9 +40,12 @@ from .records import (
     DomainCount,
     DroppedDelivery,
     DropResult,
+    HourCount,
     Lease,
     LeaseCandidate,
     LeaseRef,
+    LogEntry,
+    LogQuery,
     NewDelivery,
     NewMessage,
     OutcomeBatch,
@@ -56,6 +62,7 @@ from .schema import _canonical_domains as _canonical_domains  # for the migratio
 
 __all__ = [
     "COMMIT_CHECK_TIME",
+    "LOG_ACTIONS",
     "MIGRATIONS",
     "Admit",
     "AttemptHistory",
@@ -67,11 +74,14 @@ __all__ = [
     "DropResult",
     "DroppedDelivery",
     "GroupCommit",
+    "HourCount",
     "IntakeLost",
     "IntakeTransaction",
     "Lease",
     "LeaseCandidate",
     "LeaseRef",
+    "LogEntry",
+    "LogQuery",
     "Migration",
     "NewDelivery",
     "NewMessage",
@@ -89,22 +99,33 @@ __all__ = [
 ]
 
 
-class Store(IntakeStore, LeaseStore, OutcomeStore, BodyStore, CollectionStore, AdminStore):
+class Store(IntakeStore, LeaseStore, OutcomeStore, BodyStore, CollectionStore, AdminStore, DeliveryLogStore):
     def __init__(
-        self, pool: asyncpg.Pool, chunk_pool: asyncpg.Pool, commit_check_time: float = COMMIT_CHECK_TIME
+        self,
+        pool: asyncpg.Pool,
+        chunk_pool: asyncpg.Pool,
+        commit_check_time: float = COMMIT_CHECK_TIME,
+        log_enabled: bool = True,
     ) -> None:
         self.pool = pool
         self.chunk_pool = chunk_pool  # the leading chunks of big messages (see IntakeTransaction)
-        self.group_commit = GroupCommit(pool)
+        self.log_enabled = log_enabled  # write the delivery log (see store.log)
+        self.group_commit = GroupCommit(pool, log_enabled)
         self.commit_check_time = commit_check_time
 
     @classmethod
     async def connect(
-        cls, dsn: str, max_size: int = 20, migrate: bool = True, commit_check_time: float = COMMIT_CHECK_TIME
+        cls,
+        dsn: str,
+        max_size: int = 20,
+        migrate: bool = True,
+        commit_check_time: float = COMMIT_CHECK_TIME,
+        log_enabled: bool = True,
     ) -> Store:
         """``max_size`` connections for the queue's work, and up to a quarter as many more
         (opened only when used) for the chunks of big messages being received;
-        ``commit_check_time``: see :class:`IntakeTransaction`'s ``commit``."""
+        ``commit_check_time``: see :class:`IntakeTransaction`'s ``commit``; ``log_enabled``:
+        write the delivery log."""
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
         chunk_pool = await asyncpg.create_pool(
             dsn,
@@ -113,7 +134,7 @@ class Store(IntakeStore, LeaseStore, OutcomeStore, BodyStore, CollectionStore, A
             reset=_keep_session,
             server_settings={"synchronous_commit": "off"},
         )
-        store = cls(pool, chunk_pool, commit_check_time)
+        store = cls(pool, chunk_pool, commit_check_time, log_enabled)
         if migrate:
             await store.migrate()
         return store

@@ -1,8 +1,9 @@
 """What the api reads and steers the queue with: a message's deliveries, counts, listings,
-retry now and drop, the suppression list, pauses."""
+retry now, drop, hold and release, the suppression list, pauses."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import asyncpg
 
 from ..domains import canonical_address, canonical_domain
 from ..ids import new_object_id
-from .base import StoreBase
+from .base import Connection, StoreBase
 from .records import (
     DeliveryRow,
     DomainCount,
@@ -23,11 +24,21 @@ from .records import (
     Suppression,
 )
 
+# The states of list_queued. A held delivery waits for 'infinity': leasing, whose query
+# takes rows due by now, never sees it, and no hot path pays for holds.
+_STATES = {
+    "queued": "next_attempt <= now()",
+    "deferred": "next_attempt > now() AND next_attempt <> 'infinity'",
+    "held": "next_attempt = 'infinity'",
+}
+
 # Sort keys of list_queued: the columns ordered by, after the zone filter.
 _QUEUED_SORT = {"id": ("id", "seq"), "created": ("created", "id", "seq"), "queued": ("next_attempt", "id", "seq")}
 
 
 class AdminStore(StoreBase):
+    log_enabled: bool
+
     async def deliveries_of(self, message_id: str) -> list[DeliveryRow]:
         rows = await self.pool.fetch(
             "SELECT id, seq, zone, recipient, domain, created, next_attempt,"
@@ -95,19 +106,20 @@ class AdminStore(StoreBase):
     async def list_queued(
         self,
         zone: str,
-        deferred: bool,
+        state: str,
         sort: str = "id",
         descending: bool = True,
         offset: int = 0,
         limit: int = 1000,
         after: Sequence[Any] | None = None,
     ) -> list[QueuedRow]:
-        """Deliveries of ``zone`` that are ready (or, with ``deferred``, waiting for a later
-        attempt), ordered by ``sort`` (id, created or queued; then id and seq). ``after`` is
-        the sort key of the last row of the previous page (keyset pagination)."""
+        """Deliveries of ``zone`` in ``state``: ``queued`` (ready), ``deferred`` (waiting for a
+        later attempt) or ``held`` (by an operator), ordered by ``sort`` (id,
+        created or queued; then id and seq). ``after`` is the sort key of the last row of the
+        previous page (keyset pagination)."""
         columns = _QUEUED_SORT[sort]
         direction = "DESC" if descending else "ASC"
-        where = "zone = $1 AND next_attempt " + ("> now()" if deferred else "<= now()")
+        where = "zone = $1 AND " + _STATES[state]
         args: list[Any] = [zone, offset, limit]
         if after is not None:
             if len(after) != len(columns):
@@ -150,9 +162,12 @@ class AdminStore(StoreBase):
                 return DropResult([], 0)
             removed = await conn.fetch(
                 "DELETE FROM deliveries WHERE id = $1 AND ($2::text IS NULL OR seq = $2)"
-                " AND (lease_expires IS NULL OR lease_expires <= now()) RETURNING seq, zone",
+                " AND (lease_expires IS NULL OR lease_expires <= now()) RETURNING seq, zone, recipient, domain",
                 message_id,
                 seq,
+            )
+            await _log_rows(
+                conn, self.log_enabled, "DELETED", message_id, removed, {"reason": "dropped through the api"}
             )
             leased = await conn.fetchval(
                 "SELECT count(*) FROM deliveries WHERE id = $1 AND ($2::text IS NULL OR seq = $2)", message_id, seq
@@ -162,6 +177,41 @@ class AdminStore(StoreBase):
                 message_id,
             )
         return DropResult([DroppedDelivery(r["seq"], r["zone"]) for r in removed], int(leased))
+
+    async def hold(self, message_id: str) -> int:
+        """Hold the message's deliveries that no sender holds: never attempted until released."""
+        return await self._set_held(message_id, True)
+
+    async def release(self, message_id: str) -> int:
+        """Make the message's held deliveries ready now."""
+        return await self._set_held(message_id, False)
+
+    async def _set_held(self, message_id: str, held: bool) -> int:
+        change = (
+            "next_attempt = 'infinity' WHERE id = $1 AND next_attempt <> 'infinity'"
+            " AND (lease_expires IS NULL OR lease_expires <= now())"
+            if held
+            else "next_attempt = now() WHERE id = $1 AND next_attempt = 'infinity'"
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"UPDATE deliveries SET {change} RETURNING seq, zone, recipient, domain",  # noqa: S608
+                message_id,
+            )
+            await _log_rows(conn, self.log_enabled, "HELD" if held else "RELEASED", message_id, rows, {})
+        return len(rows)
+
+    async def retry_zone(self, zone: str, domain: str | None = None) -> int:
+        """Make every deferred delivery of the zone (of one recipient domain) ready now; held
+        ones stay held, leased ones are left to their sender. Returns how many."""
+        result = await self.pool.execute(
+            "UPDATE deliveries SET next_attempt = now() WHERE zone = $1 AND ($2::text IS NULL OR domain = $2)"
+            " AND next_attempt > now() AND next_attempt <> 'infinity'"
+            " AND (lease_expires IS NULL OR lease_expires <= now())",
+            zone,
+            canonical_domain(domain) if domain else None,
+        )
+        return int(result.split()[-1])
 
     async def add_pause(self, zone: str, domain: str | None = None) -> Pause:
         """Pause a zone, or one recipient domain in it; pausing twice keeps the first entry."""
@@ -193,6 +243,33 @@ class AdminStore(StoreBase):
         for table in ("messages", "message_chunks", "deliveries"):
             out[table] = await self.pool.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
         return out
+
+
+async def _log_rows(
+    conn: Connection,
+    enabled: bool,
+    action: str,
+    message_id: str,
+    rows: Sequence[asyncpg.Record],
+    details: dict[str, Any],
+) -> None:
+    """Delivery log entries ``action`` for the delivery rows just changed (seq, zone,
+    recipient, domain), in the transaction that changed them."""
+    if not enabled or not rows:
+        return
+    await conn.execute(
+        "INSERT INTO delivery_log (action, id, seq, zone, mail_from, recipient, domain, details)"
+        " SELECT $1, $2, r.seq, r.zone, (SELECT lower(mail_from) FROM messages WHERE id = $2), lower(r.recipient),"
+        " r.domain, $7"
+        " FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS r(seq, zone, recipient, domain)",
+        action,
+        message_id,
+        [r["seq"] for r in rows],
+        [r["zone"] for r in rows],
+        [r["recipient"] for r in rows],
+        [r["domain"] for r in rows],
+        json.dumps(details),
+    )
 
 
 def _suppression(row: asyncpg.Record) -> Suppression:

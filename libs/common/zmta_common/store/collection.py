@@ -34,6 +34,7 @@ class CollectionStore(StoreBase):
                    SELECT x.id, x.seq FROM messages o JOIN deliveries x ON x.id = o.id
                     WHERE o.created < now() - make_interval(secs => $2) AND x.zone = $1
                       AND (x.lease_expires IS NULL OR x.lease_expires < now())
+                      AND x.next_attempt <> 'infinity'  -- held by an operator: theirs to release
                     LIMIT $3 FOR UPDATE OF x SKIP LOCKED)
             RETURNING d.id, d.seq, d.recipient, d.domain, m.mail_from, d.attempts, d.lease_token, d.lease_expires
             """,

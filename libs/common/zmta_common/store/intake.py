@@ -21,9 +21,15 @@ from .records import NewMessage
 log = logging.getLogger("zmta_common.store")  # the store's logger, as before it was split
 
 
-# One-chunk messages, one or many at once (group commit): every message row, chunk and
-# delivery in ONE statement, so one round trip and one WAL flush for all of them.
-# Suppressed recipients (checked in the same statement) get no delivery row.
+# What the delivery log says of a message at intake (m: its row's values, meta its envelope).
+_QUEUED_DETAILS = """jsonb_strip_nulls(jsonb_build_object(
+    'interface', m.meta->>'interface', 'client', m.meta->>'origin', 'size', m.body_size,
+    'message_id', m.meta->>'messageId', 'user', m.meta->>'user'))"""
+
+# One-chunk messages, one or many at once (group commit): every message row, chunk,
+# delivery and delivery log entry in ONE statement, so one round trip and one WAL flush
+# for all of them. Suppressed recipients (checked in the same statement) get no delivery
+# row, and a DROP entry in the log; $14: whether the log is written.
 _INTAKE_BATCH = """
     WITH message AS (
         INSERT INTO messages (id, mail_from, headers, body_size, meta)
@@ -31,34 +37,51 @@ _INTAKE_BATCH = """
     ), chunk AS (
         INSERT INTO message_chunks (message_id, seq, data)
         SELECT t.id, 0, t.data FROM unnest($1::text[], $6::bytea[]) AS t(id, data) WHERE t.data IS NOT NULL
+    ), wanted AS (
+        SELECT t.*, EXISTS (SELECT 1 FROM suppressions s WHERE s.address = t.address_key OR s.domain = t.domain)
+               AS suppressed
+          FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::text[])
+               AS t(id, seq, zone, recipient, domain, not_before, address_key)
+    ), logged AS (
+        INSERT INTO delivery_log (action, id, seq, zone, mail_from, recipient, domain, details)
+        SELECT CASE WHEN w.suppressed THEN 'DROP' ELSE 'QUEUED' END, w.id, w.seq, w.zone, lower(m.mail_from),
+               lower(w.recipient), w.domain,
+               QUEUED_DETAILS || CASE WHEN w.suppressed THEN '{"reason": "suppressed"}'::jsonb ELSE '{}' END
+          FROM wanted w JOIN unnest($1::text[], $2::text[], $4::bigint[], $5::jsonb[])
+               AS m(id, mail_from, body_size, meta) ON m.id = w.id
+         WHERE $14::boolean
     )
     INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
-    SELECT t.id, t.seq, t.zone, t.recipient, t.domain, coalesce(t.not_before, now())
-      FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::text[])
-           AS t(id, seq, zone, recipient, domain, not_before, address_key)
-     WHERE NOT EXISTS (
-           SELECT 1 FROM suppressions s WHERE s.address = t.address_key OR s.domain = t.domain)
+    SELECT id, seq, zone, recipient, domain, coalesce(not_before, now()) FROM wanted WHERE NOT suppressed
     RETURNING id, seq
-"""
+""".replace("QUEUED_DETAILS", _QUEUED_DETAILS)
 
 # A bigger message, whose leading chunks are stored already: its placeholder row
-# completed, with its last chunk and its deliveries. If garbage collection took the row,
-# the deferred foreign keys fail the commit.
+# completed, with its last chunk, its deliveries and its log entries. If garbage
+# collection took the row, the deferred foreign keys fail the commit.
 _COMPLETE_ROWS = """
     WITH message AS (
         UPDATE messages SET mail_from = $2, headers = $3, body_size = $4, meta = $5::jsonb, created = now()
          WHERE id = $1
     ), chunk AS (
         INSERT INTO message_chunks (message_id, seq, data) SELECT $1, $6, $7 WHERE $7::bytea IS NOT NULL
+    ), wanted AS (
+        SELECT t.*, EXISTS (SELECT 1 FROM suppressions s WHERE s.address = t.address_key OR s.domain = t.domain)
+               AS suppressed
+          FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $13::text[])
+               AS t(seq, zone, recipient, domain, address_key)
+    ), logged AS (
+        INSERT INTO delivery_log (action, id, seq, zone, mail_from, recipient, domain, details)
+        SELECT CASE WHEN w.suppressed THEN 'DROP' ELSE 'QUEUED' END, $1, w.seq, w.zone, lower($2), lower(w.recipient),
+               w.domain,
+               QUEUED_DETAILS || CASE WHEN w.suppressed THEN '{"reason": "suppressed"}'::jsonb ELSE '{}' END
+          FROM wanted w, (SELECT $4::bigint AS body_size, $5::jsonb AS meta) AS m
+         WHERE $14::boolean
     )
     INSERT INTO deliveries (id, seq, zone, recipient, domain, next_attempt)
-    SELECT $1, t.seq, t.zone, t.recipient, t.domain, coalesce($12::timestamptz, now())
-      FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $13::text[])
-           AS t(seq, zone, recipient, domain, address_key)
-     WHERE NOT EXISTS (
-           SELECT 1 FROM suppressions s WHERE s.address = t.address_key OR s.domain = t.domain)
+    SELECT $1, seq, zone, recipient, domain, coalesce($12::timestamptz, now()) FROM wanted WHERE NOT suppressed
     RETURNING seq
-"""
+""".replace("QUEUED_DETAILS", _QUEUED_DETAILS)
 
 # The first chunk of a message that needs more than one: under a placeholder row, which
 # has no deliveries (so nothing sees it) until the message is complete.
@@ -108,8 +131,10 @@ class IntakeTransaction:
         message_id: str,
         group: GroupCommit | None = None,
         check_time: float = COMMIT_CHECK_TIME,
+        log: bool = True,
     ) -> None:
         self._pool = pool
+        self._log = log  # write the delivery log's entries with the rows
         self._check_time = check_time  # see commit()
         self._chunk_pool = chunk_pool  # sessions with synchronous_commit off
         self._group = group
@@ -164,10 +189,10 @@ class IntakeTransaction:
         if self._next_seq == 0:
             if self._group is not None:
                 return await self._group.commit(message, last_chunk)
-            return await _commit_one(self._pool, message, last_chunk)
+            return await _commit_one(self._pool, message, last_chunk, self._log)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_COMPLETE_ROWS, *_row_args(message, self._next_seq, last_chunk))
+                rows = await conn.fetch(_COMPLETE_ROWS, *_row_args(message, self._next_seq, last_chunk, self._log))
                 if not rows:
                     await conn.execute("DELETE FROM messages WHERE id = $1", message.id)
         except asyncpg.ForeignKeyViolationError:
@@ -212,13 +237,15 @@ async def _committed_anyway(pool: asyncpg.Pool, message_id: str, check_time: flo
             await asyncio.sleep(0.5)
 
 
-async def _commit_one(pool: asyncpg.Pool, message: NewMessage, last_chunk: bytes | None) -> set[str]:
+async def _commit_one(pool: asyncpg.Pool, message: NewMessage, last_chunk: bytes | None, log: bool) -> set[str]:
     """A message of one chunk; the seqs that got a delivery."""
-    kept = await _insert_messages(pool, [(message, last_chunk)])
+    kept = await _insert_messages(pool, [(message, last_chunk)], log)
     return kept.get(message.id, set())
 
 
-async def _insert_messages(pool: asyncpg.Pool, items: list[tuple[NewMessage, bytes | None]]) -> dict[str, set[str]]:
+async def _insert_messages(
+    pool: asyncpg.Pool, items: list[tuple[NewMessage, bytes | None]], log: bool
+) -> dict[str, set[str]]:
     """One-chunk messages in one statement (atomic by itself): message id -> seqs kept.
     A message whose every recipient is suppressed is taken back out."""
     messages = [m for m, _ in items]
@@ -238,6 +265,7 @@ async def _insert_messages(pool: asyncpg.Pool, items: list[tuple[NewMessage, byt
         [d.domain for _, d in deliveries],
         [m.not_before for m, _ in deliveries],
         [canonical_address(d.recipient) for _, d in deliveries],
+        log,
     )
     kept: dict[str, set[str]] = {}
     for row in rows:
@@ -248,7 +276,7 @@ async def _insert_messages(pool: asyncpg.Pool, items: list[tuple[NewMessage, byt
     return kept
 
 
-def _row_args(message: NewMessage, chunk_seq: int, last_chunk: bytes | None) -> tuple[object, ...]:
+def _row_args(message: NewMessage, chunk_seq: int, last_chunk: bytes | None, log: bool) -> tuple[object, ...]:
     """The parameters of _COMPLETE_ROWS."""
     return (
         message.id,
@@ -264,6 +292,7 @@ def _row_args(message: NewMessage, chunk_seq: int, last_chunk: bytes | None) -> 
         [d.domain for d in message.deliveries],
         message.not_before,
         [canonical_address(d.recipient) for d in message.deliveries],
+        log,
     )
 
 
@@ -284,8 +313,9 @@ class GroupCommit:
 
     MAX_BATCH = 200
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, log: bool = True) -> None:
         self._pool = pool
+        self._log = log
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # statements that wrote more than one message
@@ -315,14 +345,14 @@ class GroupCommit:
 
     async def _write_alone(self, waiting: _Waiting) -> None:
         try:
-            _settle(waiting.done, await _commit_one(self._pool, waiting.message, waiting.last_chunk))
+            _settle(waiting.done, await _commit_one(self._pool, waiting.message, waiting.last_chunk, self._log))
         except Exception as exc:  # handed to the caller
             if not waiting.done.done():
                 waiting.done.set_exception(exc)
 
     async def _write_batch(self, batch: list[_Waiting]) -> dict[str, set[str]]:
         self.batches += 1
-        return await _insert_messages(self._pool, [(w.message, w.last_chunk) for w in batch])
+        return await _insert_messages(self._pool, [(w.message, w.last_chunk) for w in batch], self._log)
 
 
 def _settle(done: asyncio.Future[set[str]], kept: set[str]) -> None:
@@ -335,6 +365,9 @@ class IntakeStore(StoreBase):
 
     group_commit: GroupCommit
     commit_check_time: float
+    log_enabled: bool
 
     def begin_intake(self, message_id: str) -> IntakeTransaction:
-        return IntakeTransaction(self.pool, self.chunk_pool, message_id, self.group_commit, self.commit_check_time)
+        return IntakeTransaction(
+            self.pool, self.chunk_pool, message_id, self.group_commit, self.commit_check_time, self.log_enabled
+        )

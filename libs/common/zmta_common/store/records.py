@@ -136,6 +136,8 @@ class OutcomeBatch:
     delivered: list[DeliveryKey] = field(default_factory=list)
     deferred: list[Deferral] = field(default_factory=list)
     rejected: list[LeaseRef] = field(default_factory=list)
+    # What the delivery log says of each attempt (mx, local_address, tls, response, category...).
+    details: dict[DeliveryKey, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -190,3 +192,48 @@ class Pause:
     zone: str
     domain: str | None
     created: datetime
+
+
+# The delivery log's actions: the original's remote-log names (webadmin's vocabulary).
+LOG_ACTIONS: tuple[str, ...] = (
+    "QUEUED", "DROP", "ACCEPTED", "DEFERRED", "REJECTED", "DELETED", "QUEUE_BOUNCE", "HELD", "RELEASED"
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One event of a message's life in the delivery log."""
+
+    time: datetime
+    action: str
+    id: str
+    seq: str | None
+    zone: str | None
+    mail_from: str | None
+    recipient: str | None
+    domain: str | None
+    details: dict[str, Any]  # interface, client, size, local_address, mx, tls, response, category, ...
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """What to find in the delivery log; None matches anything."""
+
+    id: str | None = None
+    recipient: str | None = None
+    mail_from: str | None = None
+    domain: str | None = None
+    zone: str | None = None
+    action: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HourCount:
+    hour: datetime
+    zone: str
+    queued: int
+    delivered: int
+    deferred: int
+    bounced: int

@@ -110,6 +110,28 @@ MIGRATIONS: list[Migration] = [
     );
     """,
     _canonical_domains,
+    # The delivery log: every event of a message's life, searchable (see store.log). Rows
+    # come in time order, so a BRIN index on time is tiny and nearly free to write; the
+    # lookups by id, recipient, sender and domain are B-trees.
+    """
+    CREATE TABLE delivery_log (
+        entry      bigint GENERATED ALWAYS AS IDENTITY (CACHE 100),
+        time       timestamptz NOT NULL DEFAULT now(),
+        action     text NOT NULL,
+        id         text NOT NULL,
+        seq        text,
+        zone       text,
+        mail_from  text,
+        recipient  text,
+        domain     text,
+        details    jsonb NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX delivery_log_time ON delivery_log USING brin (time);
+    CREATE INDEX delivery_log_id ON delivery_log (id, time);
+    CREATE INDEX delivery_log_recipient ON delivery_log (recipient, time);
+    CREATE INDEX delivery_log_domain ON delivery_log (domain, time);
+    CREATE INDEX delivery_log_sender ON delivery_log (mail_from, time);
+    """,
 ]
 
 # Any constant: it only has to be the same for every process that migrates.
