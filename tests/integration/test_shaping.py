@@ -148,3 +148,35 @@ async def test_a_throttle_lowers_the_open_connections_of_its_site(redis: Redis) 
         await limits.release_connection(f"c{n}", limits.connection_keys(f"d{n}.test", SITE)[0])
     assert await limits.acquire_connection("c3", "d3.test", SITE, ttl=30)  # 2 open now, the throttle's level
     assert not await limits.acquire_connection("c4", "d4.test", SITE, ttl=30)
+
+
+async def _age(redis: Redis, s: Shaper, seconds: float) -> None:
+    """As if the throttle's levels were set, and its site last pushed back, ``seconds`` ago."""
+    (held,) = await s.overrides.active("z")
+    aged = dataclasses.replace(held, updated=held.updated - seconds)
+    await redis.hset(redis_keys.shaping("z"), held.key, aged.to_json())
+    await redis.set(redis_keys.shaping_last("z", held.key), time.time() - seconds)
+
+
+async def test_a_throttled_site_that_takes_mail_again_gets_its_limits_back_step_by_step(redis: Redis) -> None:
+    zone = Zone.model_validate({"sites": {"connections": 4, "rate": "100/min"}})
+    s = shaper(redis, [rule(action="throttle", connections="50%", rate="50%")], zone)
+    assert await s.observe(slow_down()) is not None  # 2 connections, 50/min
+    s.delivered(SITE)
+    await s.recover()  # pushed back just now: no change yet
+    assert [(o.connections, o.rate) for o in await s.overrides.active("z")] == [(2, "50/min")]
+    steps = []
+    for _ in range(5):
+        await _age(redis, s, SETTLE)
+        s.delivered(SITE)
+        await s.recover()
+        steps.append([(o.connections, o.rate) for o in await s.overrides.active("z")])
+        if not steps[-1]:
+            break
+    # One more connection and a quarter more pace per settled step, then the configured limits.
+    assert steps == [[(3, "63/min")], [(4, "79/min")], [(4, "99/min")], []]
+    # A site not delivered to is left as it is.
+    assert await s.observe(slow_down()) is not None
+    await _age(redis, s, SETTLE)
+    await s.recover()
+    assert [(o.connections, o.rate) for o in await s.overrides.active("z")] == [(2, "50/min")]

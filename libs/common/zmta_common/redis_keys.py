@@ -29,6 +29,7 @@ key                                        what it holds
 ``zmta:leased:<zone>:<site>:<minute>``     deliveries leased to a site in a minute (shaping)
 ``zmta:shaping:<zone>``                    hash: scope key -> traffic shaping override (JSON)
 ``zmta:shapinghits:<zone>:<rule>:<scope>`` a shaping rule's matches in its window
+``zmta:shapinglast:<zone>:<scope>``        when the scope last pushed back (Unix time)
 =========================================  =============================================
 
 ``d`` keys count per recipient domain, ``s`` keys per site (:mod:`zmta_common.sites`).
@@ -117,6 +118,11 @@ def site_leased(zone: str, site: str, minute: int) -> str:
 
 def shaping(zone: str) -> str:
     return f"{PREFIX}shaping:{zone}"
+
+
+def shaping_last(zone: str, scope_key: str) -> str:
+    """When the scope last pushed back (a reply a shaping rule matched), Unix time."""
+    return f"{PREFIX}shapinglast:{zone}:{scope_key}"
 
 
 def shaping_hits(zone: str, rule: str, scope_key: str) -> str:

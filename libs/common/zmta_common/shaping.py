@@ -26,6 +26,8 @@ logging each; the API lists and lifts them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -214,10 +216,12 @@ class Signal:
     address: str | None  # the local address it was sent from
 
 
-# KEYS: the zone's overrides hash, the rule's hit counter. ARGV: field, override JSON, now,
-# expires, threshold, window (ms), and the `updated` of the throttle in force that the JSON
-# lowers ("" for none). 0: below the threshold; 1: put in force; 2: extended; 3: lowered.
+# KEYS: the zone's overrides hash, the rule's hit counter, the scope's last push-back.
+# ARGV: field, override JSON, now, expires, threshold, window (ms), and the `updated` of the
+# throttle in force that the JSON lowers ("" for none).
+# 0: below the threshold; 1: put in force; 2: extended; 3: lowered.
 _TRIGGER = """
+redis.call('SET', KEYS[3], ARGV[3], 'EX', 3600)
 local hits = redis.call('INCR', KEYS[2])
 if hits == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[6]) end
 if hits < tonumber(ARGV[5]) then return 0 end
@@ -255,6 +259,19 @@ return false
 """
 
 
+# KEYS: the zone's overrides hash, the scope's last push-back. ARGV: field, the `updated` of
+# the throttle being raised, its raised JSON ("" when it is back to the configured limits),
+# now, SETTLE. 1: raised (or ended); 0: changed meanwhile, or pushed back within SETTLE.
+_RAISE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current or cjson.decode(current).updated ~= tonumber(ARGV[2]) then return 0 end
+local last = redis.call('GET', KEYS[2])
+if last and tonumber(ARGV[4]) - tonumber(last) < tonumber(ARGV[5]) then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
+
+
 class Overrides:
     """The overrides of every zone, in Redis: put in force, listed, lifted, swept."""
 
@@ -262,6 +279,20 @@ class Overrides:
         self.redis = redis
         self._trigger = redis.register_script(_TRIGGER)
         self._sweep = redis.register_script(_SWEEP)
+        self._raise = redis.register_script(_RAISE)
+
+    async def raise_(self, held: Override, raised: Override | None) -> bool:
+        """Replace the throttle ``held`` by ``raised`` (None: end it), unless it changed
+        meanwhile or its site pushed back within the last SETTLE seconds."""
+        keys = [redis_keys.shaping(held.zone), redis_keys.shaping_last(held.zone, held.key)]
+        args: list[str | float] = [
+            held.key,
+            repr(held.updated),
+            raised.to_json() if raised else "",
+            time.time(),
+            SETTLE,
+        ]
+        return bool(await self._raise(keys=keys, args=args))
 
     async def trigger(self, rule: ShapingRule, override: Override, lowers: Override | None = None) -> int:
         """Count the signal; put the override in force when the rule's threshold is reached.
@@ -270,7 +301,8 @@ class Overrides:
         counter = redis_keys.shaping_hits(override.zone, rule.name, override.key)
         args: list[str | float | int] = [override.key, override.to_json(), override.started, override.expires]
         args += [rule.threshold, math.ceil(rule.window * 1000), repr(lowers.updated) if lowers else ""]
-        result = await self._trigger(keys=[redis_keys.shaping(override.zone), counter], args=args)
+        last = redis_keys.shaping_last(override.zone, override.key)
+        result = await self._trigger(keys=[redis_keys.shaping(override.zone), counter, last], args=args)
         return int(result)
 
     async def get(self, zone: str, key: str) -> Override | None:
@@ -331,6 +363,7 @@ class Shaper:
         self.zone = zone
         self.rules = rules
         self.redis = overrides.redis
+        self._succeeded: set[str] = set()  # sites delivered to since the last recover()
 
     async def observe(self, signal: Signal) -> Override | None:
         """The override this signal put in force (None: none, or one was already)."""
@@ -362,6 +395,50 @@ class Shaper:
         triggered.inc(zone=self.zone_name, rule=rule.name, action=rule.action)
         log.warning("shaping started" if result == 1 else "shaping lowered", extra=_log_fields(override))
         return override
+
+    def delivered(self, site: str | None) -> None:
+        """A delivery to ``site`` succeeded (counted here; :meth:`recover` acts on it)."""
+        if site:
+            self._succeeded.add(site)
+
+    async def recover(self) -> None:
+        """Additive increase: each throttled site this sender delivered to since the last call,
+        and that has not pushed back for SETTLE seconds, gets one more connection and a
+        quarter more pace, up to its configured limits; then the throttle ends."""
+        sites, self._succeeded = self._succeeded, set()
+        now = time.time()
+        for site in sites:
+            held = await self.overrides.get(self.zone_name, scope_key("site", site))
+            if held is None or held.action != "throttle" or now - held.updated < SETTLE:
+                continue
+            raised = self._raised(held, now)
+            if await self.overrides.raise_(held, raised):
+                log.info("shaping raised" if raised else "shaping recovered", extra=_log_fields(raised or held))
+
+    def _raised(self, held: Override, now: float) -> Override | None:
+        """``held`` one step up, or None once back at the configured limits."""
+        configured = self.zone.site_limit(held.site)
+        ceiling = configured.connections or DEFAULT_SITE_CONNECTIONS
+        connections = min(ceiling, held.connections + 1) if held.connections is not None else None
+        rate = held.rate
+        if rate is not None:
+            per_minute = _per_minute(parse_rate(rate))
+            raised_rate = math.floor(per_minute * 1.25) + 1
+            top = _per_minute(parse_rate(configured.rate)) if configured.rate else None
+            rate = None if top is not None and raised_rate >= top else f"{raised_rate}/min"
+        if (connections is None or connections >= ceiling) and (rate is None or configured.rate is None):
+            return None  # back where the configuration puts it (a rate it never had goes too)
+        return dataclasses.replace(held, connections=connections, rate=rate, updated=now)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Call :meth:`recover` every half SETTLE until ``stop``."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SETTLE / 2)
+            try:
+                await self.recover()
+            except Exception as exc:  # Redis down: the throttle ends with its duration
+                log.warning("shaping recovery failed", extra={"zone": self.zone_name, "error": repr(exc)})
 
     async def _lowerable(self, rule: ShapingRule, key: str, now: float) -> Override | None:
         """The throttle in force at ``key`` if this rule may lower it again now: not sooner

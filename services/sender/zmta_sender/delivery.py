@@ -183,6 +183,8 @@ class Deliverer:
         except Reject as exc:
             return self.report(delivery, DEFERRED if exc.temporary else REJECTED, exc.reply, "plugin")
         await self._delivered_hook(context, accepted.response)
+        if self.shaper is not None:
+            self.shaper.delivered(site)
         return self.report(
             delivery, DELIVERED, accepted.response, "", accepted.target.host, attempt.source_ip, accepted.tls
         )

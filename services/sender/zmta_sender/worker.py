@@ -103,6 +103,8 @@ class Sender:
         upkeep_stop = asyncio.Event()
         upkeep = asyncio.create_task(self.connections.run(upkeep_stop), name="connection-upkeep")
         renewal = asyncio.create_task(self._keep_leases(upkeep_stop), name="lease-renewal")
+        shaper = self.deliverer.shaper
+        recovery = asyncio.create_task(shaper.run(upkeep_stop), name="shaping-recovery") if shaper else None
         try:
             while not stop.is_set():
                 free = self.zone.connections - len(self._in_flight)
@@ -118,6 +120,8 @@ class Sender:
             upkeep_stop.set()
             upkeep.cancel()
             renewal.cancel()
+            if recovery is not None:
+                recovery.cancel()
             await self.connections.close_all()
             await self.deliverer.close()
 
