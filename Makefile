@@ -7,7 +7,7 @@ CONFIG ?= config/development.yaml
 
 STAMP  := $(VENV)/.setup-done
 SETUP_INPUTS := scripts/setup.sh constraints.txt requirements-dev.txt libs/common/pyproject.toml \
-	$(wildcard services/*/pyproject.toml) tools/devtools/pyproject.toml
+	$(wildcard services/*/pyproject.toml) tools/devtools/pyproject.toml tools/cli/pyproject.toml
 
 setup:
 	scripts/setup.sh

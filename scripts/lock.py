@@ -1,6 +1,6 @@
 """Write constraints.txt, the lock: every third-party package of the venv at one version, with its hash.
 
-pip resolves the version ranges of the distributions (libs/common, services/*, tools/devtools) and
+pip resolves the version ranges of the distributions (libs/common, services/*, tools/devtools, tools/cli) and
 requirements-dev.txt (``pip install --dry-run --report``), keeping the versions the lock already has
 where they still fit (``--upgrade``: the newest ones). Each line names what needs the package, so an
 image installs only its service's share. Run it as ``make lock``; it needs the package index.
@@ -30,6 +30,7 @@ PROJECTS = {
     "common": ROOT / "libs" / "common",
     **{path.name: path for path in sorted((ROOT / "services").iterdir()) if (path / "pyproject.toml").exists()},
     "devtools": ROOT / "tools" / "devtools",
+    "cli": ROOT / "tools" / "cli",
 }
 HEADER = """\
 # The lock: every third-party package that `make setup` installs into .venv, at one exact
@@ -38,8 +39,8 @@ HEADER = """\
 # Written by scripts/lock.py (`make lock`, or `make lock UPGRADE=1` for the newest versions the
 # ranges allow) from the version ranges in the pyproject.toml files and requirements-dev.txt:
 # change those, then run it; never edit this file by hand.
-# "for:" names what needs the package: common (libs/common), a service, devtools, dev
-# (requirements-dev.txt) or setup (pip, and setuptools to build the editable installs).
+# "for:" names what needs the package: common (libs/common), a service, devtools, cli (the zmta
+# command), dev (requirements-dev.txt) or setup (pip, and setuptools to build the editable installs).
 # Installed with hash checking: `pip install --require-hashes -r constraints.txt` in
 # scripts/setup.sh; the Dockerfile takes the lines of its service.
 """

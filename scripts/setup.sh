@@ -27,6 +27,10 @@ have rspamd || missing+=(rspamd)
 have nsd || missing+=(nsd)
 have unbound || missing+=(unbound)
 have ldns-signzone || missing+=(ldnsutils)
+# The web console's browser tests: headless Chromium driven through chromedriver by selenium
+# (Debian's builds, so selenium downloads no browser of its own).
+have chromium || missing+=(chromium)
+have chromedriver || missing+=(chromium-driver)
 # Mail::DKIM: the second, independent verifier in the DKIM signer tests.
 perl -MMail::DKIM::Verifier -e1 >/dev/null 2>&1 || missing+=(libmail-dkim-perl)
 "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
@@ -67,7 +71,7 @@ pip=("$VENV/bin/python" -m pip)
 "${pip[@]}" install -q --no-deps --no-build-isolation \
     -e libs/common \
     -e services/ingest -e services/queue -e services/sender -e services/bounce -e services/api \
-    -e tools/devtools
+    -e tools/devtools -e tools/cli
 # The lock must meet every range: a pyproject.toml or requirements-dev.txt changed without `make lock`
 # stops here. (--no-index: whatever the lock lacks is not fetched.)
 if ! "${pip[@]}" check >/dev/null || ! "${pip[@]}" install -q --no-index --no-deps -r requirements-dev.txt 2>/dev/null; then

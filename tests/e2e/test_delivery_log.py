@@ -3,11 +3,20 @@ operator's actions write, how it is searched, paged and summed up, and holds."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import httpx
+import nats
+import pytest
+from nats.aio.msg import Msg
 
 from tests.support import DeploymentFactory, eventually
+from zmta_common.events import LogEvent
+from zmta_devtools.servers import free_port
 
 
 async def send(client: httpx.AsyncClient, to: str, sender: str = "News@Origin.test") -> str:
@@ -57,6 +66,9 @@ async def test_a_message_life_is_logged_searchable_and_summed_up(deploy: Deploym
         # Held: listed as held, never attempted, logged; released: delivered.
         held = await client.post(f"/message/{deferred}/hold")
         assert held.json() == {"success": True, "held": 1}
+        shown = await client.get(f"/message/{deferred}")  # a held delivery waits for 'infinity'
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["messages"][0]["deferred"]["next"] > 250_000_000_000_000  # the year 9999, in ms
         listed = (await client.get("/queued/held/default")).json()
         assert [(r["id"], r["seq"]) for r in listed["list"]] == [(deferred, "001")] and listed["type"] == "held"
         assert (await client.get("/queued/deferred/default")).json()["list"] == []
@@ -111,3 +123,54 @@ async def test_a_suppressed_recipient_and_a_dropped_message_are_logged(deploy: D
             ("kept@a.test", "QUEUED", None),
             ("kept@a.test", "DELETED", "dropped through the api"),
         }
+
+
+class Hook(BaseHTTPRequestHandler):
+    """A webhook receiver that keeps every batch it is sent."""
+
+    batches: ClassVar[list[list[dict[str, Any]]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.batches.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def hook() -> Iterator[str]:
+    Hook.batches.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/log"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_the_log_is_streamed_on_nats_and_to_a_webhook(deploy: DeploymentFactory, hook: str) -> None:
+    d = await deploy({"delivery_log": {"stream": True, "webhook_url": hook, "stream_lag": 1}})
+    nc = await nats.connect(d.nats.url)
+    events: list[LogEvent] = []
+
+    async def record(msg: Msg) -> None:
+        events.append(LogEvent.decode(msg.data))
+
+    try:
+        await nc.subscribe("zmta.log.>", cb=record)
+        await nc.flush()
+        async with httpx.AsyncClient(base_url=d.api_url) as client:
+            message_id = await send(client, "someone@b.test")
+        await eventually(lambda: [e.action for e in events] == ["QUEUED", "ACCEPTED"], what="both entries on NATS")
+    finally:
+        await nc.close()
+    assert {(e.id, e.recipient, e.zone) for e in events} == {(message_id, "someone@b.test", "default")}
+    assert events[1].details["mx"] == "mx.b.test"
+    posted = [entry for batch in Hook.batches for entry in batch]
+    assert [(e["action"], e["id"], e["to"]) for e in posted] == [
+        ("QUEUED", message_id, "someone@b.test"),
+        ("ACCEPTED", message_id, "someone@b.test"),
+    ]

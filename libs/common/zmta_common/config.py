@@ -842,6 +842,23 @@ class DeliveryLog(Section):
         ge=0,
         description="days an entry is kept (the queue's garbage collection removes older ones); `0`: no log",
     )
+    stream: bool = Field(
+        default=False,
+        description="also publish each entry on NATS, subject `zmta.log.<action>` (`zmta.log.accepted`...,"
+        " msgpack `LogEvent`), for your own analytics; the bounce service reads the log and publishes it,"
+        " `stream_lag` seconds behind, at least once",
+    )
+    webhook_url: HttpUrl | None = Field(
+        default=None,
+        description="POST the entries to this URL as they are streamed: a JSON array of entries as `GET /log`"
+        " shows them, up to 500 a request; a failed POST is tried again (the stream waits for it)",
+    )
+    stream_lag: float = Field(
+        default=5.0,
+        ge=1,
+        description="seconds an entry is left before it is streamed: entries are numbered when written and"
+        " committed a moment later, so the stream reads only those that no transaction still open can precede",
+    )
 
 
 class Shaping(Section):

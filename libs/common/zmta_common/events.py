@@ -18,6 +18,7 @@ zmta.delivery.bounced.<zone>       JetStream        :class:`BounceEvent` (stream
 zmta.delivery.delayed.<zone>       JetStream        :class:`BounceEvent`, kind "delayed" (BOUNCES)
 zmta.bounce.notify                 JetStream        :class:`Notification` (stream NOTIFY)
 zmta.bounce.classify               request/reply    :class:`ClassifyRequest` -> :class:`Classification`
+zmta.log.<action>                  core publish     :class:`LogEvent` (the delivery log as a stream)
 =================================  ===============  =====================================
 """
 
@@ -263,3 +264,23 @@ class Classification(Payload):
     action: str  # defer | reject | blacklist
     category: str
     message: str
+
+
+def log_subject(action: str) -> str:
+    """Where the delivery log's entries of ``action`` (QUEUED, ACCEPTED...) are published."""
+    return f"zmta.log.{action.lower()}"
+
+
+@dataclass(slots=True)
+class LogEvent(Payload):
+    """A delivery log entry, as the log stream publishes it (``delivery_log.stream``)."""
+
+    time: float  # Unix time
+    action: str
+    id: str
+    seq: str = ""
+    zone: str = ""
+    mail_from: str = ""
+    recipient: str = ""
+    domain: str = ""
+    details: dict[str, Any] = field(default_factory=dict)

@@ -30,6 +30,7 @@ key                                        what it holds
 ``zmta:shaping:<zone>``                    hash: scope key -> traffic shaping override (JSON)
 ``zmta:shapinghits:<zone>:<rule>:<scope>`` a shaping rule's matches in its window
 ``zmta:shapinglast:<zone>:<scope>``        when the scope last pushed back (Unix time)
+``zmta:logstream:leader``                  the bounce replica streaming the delivery log
 =========================================  =============================================
 
 ``d`` keys count per recipient domain, ``s`` keys per site (:mod:`zmta_common.sites`).
@@ -127,3 +128,7 @@ def shaping_last(zone: str, scope_key: str) -> str:
 
 def shaping_hits(zone: str, rule: str, scope_key: str) -> str:
     return f"{PREFIX}shapinghits:{zone}:{rule}:{scope_key}"
+
+
+# The bounce replica that streams the delivery log (one at a time).
+LOG_STREAM_LEADER = f"{PREFIX}logstream:leader"

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import routes_admin, routes_log, routes_queue, routes_send, routes_shaping
 from .common import ApiError, Services
+from .console import mount_console
 from .models import ErrorResponse
 from .security import PUBLIC_PATHS, Gate
 
@@ -88,6 +89,7 @@ def create_app(services: Services) -> FastAPI:
     # Every request: the caller's API key, and the size of its body (see security.py).
     app.add_middleware(Gate, api=services.config.api)
     app.state.services = services
+    mount_console(app)  # the web console's static files at /ui (console.py)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -15,7 +15,7 @@ from zmta_common.bus import Bus
 from zmta_common.config import Config
 from zmta_common.events import WorkReady, ready_subject
 from zmta_common.hooks import Hooks
-from zmta_common.store import LogEntry, Store
+from zmta_common.store import Store
 
 from .models import ErrorResponse
 
@@ -85,34 +85,3 @@ def iso(value: datetime | float) -> str:
     """A time as JavaScript's toISOString() writes it (the original's JSON): UTC, milliseconds, Z."""
     moment = datetime.fromtimestamp(value, UTC) if isinstance(value, float | int) else value.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def log_view(entry: LogEntry) -> dict[str, Any]:
-    """A delivery log entry as the api shows it (``LogEntryModel``)."""
-    details = entry.details
-    return {
-        "time": iso(entry.time),
-        "action": entry.action,
-        "id": entry.id,
-        "seq": entry.seq,
-        "zone": entry.zone,
-        "from": entry.mail_from,
-        "to": entry.recipient,
-        "domain": entry.domain,
-        **{name: details.get(name) for name in LOG_DETAILS},
-    }
-
-
-# The details a log entry may carry, as LogEntryModel names them.
-LOG_DETAILS = (
-    "interface",
-    "client",
-    "size",
-    "local_address",
-    "mx",
-    "tls",
-    "response",
-    "category",
-    "next_attempt",
-    "reason",
-)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from zmta_common.domains import canonical_domain
 from zmta_common.store import LOG_ACTIONS, LogQuery
 
-from .common import ApiError, Services, error_responses, iso, log_view
+from .common import ApiError, Services, error_responses, iso
 from .models import LogPage, LogStats
 
 LOG_MAX = 1000
@@ -55,7 +55,7 @@ def router(services: Services) -> APIRouter:
         more = len(found) > limit
         found = found[:limit]
         next_cursor = _make_cursor(found[-1][1]) if more else None
-        return LogPage.model_validate({"entries": [log_view(e) for e, _ in found], "next": next_cursor})
+        return LogPage.model_validate({"entries": [e.view() for e, _ in found], "next": next_cursor})
 
     @api.get("/log/stats", response_model=LogStats)
     async def stats(hours: Annotated[int, Query(ge=1, le=24 * 31)] = 24) -> LogStats:

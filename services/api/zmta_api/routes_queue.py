@@ -32,7 +32,6 @@ from .common import (
     check_zone,
     error_responses,
     iso,
-    log_view,
     well_formed,
 )
 from .models import (
@@ -241,7 +240,7 @@ def router(services: Services) -> APIRouter:
         if not meta.get("user"):
             meta["user"] = False  # the original's value for "no authenticated user"
         now = datetime.now(UTC)
-        entries = [log_view(e) for e in await store.message_log(message_id)]
+        entries = [e.view() for e in await store.message_log(message_id)]
         return MessageResponse.model_validate(
             {"meta": meta, "messages": [_delivery_view(r, config, now) for r in rows], "log": entries}
         )

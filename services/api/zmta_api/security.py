@@ -1,6 +1,7 @@
 """API keys: who may call which route, and how much of a body the API reads.
 
-Every route but ``/health`` needs a key; ``/send`` and ``/send-raw`` need the ``send``
+Every route but ``/health`` (and the web console's static files under ``/ui``, which hold
+no data) needs a key; ``/send`` and ``/send-raw`` need the ``send``
 scope, the schema and the documentation pages (``/openapi.json``, ``/docs``, ``/redoc``)
 any valid key unless ``api.public_docs``, everything else ``admin``. A key is presented
 as ``Authorization: Bearer <key>``, as ``X-API-Key: <key>``, or as the password of HTTP
@@ -24,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,10 @@ PUBLIC_PATHS = frozenset({"/health"})
 SEND_PATHS = frozenset({"/send", "/send-raw"})
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ANY_KEY = "any"  # the "scope" of the documentation: any valid key will do
+# The web console's static files (console.py), public as /health is: /ui, /ui/ and /ui/<file>,
+# one plain file name and no deeper path, so neither an API route nor anything outside the
+# console's folder. They hold no data: the pages fetch it from the API with the operator's key.
+CONSOLE_FILES = re.compile(r"/ui(/([A-Za-z0-9_-]+\.(html|js|css))?)?")
 # The most a route other than /send and /send-raw reads of a body (theirs: api.max_body).
 ADMIN_MAX_BODY = 1024 * 1024
 
@@ -68,7 +74,7 @@ def new_key() -> tuple[str, str]:
 
 def scope_for(path: str, public_docs: bool = False) -> str | None:
     """The scope a route needs (:data:`ANY_KEY` for the documentation), or None for a public one."""
-    if path in PUBLIC_PATHS or (public_docs and path in DOC_PATHS):
+    if path in PUBLIC_PATHS or CONSOLE_FILES.fullmatch(path) or (public_docs and path in DOC_PATHS):
         return None
     if path in DOC_PATHS:
         return ANY_KEY

@@ -1,5 +1,5 @@
-"""``python -m zmta_bounce``: the classifier responder, the bounce event consumer and the
-HTTP notification sender."""
+"""``python -m zmta_bounce``: the classifier responder, the bounce event consumer, the
+HTTP notification sender and the delivery log stream."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from zmta_common.config import Config
 
 from .classifier import Classifier, RulesError, load_all
 from .consumer import BounceConsumer
+from .log_stream import LogStream
 from .notifications import NotificationSender
 from .responder import ClassifyResponder
 
@@ -38,7 +39,10 @@ async def main(config: Config, stop: asyncio.Event) -> None:
 
         async with service.health_endpoint(config, config.metrics.bounce_port, health):
             log.info("running", extra={"rules": len(classifier.rules)})
-            await asyncio.gather(consumer.run(stop), notification_sender.run(stop), return_exceptions=True)
+            tasks = [consumer.run(stop), notification_sender.run(stop)]
+            if config.delivery_log.stream or config.delivery_log.webhook_url is not None:
+                tasks.append(LogStream(config, conn.store, conn.bus, conn.redis).run(stop))
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 cli = service.command("bounce", main, "Run the bounce service.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -49,7 +50,7 @@ class AdminStore(StoreBase):
             " FROM deliveries WHERE id = $1 ORDER BY seq",
             message_id,
         )
-        return [DeliveryRow(**dict(r)) for r in rows]
+        return [DeliveryRow(**_held_as_never(dict(r))) for r in rows]
 
     async def queue_counts(self) -> dict[str, QueueCounts]:
         rows = await self.pool.fetch(
@@ -133,7 +134,7 @@ class AdminStore(StoreBase):
             f" WHERE {where} ORDER BY {order} OFFSET $2 LIMIT $3",
             *args,
         )
-        return [QueuedRow(**dict(r)) for r in rows]
+        return [QueuedRow(**_held_as_never(dict(r))) for r in rows]
 
     async def retry_now(self, message_id: str, seq: str | None) -> RetryResult:
         """Make a delivery (or, without ``seq``, every delivery of the message) ready at once
@@ -270,6 +271,18 @@ async def _log_rows(
         [r["domain"] for r in rows],
         json.dumps(details),
     )
+
+
+# When a held delivery is due: 'infinity', which asyncpg reads as a naive datetime.max.
+NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+def _held_as_never(row: dict[str, Any]) -> dict[str, Any]:
+    """A row whose next attempt is 'infinity' (held) with :data:`NEVER`, comparable with
+    the aware times of every other row."""
+    if row["next_attempt"].tzinfo is None:
+        row["next_attempt"] = NEVER
+    return row
 
 
 def _suppression(row: asyncpg.Record) -> Suppression:

@@ -63,6 +63,31 @@ class DeliveryLogStore(StoreBase):
         )
         return [(_entry(r), (r["time"], r["entry"])) for r in rows]
 
+    async def log_after(self, position: int, lag: float, limit: int = 500) -> list[tuple[int, LogEntry]]:
+        """Entries after ``position`` (an entry number), in order, written at least ``lag``
+        seconds ago: a transaction still open when the reader passed would otherwise leave a
+        gap (entry numbers are taken in insert order, not commit order)."""
+        rows = await self.pool.fetch(
+            f"SELECT {_COLUMNS}, entry FROM delivery_log"  # noqa: S608
+            " WHERE entry > $1 AND time < now() - make_interval(secs => $2) ORDER BY entry LIMIT $3",
+            position,
+            lag,
+            limit,
+        )
+        return [(r["entry"], _entry(r)) for r in rows]
+
+    async def stream_position(self) -> int:
+        """How far the log stream has gone; a stream that never ran starts at the end of the
+        log (it streams what happens from now on, not the history)."""
+        position = await self.pool.fetchval(
+            "INSERT INTO delivery_log_stream (position) SELECT coalesce(max(entry), 0) FROM delivery_log"
+            " ON CONFLICT (one) DO UPDATE SET position = delivery_log_stream.position RETURNING position"
+        )
+        return int(position)
+
+    async def set_stream_position(self, position: int) -> None:
+        await self.pool.execute("UPDATE delivery_log_stream SET position = $1", position)
+
     async def message_log(self, message_id: str) -> list[LogEntry]:
         """A message's entries, oldest first."""
         rows = await self.pool.fetch(

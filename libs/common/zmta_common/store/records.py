@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 
@@ -213,6 +213,37 @@ class LogEntry:
     recipient: str | None
     domain: str | None
     details: dict[str, Any]  # interface, client, size, local_address, mx, tls, response, category, ...
+
+    def view(self) -> dict[str, Any]:
+        """The entry as the api, the webhook and the console show it: flat, times in ISO 8601
+        with milliseconds (as JavaScript writes them), absent values null."""
+        moment = self.time.astimezone(UTC)
+        return {
+            "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
+            "action": self.action,
+            "id": self.id,
+            "seq": self.seq,
+            "zone": self.zone,
+            "from": self.mail_from,
+            "to": self.recipient,
+            "domain": self.domain,
+            **{name: self.details.get(name) for name in LOG_DETAILS},
+        }
+
+
+# The details a log entry may carry.
+LOG_DETAILS = (
+    "interface",
+    "client",
+    "size",
+    "local_address",
+    "mx",
+    "tls",
+    "response",
+    "category",
+    "next_attempt",
+    "reason",
+)
 
 
 @dataclass(frozen=True, slots=True)

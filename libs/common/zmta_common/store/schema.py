@@ -132,6 +132,13 @@ MIGRATIONS: list[Migration] = [
     CREATE INDEX delivery_log_domain ON delivery_log (domain, time);
     CREATE INDEX delivery_log_sender ON delivery_log (mail_from, time);
     """,
+    # How far the delivery log stream has gone: beside the log, so that the two never disagree.
+    """
+    CREATE TABLE delivery_log_stream (
+        one       boolean PRIMARY KEY DEFAULT true CHECK (one),
+        position  bigint NOT NULL
+    );
+    """,
 ]
 
 # Any constant: it only has to be the same for every process that migrates.
