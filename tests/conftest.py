@@ -66,6 +66,13 @@ def infra() -> Iterator[Infra]:
         dns.add_host(f"mx.{domain}", ip)
         dns.add_host(f"mta-sts.{domain}", sts_address)
         dns.add_txt(f"_mta-sts.{domain}", f"v=STSv1; id={STS_ID}")
+    # Where the MTA-STS domains want their TLS reports (RFC 8460; dnsmasq cannot put a comma
+    # in a TXT string, so one rua each): mailed to a.test's sink, POSTed to tlsrpt.sts.test
+    # (on Infra.sts_address, port 443), and a version nobody speaks.
+    dns.add_txt("_smtp._tls.sts.test", "v=TLSRPTv1; rua=mailto:tlsrpt@a.test")
+    dns.add_txt("_smtp._tls.sts-testing.test", "v=TLSRPTv1; rua=https://tlsrpt.sts.test/v1/tlsrpt")
+    dns.add_txt("_smtp._tls.sts-mismatch.test", "v=TLSRPTv2; rua=mailto:tlsrpt@a.test")
+    dns.add_host("tlsrpt.sts.test", sts_address)
     sink_port = free_port()
     sink_ips = set(MX_HOSTS.values()) | set(A_ONLY.values()) | {MANY_DOMAINS_MX} | set(IPV6_ONLY.values())
     sinks = {ip: Sink(ip, sink_port) for ip in sorted(sink_ips)}

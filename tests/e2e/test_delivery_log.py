@@ -53,6 +53,7 @@ async def test_a_message_life_is_logged_searchable_and_summed_up(deploy: Deploym
         assert queued["size"] > 0
         assert accepted["response"].startswith("250") and accepted["mx"] == "mx.b.test"
         assert accepted["tls"] and accepted["time"] >= queued["time"]
+        assert accepted["ip"] == "127.0.0.3" and accepted["timer_ms"] >= 0
 
         async def deferral() -> list[dict[str, Any]]:
             return await entries(client, id=deferred, action="deferred")
@@ -174,3 +175,21 @@ async def test_the_log_is_streamed_on_nats_and_to_a_webhook(deploy: DeploymentFa
         ("QUEUED", message_id, "someone@b.test"),
         ("ACCEPTED", message_id, "someone@b.test"),
     ]
+
+
+async def test_a_bounce_and_its_dsn_are_logged(deploy: DeploymentFactory, sinks: dict) -> None:
+    d = await deploy()
+    sinks["127.0.0.2"].handler.scripted["gone@a.test"] = ["550 5.1.1 <gone@a.test>: Recipient address rejected"]
+    async with httpx.AsyncClient(base_url=d.api_url) as client:
+        message_id = await send(client, "gone@a.test", sender="s@origin.test")
+
+        async def bounced() -> list[dict[str, Any]]:
+            found = await entries(client, id=message_id)
+            return found if [e["action"] for e in found] == ["QUEUE_BOUNCE", "REJECTED", "QUEUED"] else []
+
+        dsn, rejected, _ = await eventually(bounced, what="the REJECTED and QUEUE_BOUNCE entries")
+        assert (rejected["category"], rejected["ip"]) == ("recipient_unknown", "127.0.0.2")
+        assert (dsn["reason"], dsn["category"], dsn["to"]) == ("failure", "recipient_unknown", "gone@a.test")
+        # The DSN is a message of its own, with its own log, to the sender.
+        (its_queued,) = await entries(client, id=dsn["bounce_id"], action="QUEUED")
+        assert (its_queued["to"], its_queued["from"], its_queued["interface"]) == ("s@origin.test", "", "bounce")

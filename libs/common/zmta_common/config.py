@@ -702,6 +702,54 @@ class Tls(Section):
     )
 
 
+class TlsReporting(Section):
+    """SMTP TLS reporting (RFC 8460): what the senders met under the recipient domains' TLS
+    policies, reported to those domains once a day.
+
+    With ``enabled``, the senders count each SMTP session to an MX host that a recipient
+    domain's MTA-STS policy (``enforce`` or ``testing``) or DANE TLSA records cover: the
+    successful ones, and the failed ones by RFC 8460 result type with the sending address, the
+    MX host and its address; a policy that cannot be fetched and a bogus TLSA lookup count as
+    failures too. The counts are kept in Redis per domain and UTC day for ``retention_days``.
+    Domains without such a policy cost nothing and get no report.
+
+    Once a day, from ``hour`` (UTC) on, a bounce service replica reports the previous day to
+    each of those domains that publishes a TXT record ``_smtp._tls.<domain>``
+    (``v=TLSRPTv1; rua=mailto:...,https://...``): the gzipped JSON report of RFC 8460
+    section 4.4, mailed through the zone of DSNs (``bounce.zone``) as a
+    ``multipart/report; report-type="tlsrpt"``, or POSTed as ``application/tlsrpt+gzip``.
+    One replica reports each domain and day (a Redis marker). ``python -m zmta_bounce
+    tls-report --day YYYY-MM-DD`` reports one day at once.
+    """
+
+    enabled: bool = Field(
+        default=False,
+        description="count the TLS sessions under MTA-STS and DANE in the senders, and send the daily reports"
+        " from the bounce service",
+    )
+    organization_name: str | None = Field(
+        default=None, description="`organization-name` of the reports; unset: the `submitter`"
+    )
+    submitter: str | None = Field(
+        default=None,
+        description="the reporting domain: the reports' `TLS-Report-Submitter` header, the first part of their"
+        " file name and the domain of their `report-id`; unset: the top-level `hostname`",
+    )
+    contact_info: str | None = Field(
+        default=None, description="`contact-info` of the reports (an address to ask about them); unset: `from_address`"
+    )
+    from_address: str | None = Field(
+        default=None,
+        description="`From` and envelope sender of the mailed reports; unset: `noreply-tlsrpt@<submitter>`. RFC"
+        " 8460 wants them DKIM-signed by the reporting domain: give that domain a key (`dkim`)",
+    )
+    hour: int = Field(default=1, ge=0, le=23, description="the hour (UTC) from which the previous day is reported")
+    retention_days: int = Field(
+        default=3, ge=2, le=30, description="days the counts of a day stay in Redis (`zmta:tlsrpt:...`)"
+    )
+    post_timeout: float = Field(default=30.0, gt=0, description="seconds an HTTPS report POST may take")
+
+
 class Queue(Section):
     """The queue service: leasing, housekeeping and garbage collection."""
 
@@ -1205,6 +1253,9 @@ class Config(BaseSettings):
     zones: dict[str, Zone] = Field(default_factory=_default_zones, description="sending zones, by name")
     dns: Dns = Field(default_factory=Dns, description="MX lookups")
     tls: Tls = Field(default_factory=Tls, description="outbound TLS")
+    tls_reporting: TlsReporting = Field(
+        default_factory=TlsReporting, description="SMTP TLS reporting (RFC 8460) of MTA-STS and DANE sessions"
+    )
     bounce: Bounce = Field(default_factory=Bounce, description="classification, DSNs and notifications")
     shaping: Shaping = Field(default_factory=Shaping, description="adaptive traffic shaping")
     delivery_log: DeliveryLog = Field(default_factory=DeliveryLog, description="the searchable delivery log")

@@ -212,6 +212,8 @@ class DeliveryReport(Payload):
     # The SMTP session's TLS: "version=TLSv1.3 cipher=... verified=yes|no", "none" (plain
     # text), or "" when no session was reached.
     tls: str = ""
+    mx_ip: str = ""  # the address of the MX host the attempt reached, if it reached one
+    timer_ms: int = 0  # how long the attempt took
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

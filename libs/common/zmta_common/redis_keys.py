@@ -31,6 +31,9 @@ key                                        what it holds
 ``zmta:shapinghits:<zone>:<rule>:<scope>`` a shaping rule's matches in its window
 ``zmta:shapinglast:<zone>:<scope>``        when the scope last pushed back (Unix time)
 ``zmta:logstream:leader``                  the bounce replica streaming the delivery log
+``zmta:tlsrpt:<day>``                      set: domains with TLS reporting counts that UTC day
+``zmta:tlsrpt:<day>:<domain>``             hash: a domain's TLS policies and session counts (RFC 8460)
+``zmta:tlsrptsent:<day>:<domain>``         marker: the domain's TLS report of that day is taken
 =========================================  =============================================
 
 ``d`` keys count per recipient domain, ``s`` keys per site (:mod:`zmta_common.sites`).
@@ -128,6 +131,21 @@ def shaping_last(zone: str, scope_key: str) -> str:
 
 def shaping_hits(zone: str, rule: str, scope_key: str) -> str:
     return f"{PREFIX}shapinghits:{zone}:{rule}:{scope_key}"
+
+
+def tlsrpt_domains(day: str) -> str:
+    """The domains with TLS reporting counts on the UTC day ``day`` (``YYYY-MM-DD``)."""
+    return f"{PREFIX}tlsrpt:{day}"
+
+
+def tlsrpt(day: str, domain: str) -> str:
+    """A policy domain's TLS policies and session counts of the UTC day ``day`` (RFC 8460)."""
+    return f"{PREFIX}tlsrpt:{day}:{canonical_domain(domain)}"
+
+
+def tlsrpt_sent(day: str, domain: str) -> str:
+    """Set (NX) by the bounce replica that reports ``domain``'s TLS sessions of ``day``."""
+    return f"{PREFIX}tlsrptsent:{day}:{canonical_domain(domain)}"
 
 
 # The bounce replica that streams the delivery log (one at a time).

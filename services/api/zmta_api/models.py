@@ -154,7 +154,8 @@ class LogEntryModel(BaseModel):
 
     time: str = Field(description="ISO 8601")
     action: str = Field(
-        description="QUEUED, DROP (a suppressed recipient), ACCEPTED, DEFERRED, REJECTED, DELETED, HELD, RELEASED"
+        description="QUEUED, DROP (a suppressed recipient), ACCEPTED, DEFERRED, REJECTED, QUEUE_BOUNCE (a DSN"
+        " was queued), DELETED, HELD, RELEASED"
     )
     id: str
     seq: str | None
@@ -170,7 +171,10 @@ class LogEntryModel(BaseModel):
     tls: str | None = None
     response: str | None = None
     category: str | None = None
+    ip: str | None = Field(default=None, description="the address of the MX host the attempt reached")
+    timer_ms: int | None = Field(default=None, description="how long the attempt took, in milliseconds")
     next_attempt: str | None = Field(default=None, description="DEFERRED: when it is tried again (ISO 8601)")
+    bounce_id: str | None = Field(default=None, description="QUEUE_BOUNCE: the queue id of the DSN")
     reason: str | None = None
 
     model_config = ConfigDict(populate_by_name=True)

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 
 from zmta_common import queueing
 from zmta_common.bus import Bus, consume
 from zmta_common.config import Config
-from zmta_common.events import FAILED, NOTIFY_SUBJECT, STREAM_BOUNCES, BounceEvent, Notification, SchemaError
+from zmta_common.domains import domain_of
+from zmta_common.events import DELAYED, FAILED, NOTIFY_SUBJECT, STREAM_BOUNCES, BounceEvent, Notification, SchemaError
 from zmta_common.headers import HeaderBlock
 from zmta_common.hooks import Hooks, Reject
 from zmta_common.intake import Envelope, IntakeError, MessageIntake
-from zmta_common.store import Store
+from zmta_common.store import LogEntry, Store
 
 from . import dsn, notifications
 
@@ -145,3 +147,19 @@ class BounceConsumer:
         intake.feed(raw)
         queued = await queueing.queue(intake, self.bus)
         log.info("dsn queued", extra={"id": queued.id, "for": f"{event.id}.{event.seq}", "to": recipient})
+        kind = "delayed" if event.kind == DELAYED else "failure"
+        await self.store.add_log(
+            [
+                LogEntry(
+                    datetime.now(UTC),
+                    "QUEUE_BOUNCE",
+                    event.id,
+                    event.seq,
+                    event.zone,
+                    event.mail_from.lower() or None,
+                    event.recipient.lower(),
+                    domain_of(event.recipient),
+                    {"bounce_id": queued.id, "reason": kind, "category": event.category},
+                )
+            ]
+        )

@@ -76,13 +76,15 @@ def delay_warning_due(bounce: Bounce, past: AttemptHistory, now: datetime) -> bo
     return previous - past.created < after <= now - past.created
 
 
-def _details(report: DeliveryReport) -> dict[str, str]:
-    fields = {
+def _details(report: DeliveryReport) -> dict[str, str | int]:
+    fields: dict[str, str | int] = {
         "response": report.response,
         "category": report.category,
         "mx": report.mx,
         "local_address": report.local_address,
         "tls": report.tls,
+        "ip": report.mx_ip,
+        "timer_ms": report.timer_ms,
     }
     return {name: value for name, value in fields.items() if value}
 

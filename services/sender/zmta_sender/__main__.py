@@ -24,6 +24,7 @@ from .mta_sts import MtaSts
 from .mx import MxResolver
 from .signing import DkimKeyError, Signer, load_keys
 from .tls import verifying_context
+from .tlsrpt import Recorder
 from .worker import Sender
 
 log = logging.getLogger("zmta_sender")
@@ -50,6 +51,8 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
             name = f"{socket.gethostname()}:{os.getpid()}:{zone}:{part}"
             limits = ZoneLimits(conn.redis, zone, config.zones[zone])
             pool = part.of(config.zones[zone].pool)  # this process's slice of the zone's pool
+            reporting = config.tls_reporting
+            recorder = Recorder(conn.redis, reporting.retention_days) if reporting.enabled else None
             deliverer = Deliverer(
                 config,
                 zone,
@@ -61,9 +64,10 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
                 Blacklist(conn.redis),
                 Signer(config, config.zones[zone], keys),
                 hooks.load(config, "sender"),
-                sts=MtaSts(config.dns, conn.redis, config.tls) if config.tls.mta_sts else None,
+                sts=MtaSts(config.dns, conn.redis, config.tls, recorder) if config.tls.mta_sts else None,
                 shaper=Shaper(Overrides(conn.redis), zone, config.zones[zone], rules) if rules else None,
                 dane=Dane(config.dns, config.tls, conn.redis) if config.dns.dnssec else None,
+                tlsrpt=recorder,
             )
             sender = Sender(config, zone, conn.store, conn.bus, name, part, limits, deliverer)
 
@@ -79,7 +83,11 @@ def make_main(zone: str, part: Slice, metrics_port: int | None, grace: float | N
             port = config.metrics.sender_port if metrics_port is None else metrics_port
             async with service.health_endpoint(config, port, health):
                 log.info("running", extra={"zone": zone, "sender": name, "pool": [a.address for a in pool]})
-                await sender.run(stop, grace)
+                try:
+                    await sender.run(stop, grace)
+                finally:
+                    if recorder is not None:
+                        await recorder.close()  # the TLS reporting counts not written yet
 
     return main
 

@@ -42,7 +42,9 @@ the peer's own certificate, which is enough for DANE-EE.
 Answers are cached in Redis for all sender pods, for their DNS TTL (10 minutes at most):
 ``zmta:dane:<domain>`` ("secure" or "insecure", the MX lookup) and
 ``zmta:tlsa:<host>:<port>`` (JSON, the host's secure TLSA records, empty for none).
-Failed lookups are not cached.
+Failed lookups are not cached. With TLS reporting on (:mod:`.tlsrpt`), a failed lookup is
+counted for the domain's report (``dnssec-invalid``), and so is each session to a host DANE
+covers (by the caller, :mod:`.smtp_client`).
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ from redis.asyncio import Redis
 from zmta_common import redis_keys
 from zmta_common.config import Dns, Tls, Zone
 from zmta_common.mx import CACHE_TTL_CAP, make_resolver
+from zmta_common.tlsrpt import CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, VALIDATION_FAILURE
 
+from . import tlsrpt
 from .errors import DeliveryError
-from .mta_sts import StsPolicy
+from .mta_sts import StsPolicy, apply_policy
 from .mta_sts import apply as apply_sts
 from .mx import Target
 from .tls import TlsPolicy
@@ -92,7 +96,12 @@ class DaneLookupError(Exception):
 
 
 class DaneMismatch(Exception):
-    """The server's certificate chain does not satisfy its TLSA records; the message says how."""
+    """The server's certificate chain does not satisfy its TLSA records; the message says how,
+    ``result`` its RFC 8460 result type."""
+
+    def __init__(self, message: str, result: str = VALIDATION_FAILURE) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +219,13 @@ def _check_leaf(leaf: x509.Certificate, names: Sequence[str], now: datetime) -> 
     """DANE-TA: the server's certificate must be valid now and name one of ``names`` (RFC 7672 section 3.2)."""
     if not _valid(leaf, now):
         raise DaneMismatch(
-            f"chains to its DANE-TA trust anchor but is not valid now (until {leaf.not_valid_after_utc})"
+            f"chains to its DANE-TA trust anchor but is not valid now (until {leaf.not_valid_after_utc})",
+            CERTIFICATE_EXPIRED,
         )
     if not any(_name_matches(pattern, name) for pattern in certificate_names(leaf) for name in names):
-        raise DaneMismatch(f"chains to its DANE-TA trust anchor but does not name {' or '.join(names)}")
+        raise DaneMismatch(
+            f"chains to its DANE-TA trust anchor but does not name {' or '.join(names)}", CERTIFICATE_HOST_MISMATCH
+        )
 
 
 def certificate_names(cert: x509.Certificate) -> list[str]:
@@ -273,6 +285,7 @@ class Dane:
             if not await self.mx_secure(domain):
                 return tls, targets
         except DaneLookupError as exc:
+            tlsrpt.dnssec_failure(tls, domain, "", "", str(exc))
             raise DeliveryError(f"{DANE_DEFERRAL} {exc}", "dns") from None
         hosts = list(dict.fromkeys((t.host, t.port) for t in targets))
         found = await asyncio.gather(*(self._host_or_error(host, port) for host, port in hosts))
@@ -281,6 +294,8 @@ class Dane:
         left = [t for t in targets if t.host not in failed]
         if failed:
             log.warning("dane: mx hosts skipped", extra={"domain": domain, "error": list(failed.values())})
+            for host, error in failed.items():
+                tlsrpt.dnssec_failure(tls, domain, host, next(t.ip for t in targets if t.host == host), error)
         if not left:
             raise DeliveryError(f"{DANE_DEFERRAL} {'; '.join(failed.values())}", "tls")
         return (replace(tls, dane=covered) if covered else tls), left
@@ -394,7 +409,7 @@ def with_sts(
         return apply_sts(policy, domain, tls, targets)
     others = [t for t in targets if t.host not in tls.dane]
     try:
-        sts_tls, allowed = apply_sts(policy, domain, tls, others)
+        sts_tls, allowed = apply_policy(policy, domain, tls, others)
     except DeliveryError:  # enforce, and no other host allowed: the DANE hosts remain
         sts_tls, allowed = tls, []
     return replace(sts_tls, dane=tls.dane), [t for t in targets if t.host in tls.dane or t in allowed]

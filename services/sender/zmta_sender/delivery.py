@@ -49,6 +49,7 @@ from .outgoing import received_header, wire_chunks
 from .signing import Signer
 from .smtp_client import Attempt, ReplyError, deliver
 from .tls import NONE, TlsContexts, TlsOutcome, TlsPolicy
+from .tlsrpt import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Deliverer:
         sts: MtaSts | None = None,
         shaper: Shaper | None = None,
         dane: Dane | None = None,
+        tlsrpt: Recorder | None = None,
     ) -> None:
         self.config = config
         self.zone_name = zone
@@ -125,7 +127,7 @@ class Deliverer:
         self.sts = sts  # None: MTA-STS off
         self.shaper = shaper  # None: traffic shaping off
         self.dane = dane  # None: DANE off (no validating resolver)
-        self.tls_contexts = TlsContexts(config.tls.ca_file)
+        self.tls_contexts = TlsContexts(config.tls.ca_file, tlsrpt)  # tlsrpt: TLS reporting's counts, or None
         self.http = httpx.AsyncClient(timeout=self.zone.command_timeout)
 
     async def close(self) -> None:
@@ -186,7 +188,14 @@ class Deliverer:
         if self.shaper is not None:
             self.shaper.delivered(site)
         return self.report(
-            delivery, DELIVERED, accepted.response, "", accepted.target.host, attempt.source_ip, accepted.tls
+            delivery,
+            DELIVERED,
+            accepted.response,
+            "",
+            accepted.target.host,
+            attempt.source_ip,
+            accepted.tls,
+            accepted.target.ip,
         )
 
     def _context(self, delivery: LeasedDelivery, message: StoredMessage) -> DeliveryContext:
@@ -268,7 +277,14 @@ class Deliverer:
             )
         status = REJECTED if verdict.action == "reject" else DEFERRED
         return self.report(
-            delivery, status, f"{exc.code} {exc.text}", verdict.category, exc.target.host, source_ip, exc.tls
+            delivery,
+            status,
+            f"{exc.code} {exc.text}",
+            verdict.category,
+            exc.target.host,
+            source_ip,
+            exc.tls,
+            exc.target.ip,
         )
 
     async def _local_address(self, delivery: LeasedDelivery) -> PoolAddress | None:
@@ -335,6 +351,7 @@ class Deliverer:
         mx: str = "",
         local_ip: str | None = None,
         tls: TlsOutcome | None = None,
+        mx_ip: str = "",
     ) -> DeliveryReport:
         if tls is not None:
             tls.count(self.zone_name)
@@ -349,4 +366,5 @@ class Deliverer:
             mx=mx,
             local_address=local_ip or "",
             tls=str(tls) if tls is not None else "",
+            mx_ip=mx_ip,
         )

@@ -17,7 +17,9 @@ same process for a few minutes.
 :func:`apply` turns a policy into what a delivery must do: in ``enforce`` mode only the
 MX hosts that match the policy are tried, with TLS and a verified certificate required
 (else the delivery is deferred, category "tls"); in ``testing`` mode mismatches are only
-logged; ``none`` changes nothing.
+logged; ``none`` changes nothing. With TLS reporting on (:mod:`.tlsrpt`), the sessions of a
+delivery under an ``enforce`` or ``testing`` policy are counted for the domain's report, and
+so is a policy that cannot be had (fetch error, invalid policy, policy host's certificate).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dns.exception
 import dns.resolver
@@ -38,7 +41,9 @@ from zmta_common import redis_keys
 from zmta_common.config import Dns, Tls
 from zmta_common.domains import canonical_domain
 from zmta_common.mx import make_resolver
+from zmta_common.tlsrpt import STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID, STS_WEBPKI_INVALID
 
+from . import tlsrpt
 from .errors import DeliveryError
 from .mx import Target
 from .tls import REQUIRED, TlsPolicy, verifying_context
@@ -56,7 +61,12 @@ _HOST = re.compile(r"(?:\*\.)?(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9
 
 
 class PolicyError(ValueError):
-    """A policy that is not valid per RFC 8461 §3.2, or could not be fetched."""
+    """A policy that is not valid per RFC 8461 §3.2, or could not be fetched; ``result``: the
+    RFC 8460 result type (``sts-policy-invalid``, ``sts-policy-fetch-error``, ``sts-webpki-invalid``)."""
+
+    def __init__(self, message: str, result: str = STS_POLICY_INVALID) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,19 @@ def _mx_pattern(value: str) -> str:
 def apply(
     policy: StsPolicy | None, domain: str, tls: TlsPolicy, targets: list[Target]
 ) -> tuple[TlsPolicy, list[Target]]:
+    """The TLS policy and MX targets of a delivery to ``domain`` under its MTA-STS ``policy``
+    (:func:`apply_policy`); an ``enforce`` policy that allows none of them is counted for TLS reporting."""
+    try:
+        return apply_policy(policy, domain, tls, targets)
+    except DeliveryError:
+        if policy is not None:
+            tlsrpt.mx_mismatch(tls, domain, policy, targets)
+        raise
+
+
+def apply_policy(
+    policy: StsPolicy | None, domain: str, tls: TlsPolicy, targets: list[Target]
+) -> tuple[TlsPolicy, list[Target]]:
     """The TLS policy and MX targets of a delivery to ``domain`` under its MTA-STS ``policy``."""
     if policy is None or policy.mode == "none":
         return tls, targets
@@ -151,19 +174,21 @@ def apply(
     if policy.mode == "testing":
         if others:
             log.warning("mta-sts testing: mx not in policy", extra={"domain": domain, "mx": others, "id": policy.id})
-        return tls, targets
+        return (replace(tls, sts=policy) if tls.contexts.reporter is not None else tls), targets
     if not matching:
         hosts = ", ".join(others)
         raise DeliveryError(f"MTA-STS policy of {domain} (enforce) allows none of its MX hosts: {hosts}", "tls")
     if others:
         log.info("mta-sts: mx not in policy skipped", extra={"domain": domain, "mx": others})
-    return TlsPolicy(REQUIRED, tls.contexts, f"MTA-STS policy of {domain}"), matching
+    return TlsPolicy(REQUIRED, tls.contexts, f"MTA-STS policy of {domain}", sts=policy), matching
 
 
 class MtaSts:
     """Finds the MTA-STS policy of a recipient domain: DNS, Redis cache, HTTPS."""
 
-    def __init__(self, dns_config: Dns, redis: Redis | None, config: Tls) -> None:
+    def __init__(
+        self, dns_config: Dns, redis: Redis | None, config: Tls, reporter: tlsrpt.Recorder | None = None
+    ) -> None:
         self.resolver = make_resolver(dns_config)
         self.resolver.cache = dns.resolver.LRUCache()  # TXT answers for their TTL, in this process
         self.redis = redis
@@ -177,7 +202,8 @@ class MtaSts:
             limits=httpx.Limits(max_keepalive_connections=0),
         )
         self._fetches: dict[str, asyncio.Task[StsPolicy | None]] = {}
-        self._failed: dict[tuple[str, str], float] = {}
+        self._failed: dict[tuple[str, str], tuple[float, str, str]] = {}  # -> until, result type, reason
+        self.reporter = reporter  # TLS reporting: policies that cannot be had
 
     async def policy(self, domain: str) -> StsPolicy | None:
         """The domain's policy in force, or None."""
@@ -187,6 +213,9 @@ class MtaSts:
         if current_id is None or (cached is not None and cached.id == current_id):
             return cached
         fetched = await self._fetch_once(domain, current_id)
+        if fetched is None and cached is None and self.reporter is not None:
+            _, result, reason = self._failed.get((domain, current_id), (0.0, STS_POLICY_FETCH_ERROR, ""))
+            tlsrpt.sts_unavailable(self.reporter, domain, result, reason)
         return fetched if fetched is not None else cached
 
     async def close(self) -> None:
@@ -201,7 +230,8 @@ class MtaSts:
 
     async def _fetch_once(self, domain: str, policy_id: str) -> StsPolicy | None:
         """Fetch and cache the policy; concurrent deliveries to the domain share one fetch."""
-        if self._failed.get((domain, policy_id), 0.0) > time.monotonic():
+        failed = self._failed.get((domain, policy_id))
+        if failed is not None and failed[0] > time.monotonic():
             return None
         task = self._fetches.get(domain)
         if task is None:
@@ -218,7 +248,9 @@ class MtaSts:
             log.warning("mta-sts policy unavailable", extra={"domain": domain, "id": policy_id, "error": repr(exc)})
             if len(self._failed) > 10000:
                 self._failed.clear()
-            self._failed[(domain, policy_id)] = time.monotonic() + FAILURE_BACKOFF
+            result = exc.result if isinstance(exc, PolicyError) else STS_POLICY_FETCH_ERROR
+            reason = str(exc) or f"no policy in {self.timeout:g}s"
+            self._failed[(domain, policy_id)] = (time.monotonic() + FAILURE_BACKOFF, result, reason)
             return None
         log.info("mta-sts policy fetched", extra={"domain": domain, "id": policy_id, "mode": policy.mode})
         await self._store(domain, policy)
@@ -227,12 +259,15 @@ class MtaSts:
     async def _fetch(self, domain: str) -> str:
         host = f"mta-sts.{domain}"
         errors = []
+        result = STS_POLICY_FETCH_ERROR
         for ip in await self._addresses(host):
             try:
                 return await self._get(host, ip)
             except (httpx.HTTPError, OSError) as exc:
                 errors.append(f"{ip}: {exc!r}")
-        raise PolicyError(f"https://{host}/: " + ("; ".join(errors) or "no address"))
+                if _certificate_failed(exc):
+                    result = STS_WEBPKI_INVALID
+        raise PolicyError(f"https://{host}/: " + ("; ".join(errors) or "no address"), result)
 
     async def _addresses(self, host: str) -> list[str]:
         for rdtype in ("A", "AAAA"):
@@ -249,7 +284,10 @@ class MtaSts:
         response = await self.http.send(request, stream=True)
         try:
             if response.status_code != 200:
-                raise PolicyError(f"https://{host}/.well-known/mta-sts.txt answered HTTP {response.status_code}")
+                raise PolicyError(
+                    f"https://{host}/.well-known/mta-sts.txt answered HTTP {response.status_code}",
+                    STS_POLICY_FETCH_ERROR,
+                )
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
@@ -285,3 +323,15 @@ class MtaSts:
             await self.redis.set(redis_keys.sts(domain), policy.to_json(), ex=ttl)
         except Exception as exc:
             log.warning("mta-sts cache unavailable", extra={"error": repr(exc)})
+
+
+def _certificate_failed(exc: BaseException) -> bool:
+    """Whether the policy host's certificate failed its check (somewhere in the exception's chain)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -6,7 +6,8 @@ transaction. Failing to connect (or a 4xx greeting, or TLS that the delivery's
 address; a reply to MAIL, RCPT or DATA ends the attempt, to be classified by the caller.
 An MX host with DANE TLSA records gets STARTTLS without a CA check, then its certificate
 chain is checked against the records (:mod:`.dane`) before anything else is said.
-Connections are reused through a :class:`~.connections.ConnectionPool`.
+Connections are reused through a :class:`~.connections.ConnectionPool`. With TLS reporting on,
+each new session under a domain's MTA-STS policy or DANE records is counted (:mod:`.tlsrpt`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from zmta_common.domains import domain_of
+from zmta_common.tlsrpt import STARTTLS_NOT_SUPPORTED, TLSA_INVALID, VALIDATION_FAILURE
 
+from . import tlsrpt
 from .connections import Connection, ConnectionPool, PoolKey
 from .dane import DANE_DEFERRAL, DaneMismatch, HostDane, presented_chain
 from .errors import DeliveryError
@@ -42,12 +45,17 @@ class ReplyError(Exception):
 
 
 class TlsFailure(Exception):
-    """STARTTLS was not offered (``offered`` false), refused, or its handshake failed."""
+    """STARTTLS was not offered (``offered`` false), refused, or its handshake failed; ``result``:
+    the RFC 8460 result type, ``local_ip``: the address the session came from."""
 
-    def __init__(self, detail: str, offered: bool = True, certificate: bool = False) -> None:
+    def __init__(
+        self, detail: str, offered: bool = True, certificate: bool = False, result: str = VALIDATION_FAILURE
+    ) -> None:
         super().__init__(detail)
         self.offered = offered
         self.certificate = certificate  # the handshake failed on the certificate check
+        self.result = result if offered else STARTTLS_NOT_SUPPORTED
+        self.local_ip = ""
 
     def deferral(self, policy: TlsPolicy, target: Target) -> DeliveryError:
         where = f"{target.host}[{target.ip}]"
@@ -150,9 +158,12 @@ async def _connect(attempt: Attempt, target: Target) -> SmtpSession:
         if policy.mode == NONE:
             return await _open(attempt, target, None)
         if policy.mode == REQUIRED:
-            return await _open(attempt, target, policy.contexts.verifying, required=True)
+            session = await _open(attempt, target, policy.contexts.verifying, required=True)
+            _report(attempt, target, session)
+            return session
         return await _opportunistic(attempt, target)
     except TlsFailure as exc:
+        _report_failure(attempt, target, exc)
         raise exc.deferral(policy, target) from None
     except SmtpRefused as exc:
         raise ReplyError(exc.code, exc.text, "connect", target) from None
@@ -169,12 +180,17 @@ async def _opportunistic(attempt: Attempt, target: Target) -> SmtpSession:
         tries = tries[1:]
     for context in tries:
         try:
-            return await _open(attempt, target, context)
+            session = await _open(attempt, target, context)
         except TlsFailure as exc:
             if not exc.certificate:
                 log.info("tls failed, retrying without", extra={"mx": server, "error": str(exc)})
+                _report_failure(attempt, target, exc)
                 break
-            contexts.remember_unverifiable(server)
+            contexts.remember_unverifiable(server, exc.result, str(exc))
+            continue
+        if attempt.tls.sts is not None:  # MTA-STS testing: the session counts, TLS or not
+            _report_opportunistic(attempt, target, session, server)
+        return session
     return await _open(attempt, target, None)
 
 
@@ -189,17 +205,50 @@ async def _dane(attempt: Attempt, target: Target, dane: HostDane) -> SmtpSession
             return
         names = (target.host, domain_of(attempt.recipient))  # the MX host, and the next-hop domain
         chain = presented_chain(session.ssl_object) if session.ssl_object is not None else []
-        session.dane = dane.authenticate(chain, names)
+        try:
+            session.dane = dane.authenticate(chain, names)
+        except DaneMismatch as exc:
+            _report(attempt, target, session, exc.result, f"certificate {exc}")
+            raise
 
     try:
-        return await _open(attempt, target, attempt.tls.contexts.unverified, required=True, check=check)
+        session = await _open(attempt, target, attempt.tls.contexts.unverified, required=True, check=check)
     except DaneMismatch as exc:
         raise DeliveryError(f"{DANE_DEFERRAL} certificate of {where} {exc}", "tls") from None
     except TlsFailure as exc:
+        _report_failure(attempt, target, exc)
         if not exc.offered:
             reason = f"{where} does not offer STARTTLS, which its TLSA records require"
             raise DeliveryError(f"{DANE_DEFERRAL} {reason}", "tls") from None
         raise DeliveryError(f"{DANE_DEFERRAL} {where} {exc}", "tls") from None
+    if session.dane == "unusable":
+        _report(attempt, target, session, TLSA_INVALID, "no usable TLSA record (PKIX usages only)")
+    else:
+        _report(attempt, target, session)
+    return session
+
+
+def _report(attempt: Attempt, target: Target, session: SmtpSession, result: str = "", reason: str = "") -> None:
+    """TLS reporting: a new session under the delivery's policy, successful unless ``result`` says."""
+    if attempt.tls.contexts.reporter is not None:
+        tlsrpt.observe(attempt.tls, attempt.recipient, target, session.local_ip, result, reason)
+
+
+def _report_failure(attempt: Attempt, target: Target, exc: TlsFailure) -> None:
+    if attempt.tls.contexts.reporter is not None:
+        tlsrpt.observe(attempt.tls, attempt.recipient, target, exc.local_ip, exc.result, str(exc))
+
+
+def _report_opportunistic(attempt: Attempt, target: Target, session: SmtpSession, server: str) -> None:
+    """An opportunistic session under an MTA-STS ``testing`` policy: verified TLS, unverified TLS
+    (the certificate failed, now or lately), or plain text (no STARTTLS)."""
+    if session.ssl_object is None:
+        _report(attempt, target, session, STARTTLS_NOT_SUPPORTED, "no STARTTLS")
+    elif session.ssl_object.context.verify_mode != ssl.CERT_REQUIRED:
+        result, reason = attempt.tls.contexts.unverifiable_why(server)
+        _report(attempt, target, session, result or VALIDATION_FAILURE, reason or "certificate not verified")
+    else:
+        _report(attempt, target, session)
 
 
 async def _open(
@@ -227,7 +276,9 @@ async def _open(
             await session.ehlo(attempt.ehlo_name)  # RFC 3207 §4.2: what the server offers is learnt again over TLS
         elif required:
             raise TlsFailure("no STARTTLS", offered=False)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, TlsFailure):
+            exc.local_ip = session.local_ip
         session.close()
         raise
     return session
@@ -239,9 +290,10 @@ async def _starttls(session: SmtpSession, target: Target, context: ssl.SSLContex
         await session.starttls(context, server_hostname=target.host.strip("[]"))
     except ssl.SSLCertVerificationError as exc:
         reason = exc.verify_message or exc.reason
-        raise TlsFailure(f"certificate verify failed: {reason}", certificate=True) from None
+        result = tlsrpt.certificate_result(exc.verify_code)
+        raise TlsFailure(f"certificate verify failed: {reason}", certificate=True, result=result) from None
     except SmtpRefused as exc:
-        raise TlsFailure(f"refused STARTTLS: {exc.code} {exc.text}") from None
+        raise TlsFailure(f"refused STARTTLS: {exc.code} {exc.text}", result=STARTTLS_NOT_SUPPORTED) from None
     except (SmtpError, OSError) as exc:  # ssl.SSLError is an OSError
         raise TlsFailure(f"TLS handshake failed: {exc}") from None
 

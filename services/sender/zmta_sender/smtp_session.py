@@ -121,6 +121,12 @@ class SmtpSession:
         found = None if self._writer.is_closing() else self._writer.get_extra_info("ssl_object")
         return found if isinstance(found, ssl.SSLObject) else None
 
+    @property
+    def local_ip(self) -> str:
+        """The address the connection comes from ("" if unknown)."""
+        sockname = self._writer.get_extra_info("sockname")
+        return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
+
     def supports(self, keyword: str) -> bool:
         return keyword.upper() in self.extensions
 

@@ -19,7 +19,8 @@ An MX host with DANE TLSA records (:mod:`.dane`, in :attr:`TlsPolicy.dane`) is h
 instead, whatever the mode: STARTTLS required, the certificate checked against the records.
 
 Every session's outcome (:class:`TlsOutcome`) goes on the delivery report and into the
-``zonemta_delivery_tls`` metric.
+``zonemta_delivery_tls`` metric; with TLS reporting on, the sessions under a domain's MTA-STS
+policy or DANE records are counted for its daily report as well (:mod:`.tlsrpt`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .smtp_session import SmtpSession
 
 if TYPE_CHECKING:
     from .dane import HostDane
+    from .mta_sts import StsPolicy
+    from .tlsrpt import Recorder
 
 NONE: TlsMode = "none"
 OPPORTUNISTIC: TlsMode = "opportunistic"
@@ -69,32 +72,42 @@ def unverified_context() -> ssl.SSLContext:
 
 
 class TlsContexts:
-    """The process's client contexts, built once, and the servers whose certificates failed lately."""
+    """The process's client contexts, built once, and the servers whose certificates failed lately;
+    ``reporter``: the process's TLS reporting counts (None: TLS reporting off)."""
 
-    def __init__(self, ca_file: str | None) -> None:
+    def __init__(self, ca_file: str | None, reporter: Recorder | None = None) -> None:
         self.verifying = verifying_context(ca_file)
         self.unverified = unverified_context()
-        self._unverifiable: dict[str, float] = {}
+        self.reporter = reporter
+        self._unverifiable: dict[str, tuple[float, str, str]] = {}  # server -> until, result type, reason
 
     def unverifiable(self, server: str) -> bool:
-        until = self._unverifiable.get(server)
-        return until is not None and until > time.monotonic()
+        found = self._unverifiable.get(server)
+        return found is not None and found[0] > time.monotonic()
 
-    def remember_unverifiable(self, server: str) -> None:
+    def unverifiable_why(self, server: str) -> tuple[str, str]:
+        """Why the server's certificate failed: its RFC 8460 result type and the reason ("" if unknown)."""
+        _, result, reason = self._unverifiable.get(server, (0.0, "", ""))
+        return result, reason
+
+    def remember_unverifiable(self, server: str, result: str = "", reason: str = "") -> None:
         if len(self._unverifiable) >= UNVERIFIABLE_MAX:
             self._unverifiable.clear()
-        self._unverifiable[server] = time.monotonic() + UNVERIFIABLE_TTL
+        self._unverifiable[server] = (time.monotonic() + UNVERIFIABLE_TTL, result, reason)
 
 
 @dataclass(frozen=True, slots=True)
 class TlsPolicy:
     """What one delivery demands; ``source`` names who demands it, for the deferral reason;
-    ``dane``: the MX hosts with DANE TLSA records, by name, which are held to those instead."""
+    ``dane``: the MX hosts with DANE TLSA records, by name, which are held to those instead;
+    ``sts``: the domain's MTA-STS policy in ``enforce`` or ``testing`` mode, which its sessions
+    are reported under (TLS reporting; it changes nothing a delivery demands, nor equality)."""
 
     mode: TlsMode
     contexts: TlsContexts
     source: str = "policy"
     dane: Mapping[str, HostDane] = field(default_factory=dict)
+    sts: StsPolicy | None = field(default=None, compare=False)
 
     def satisfied_by(self, outcome: TlsOutcome, host: str = "") -> bool:
         """Whether a session to ``host`` that got ``outcome`` (a parked one) meets the policy."""

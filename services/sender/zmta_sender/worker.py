@@ -272,6 +272,7 @@ class Sender:
         if report is None:
             return
         report.time = started
+        report.timer_ms = round((time.time() - started) * 1000)
         self._publishing[task] = delivery
         try:
             await self._publish(report)

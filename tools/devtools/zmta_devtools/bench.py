@@ -158,7 +158,9 @@ def measure(name: str, smtp_port: int, sink: SmtpSink, messages: int, sessions: 
     return Result(name, intake, done - start, messages)
 
 
-def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: int, ingest: int = 1) -> Result:
+def run_ours(
+    workdir: Path, messages: int, sessions: int, size: int, senders: int, ingest: int = 1, delivery_log: bool = True
+) -> Result:
     postgres = PostgresCluster(workdir / "pg", durable=True, statements=True)
     redis = RedisServer(workdir / "redis")
     nats = NatsServer(workdir / "nats", monitor=True)
@@ -177,6 +179,7 @@ def run_ours(workdir: Path, messages: int, sessions: int, size: int, senders: in
                     "dbs": {"postgres": postgres.url, "redis": redis.url, "nats": nats.url, "postgres_pool_size": 30},
                     "smtp_interfaces": {"feeder": {"port": free_port()}},
                     "api": {"port": free_port()},
+                    "delivery_log": {"retention_days": 30 if delivery_log else 0},
                     "metrics": {
                         "ingest_port": free_port(),
                         "queue_port": free_port(),
@@ -282,9 +285,13 @@ def main(
     senders: Annotated[int, typer.Option(help="sender processes for our default zone")] = 1,
     runs: Annotated[int, typer.Option(min=1, help="runs of each relay, alternating")] = 3,
     ingest: Annotated[int, typer.Option(min=1, help="our ingest processes, sharing the SMTP port")] = 1,
+    delivery_log: Annotated[
+        bool, typer.Option(help="write the delivery log (--no-delivery-log: to measure what it costs)")
+    ] = True,
 ) -> None:
     """Push the same load through ZoneMTA-py and through Postfix; print rates, CPU and ratios."""
     print(f"load: {messages} messages of {size} bytes over {sessions} sessions (smtp-source -> relay -> smtp-sink)")
+    print(f"delivery log: {'on' if delivery_log else 'off'}")
     print(f"{'run':<4} {'relay':<12} {'intake msg/s':>13} {'end-to-end msg/s':>17} {'CPU s/1000 msg':>15}")
     ours: list[Result] = []
     theirs: list[Result] = []
@@ -292,7 +299,7 @@ def main(
         workdir = Path(tempfile.mkdtemp(prefix="zmta-bench-"))
         workdir.chmod(0o755)
         try:
-            ours.append(run_ours(workdir / "ours", messages, sessions, size, senders, ingest))
+            ours.append(run_ours(workdir / "ours", messages, sessions, size, senders, ingest, delivery_log))
             _print_run(run, ours[-1])
             theirs.append(run_postfix(workdir, messages, sessions, size))
             _print_run(run, theirs[-1])

@@ -233,17 +233,9 @@ class LogEntry:
 
 # The details a log entry may carry.
 LOG_DETAILS = (
-    "interface",
-    "client",
-    "size",
-    "local_address",
-    "mx",
-    "tls",
-    "response",
-    "category",
-    "next_attempt",
-    "reason",
-)
+    "interface", "client", "size", "local_address", "mx", "ip", "tls", "response", "category", "timer_ms",
+    "next_attempt", "bounce_id", "reason",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
