@@ -180,3 +180,20 @@ async def test_a_throttled_site_that_takes_mail_again_gets_its_limits_back_step_
     await _age(redis, s, SETTLE)
     await s.recover()
     assert [(o.connections, o.rate) for o in await s.overrides.active("z")] == [(2, "50/min")]
+
+
+async def test_a_throttle_refused_again_at_one_connection_becomes_a_suspension(redis: Redis) -> None:
+    """Postfix's dead destination: a site that fails even at one connection rests."""
+    zone = Zone.model_validate({"sites": {"connections": 2}})
+    s = shaper(redis, [rule(action="throttle", connections="50%", duration=300)], zone)
+    first = await s.observe(slow_down())
+    assert first is not None and (first.action, first.connections) == ("throttle", 1)
+    await _age(redis, s, SETTLE)
+    dead = await s.observe(slow_down())
+    assert dead is not None and (dead.action, dead.connections, dead.scope) == ("suspend", None, "site")
+    assert dead.expires > time.time() + 290
+    shaping = InForce(await s.overrides.active("z"))
+    assert (
+        await ZoneLimits(redis, "z", zone).admit([Candidate("m.001", "d.test", SITE)], 10, time.time() + 60, shaping)
+        == []
+    )

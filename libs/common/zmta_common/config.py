@@ -934,11 +934,15 @@ class Shaping(Section):
 
     `suspend` at `site` scope leases nothing for the site's domains; at `site_address` scope
     they get other addresses of the pool; at `zone` scope the zone leases nothing. `throttle`
-    lowers the site's `connections` and `rate`. When the duration ends the configured values
-    apply again. Overrides in force: `GET /shaping`, lifted by `DELETE /shaping/<zone>`
-    (`?site=...&address=...`); each start and end is logged (`shaping started`, `shaping
-    ended`, `shaping lifted`); metrics `zonemta_shaping_triggered{zone,rule,action}` (senders)
-    and `zonemta_shaping_active{zone,scope,action}` (queue).
+    lowers the site's `connections` and `rate`; pushed back again it is lowered again (at most
+    every 5 s), refused again at one connection it becomes a suspension (a dead site), and
+    while the site takes mail without push-back it gets one more connection and a quarter
+    more pace every 5 s until the configured limits are back. When the duration ends the
+    configured values apply again. Overrides in force: `GET /shaping`, lifted by `DELETE
+    /shaping/<zone>` (`?site=...&address=...`); each change is logged (`shaping started`,
+    `lowered`, `suspended`, `raised`, `recovered`, `ended`, `lifted`); metrics
+    `zonemta_shaping_triggered{zone,rule,action}` (senders) and
+    `zonemta_shaping_active{zone,scope,action}` (queue).
     """
 
     enabled: bool = Field(default=True, description="apply the shaping rules; `false`: the configured limits only")

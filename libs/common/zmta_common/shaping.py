@@ -19,9 +19,12 @@ An override lives in Redis (:func:`zmta_common.redis_keys.shaping`), so the send
 read the reply and the queue replicas that lease hold the whole cluster to it. The same
 signal again while it is in force extends it, and lowers a throttle once more by its shares
 (multiplicative decrease, at most every ``SETTLE`` seconds, so the levels follow a site
-that keeps pushing back); when it ends, the configured values apply again. The senders
-observe (:class:`Shaper`); the queue enforces (:class:`InForce`) and sweeps ended overrides,
-logging each; the API lists and lifts them.
+that keeps pushing back); a throttle refused again at one connection becomes a suspension
+for the rule's duration (the site is dead to us, as Postfix marks a dead destination). A
+throttled site that takes mail again gets its limits back step by step (:meth:`Shaper.recover`);
+when an override ends, the configured values apply again. The senders observe
+(:class:`Shaper`); the queue enforces (:class:`InForce`) and sweeps ended overrides, logging
+each; the API lists and lifts them.
 """
 
 from __future__ import annotations
@@ -383,6 +386,12 @@ class Shaper:
                 held, rule=rule.name, connections=connections, rate=rate, updated=now, response=line[:300]
             )
             override = dataclasses.replace(override, expires=max(held.expires, now + rule.duration))
+            if held.connections == 1 and connections == 1 and rule.connections is not None:
+                # Refused even at one connection: the site is dead to us (Postfix's dead
+                # destination). Rest it for the rule's duration instead of trying every message.
+                override = dataclasses.replace(
+                    override, action="suspend", connections=None, rate=None, expires=now + rule.duration
+                )
         else:
             connections, rate = await self._levels(rule, site) if rule.action == "throttle" else (None, None)
             override = Override(
@@ -393,7 +402,8 @@ class Shaper:
         if result not in (1, 3):
             return None
         triggered.inc(zone=self.zone_name, rule=rule.name, action=rule.action)
-        log.warning("shaping started" if result == 1 else "shaping lowered", extra=_log_fields(override))
+        how = "started" if result == 1 else "lowered" if override.action == "throttle" else "suspended"
+        log.warning(f"shaping {how}", extra=_log_fields(override))
         return override
 
     def delivered(self, site: str | None) -> None:
