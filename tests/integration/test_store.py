@@ -16,6 +16,7 @@ from zmta_common.store import (
     Deferral,
     DeliveryKey,
     LeaseRef,
+    LogEntry,
     NewDelivery,
     NewMessage,
     OutcomeBatch,
@@ -256,3 +257,27 @@ async def test_keys_written_before_the_canonical_form_are_rewritten(infra: Infra
         ]
     finally:
         await store.close()
+
+
+async def test_log_entries_are_numbered_in_the_order_they_are_written(infra: Infra) -> None:
+    """The log stream reads by entry number: entries written by several connections must be
+    numbered in the order they were written, or a reader would pass over some for good."""
+    name = await create_database(infra)
+    dsn = f"postgresql://postgres@127.0.0.1:{infra.postgres.port}/{name}"
+    stores = [await Store.connect(dsn, max_size=1) for _ in range(2)]
+    try:
+        for n in range(6):  # two sessions, taking turns
+            entry = LogEntry(
+                datetime.now(UTC), "QUEUED", f"m{n}", "001", "default", "s@a.test", "r@b.test", "b.test", {}
+            )
+            await stores[n % 2].add_log([entry])
+        assert await stores[0].stream_position() == 0  # a new log is streamed from its start
+        found = await stores[0].log_after(0, lag=0, limit=10)
+        assert [e.id for _, e in found] == [f"m{n}" for n in range(6)]
+        positions = [p for p, _ in found]
+        assert positions == sorted(positions)
+        await stores[1].set_stream_position(positions[2])
+        assert [e.id for _, e in await stores[0].log_after(await stores[0].stream_position(), 0)] == ["m3", "m4", "m5"]
+    finally:
+        for store in stores:
+            await store.close()

@@ -115,7 +115,9 @@ MIGRATIONS: list[Migration] = [
     # lookups by id, recipient, sender and domain are B-trees.
     """
     CREATE TABLE delivery_log (
-        entry      bigint GENERATED ALWAYS AS IDENTITY (CACHE 100),
+        -- Numbered in the order rows are written (no per-session cache: the stream reads in
+        -- this order and must not find a lower number written after a higher one).
+        entry      bigint GENERATED ALWAYS AS IDENTITY,
         time       timestamptz NOT NULL DEFAULT now(),
         action     text NOT NULL,
         id         text NOT NULL,
@@ -133,11 +135,13 @@ MIGRATIONS: list[Migration] = [
     CREATE INDEX delivery_log_sender ON delivery_log (mail_from, time);
     """,
     # How far the delivery log stream has gone: beside the log, so that the two never disagree.
+    # It starts where the log stands now: what is written from here on is streamed.
     """
     CREATE TABLE delivery_log_stream (
         one       boolean PRIMARY KEY DEFAULT true CHECK (one),
         position  bigint NOT NULL
     );
+    INSERT INTO delivery_log_stream (position) SELECT coalesce(max(entry), 0) FROM delivery_log;
     """,
 ]
 
