@@ -107,6 +107,15 @@ async def test_queued_lists_pages_and_cursors(api: Deployment) -> None:
         assert sorted(paged) == sorted((i["id"], i["seq"]) for i in listing["list"])
         assert len(set(paged)) == 6
 
+        # One recipient domain: every row here is list.test's; a cursor keeps its domain.
+        by_domain = (await client.get("/queued/queued/listing", params={"domain": "LIST.test", "pageSize": 4})).json()
+        assert [(i["id"], i["seq"]) for i in by_domain["list"]] == [(i["id"], i["seq"]) for i in listing["list"][:4]]
+        assert (await client.get("/queued/queued/listing", params={"domain": "other.test"})).json()["list"] == []
+        other_domain = await client.get(
+            "/queued/queued/listing", params={"cursor": by_domain["next"], "domain": "other.test"}
+        )
+        assert (other_domain.status_code, other_domain.json()["field"]) == (400, "cursor")
+
         too_small = await client.get("/queued/queued/listing", params={"pageSize": 0})
         bad_cursor = await client.get("/queued/queued/listing", params={"cursor": "bm90IGEgY3Vyc29y"})
         wrong_sort = await client.get("/queued/queued/listing", params={"cursor": pages[0]["next"], "sort": "id"})

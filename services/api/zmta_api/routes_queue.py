@@ -128,13 +128,21 @@ def router(services: Services) -> APIRouter:
         cursor: Annotated[
             str | None, Query(max_length=2000, description="the ``next`` of the previous page, for the page after it")
         ] = None,
+        domain: Annotated[
+            str | None, Query(min_length=1, max_length=255, description="only deliveries to this recipient domain")
+        ] = None,
     ) -> QueuedList:
         """Deliveries of a zone that are ready (``queued``; ``active`` or any other type: the
         same, as in the original), waiting for a later attempt (``deferred``, any case) or held
         by an operator (``held``: never attempted until released), a page at a time. Beyond
-        one page, pass ``next`` back as ``?cursor=`` (it keeps type, sort and order); it is
-        null on the last page. As the original, a zone that is not configured
-        is answered 200, with an empty list."""
+        one page, pass ``next`` back as ``?cursor=`` (it keeps type, sort, order and domain);
+        it is null on the last page. ``domain`` narrows the list to one recipient domain. As
+        the original, a zone that is not configured is answered 200, with an empty list."""
+        if domain is not None:
+            try:
+                domain = canonical_domain(domain)
+            except ValueError as exc:
+                raise ApiError(400, f"domain: {exc}", "domain") from None
         named = type.strip().lower()
         kind: Literal["queued", "deferred", "held"] = named if named in ("deferred", "held") else "queued"  # type: ignore[assignment]
         after: list[Any] | None = None
@@ -145,10 +153,14 @@ def router(services: Services) -> APIRouter:
             for name, given, kept in (("type", kind, key["t"]), ("sort", sort, key["s"]), ("order", order, key["o"])):
                 if given is not None and given != kept:
                     raise ApiError(400, f"the cursor is for {name} {kept}, not {given}", "cursor")
+            if domain != key.get("d"):
+                raise ApiError(400, f"the cursor is for domain {key.get('d')}, not {domain}", "cursor")
             sort, order, after = key["s"], key["o"], key["k"]
         sort, order = sort or "id", order or "desc"
         limit = min(page_size, PAGE_MAX)
-        rows = await store.list_queued(zone, kind, sort, order == "desc", offset=start, limit=limit + 1, after=after)
+        rows = await store.list_queued(
+            zone, kind, sort, order == "desc", offset=start, limit=limit + 1, after=after, domain=domain
+        )
         more = len(rows) > limit
         rows = rows[:limit]
         items = [
@@ -163,7 +175,7 @@ def router(services: Services) -> APIRouter:
             }
             for r in rows
         ]
-        next_cursor = _make_cursor(kind, sort, order, rows[-1]) if more and rows else None
+        next_cursor = _make_cursor(kind, sort, order, rows[-1], domain) if more and rows else None
         return QueuedList.model_validate({"zone": zone, "type": kind, "list": items, "next": next_cursor})
 
     # -- hold and release, retry a zone (before /message/{id}/{seq}: "hold" is no seq) --
@@ -372,13 +384,13 @@ def router(services: Services) -> APIRouter:
     return api
 
 
-def _make_cursor(kind: str, sort: str, order: str, last: QueuedRow) -> str:
+def _make_cursor(kind: str, sort: str, order: str, last: QueuedRow, domain: str | None = None) -> str:
     key: list[Any] = [last.id, last.seq]
     if sort == "created":
         key.insert(0, last.created.isoformat())
     elif sort == "queued":
         key.insert(0, last.next_attempt.isoformat())
-    raw = json.dumps({"t": kind, "s": sort, "o": order, "k": key}, separators=(",", ":"))
+    raw = json.dumps({"t": kind, "s": sort, "o": order, "k": key, "d": domain}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 

@@ -88,7 +88,8 @@ def _deliveries(
                 listing = client.collect(
                     path("queued", state.value, zone),
                     "list",
-                    {"sort": "created", "order": "asc"},
+                    # The api narrows to the domain (keep= too, for an api older than that)
+                    {"sort": "created", "order": "asc", **({"domain": domain} if domain else {})},
                     left,
                     "pageSize",
                     keep=keep,

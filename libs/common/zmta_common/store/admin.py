@@ -113,19 +113,23 @@ class AdminStore(StoreBase):
         offset: int = 0,
         limit: int = 1000,
         after: Sequence[Any] | None = None,
+        domain: str | None = None,
     ) -> list[QueuedRow]:
         """Deliveries of ``zone`` in ``state``: ``queued`` (ready), ``deferred`` (waiting for a
         later attempt) or ``held`` (by an operator), ordered by ``sort`` (id,
         created or queued; then id and seq). ``after`` is the sort key of the last row of the
-        previous page (keyset pagination)."""
+        previous page (keyset pagination); ``domain``: only deliveries to that recipient domain."""
         columns = _QUEUED_SORT[sort]
         direction = "DESC" if descending else "ASC"
         where = "zone = $1 AND " + _STATES[state]
         args: list[Any] = [zone, offset, limit]
+        if domain is not None:
+            args.append(canonical_domain(domain))
+            where += f" AND domain = ${len(args)}"
         if after is not None:
             if len(after) != len(columns):
                 raise ValueError("the key does not fit the sort")
-            marks = ", ".join(f"${4 + i}" for i in range(len(columns)))
+            marks = ", ".join(f"${len(args) + 1 + i}" for i in range(len(columns)))
             where += f" AND ({', '.join(columns)}) {'<' if descending else '>'} ({marks})"
             args += list(after)
         order = ", ".join(f"{c} {direction}" for c in columns)

@@ -169,11 +169,6 @@ function age(ms) {
   return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
-function domainOf(address) {
-  const at = String(address).lastIndexOf("@");
-  return at < 0 ? "" : String(address).slice(at + 1).toLowerCase();
-}
-
 function text(value) {
   if (value === null || value === undefined) return "";
   if (Array.isArray(value)) return value.join(", ");
@@ -474,7 +469,6 @@ async function queuePage(view, r, gen) {
       el("label", {}, "sort ", select("sort", [["created", "created"], ["queued", "next attempt"], ["id", "id"]], sort)),
       el("label", {}, "order ", select("order", [["desc", "newest first"], ["asc", "oldest first"]], order)),
       el("label", {}, "per page ", select("pageSize", ["25", "50", "100", "500"].map((n) => [n, n]), size))));
-  if (domain) view.append(el("p", { class: "muted" }, `Showing the rows of each page whose recipient is at ${domain}.`));
   const results = el("div", { id: "queue-results" });
   const pager = el("div", { class: "pager" });
   view.append(results, pager);
@@ -482,13 +476,13 @@ async function queuePage(view, r, gen) {
   let index = 0;
   const load = async () => {
     const q = new URLSearchParams({ pageSize: size });
+    if (domain) q.set("domain", domain);
     if (cursors[index]) q.set("cursor", cursors[index]);
     else { q.set("sort", sort); q.set("order", order); }
     const data = await api(`/queued/${enc(state)}/${enc(zone)}?${q}`);
     if (!current(gen)) return;
     cursors[index + 1] = data.next;
-    const list = domain ? data.list.filter((row) => domainOf(row.recipient) === domain) : data.list;
-    results.replaceChildren(table(["message", "seq", "recipient", "created", "next attempt", "attempts"], list.map((row) =>
+    results.replaceChildren(table(["message", "seq", "recipient", "created", "next attempt", "attempts"], data.list.map((row) =>
       el("tr", { "data-id": row.id, "data-seq": row.seq },
         el("td", {}, el("a", { href: `#/message/${enc(row.id)}`, class: "mono" }, row.id)),
         el("td", { class: "mono" }, row.seq), el("td", {}, row.recipient), el("td", {}, when(row.created)),
