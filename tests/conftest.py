@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import trustme
+from redis.asyncio import Redis
 
 from tests.support import (
     A_ONLY,
@@ -87,6 +89,29 @@ def infra() -> Iterator[Infra]:
         for server in reversed(started):
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest_asyncio.fixture
+async def redis(infra: Infra) -> AsyncIterator[Redis]:
+    """A client of the test Redis's database 0 (the deployments use the others), emptied."""
+    client = Redis.from_url(infra.redis.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A certificate authority of the module's own, for servers whose certificates it signs."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """That authority's certificate as a PEM file (for ``tls.ca_file``)."""
+    path = tmp_path_factory.mktemp("tls") / "test-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import smtplib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -240,6 +241,25 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
         await asyncio.sleep(interval)
+
+
+async def send_one(d: Deployment, rcpt: str, subject: str = "test") -> str:
+    """Submit a small message to one recipient over SMTP; its queue id."""
+    data = f"Subject: {subject}\r\n\r\nx\r\n".encode()
+    reply = await asyncio.to_thread(d.smtp_send, "s@origin.test", [rcpt], data)
+    match = re.search(r"queued as ([0-9a-f]+)", reply)
+    assert match, reply
+    return match.group(1)
+
+
+async def deferred_reason(d: Deployment, message_id: str) -> str:
+    """The reply of the first failed attempt of the message's first delivery, once it has one."""
+
+    async def deferred() -> str:
+        rows = await d.store.deliveries_of(message_id)
+        return (rows[0].last_response or "") if rows and rows[0].attempts >= 1 else ""
+
+    return str(await eventually(deferred, what="a deferral"))
 
 
 def log_entries(path: Path, event: str | None = None) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ key), ``mismatch`` -> mx-bad (127.0.0.3, two records matching nothing), ``bogus`
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import ssl
@@ -22,7 +21,7 @@ import trustme
 from cryptography import x509
 from redis.asyncio import Redis
 
-from tests.support import Deployment, DeploymentFactory, Infra, eventually, log_entries
+from tests.support import Deployment, DeploymentFactory, Infra, deferred_reason, eventually, log_entries, send_one
 from zmta_common import redis_keys
 from zmta_devtools.servers import Nsd, Unbound
 from zmta_devtools.sink import Sink
@@ -83,21 +82,6 @@ def tls_sinks(sinks: dict[str, Sink], certificate: trustme.LeafCert) -> dict[str
     return sinks
 
 
-async def send(d: Deployment, rcpt: str) -> str:
-    reply = await asyncio.to_thread(d.smtp_send, "s@origin.test", [rcpt], b"Subject: dane\r\n\r\nx\r\n")
-    match = re.search(r"queued as ([0-9a-f]+)", reply)
-    assert match, reply
-    return match.group(1)
-
-
-async def deferred_reason(d: Deployment, message_id: str) -> str:
-    async def deferred() -> str:
-        rows = await d.store.deliveries_of(message_id)
-        return (rows[0].last_response or "") if rows and rows[0].attempts >= 1 else ""
-
-    return str(await eventually(deferred, what="a deferral"))
-
-
 async def delivered(d: Deployment, message_id: str) -> dict[str, Any]:
     def entry() -> dict[str, Any] | None:
         found = [e for e in log_entries(d.log_dir / "sender-default-0.log", "delivered") if e["id"] == message_id]
@@ -110,7 +94,7 @@ async def delivered(d: Deployment, message_id: str) -> dict[str, Any]:
 async def test_a_matching_certificate_delivers_and_the_report_says_dane(
     deployment: Deployment, tls_sinks: dict[str, Sink], infra: Infra
 ) -> None:
-    message_id = await send(deployment, "x@good.dane.test")
+    message_id = await send_one(deployment, "x@good.dane.test", "dane")
     entry = await delivered(deployment, message_id)
     assert re.fullmatch(r"version=TLSv1\.[23] cipher=\S+ verified=yes dane=DANE-EE", entry["tls"]), entry
     assert entry["mx"] == "mx-ee.dane.test"
@@ -126,21 +110,21 @@ async def test_a_matching_certificate_delivers_and_the_report_says_dane(
 async def test_a_certificate_matching_no_record_is_deferred_with_the_reason(
     deployment: Deployment, tls_sinks: dict[str, Sink]
 ) -> None:
-    message_id = await send(deployment, "x@mismatch.dane.test")
+    message_id = await send_one(deployment, "x@mismatch.dane.test", "dane")
     reason = await deferred_reason(deployment, message_id)
     assert reason == "451 4.7.5 DANE: certificate of mx-bad.dane.test[127.0.0.3] matches none of its 2 TLSA records"
     assert tls_sinks["127.0.0.3"].messages == []
 
 
 async def test_bogus_tlsa_records_defer(deployment: Deployment, tls_sinks: dict[str, Sink], infra: Infra) -> None:
-    message_id = await send(deployment, "x@bogus.dane.test")
+    message_id = await send_one(deployment, "x@bogus.dane.test", "dane")
     reason = await deferred_reason(deployment, message_id)
     assert reason.startswith(f"451 4.7.5 DANE: TLSA lookup error for mx-bogus.dane.test:{infra.sink_port} (SERVFAIL")
     assert tls_sinks["127.0.0.4"].messages == []
 
 
 async def test_an_insecure_mx_delivers_without_dane(deployment: Deployment, tls_sinks: dict[str, Sink]) -> None:
-    message_id = await send(deployment, "x@insecure.test")
+    message_id = await send_one(deployment, "x@insecure.test", "dane")
     entry = await delivered(deployment, message_id)
     assert re.fullmatch(r"version=TLSv1\.[23] cipher=\S+ verified=no", entry["tls"]), entry
     assert len(tls_sinks["127.0.0.3"].messages) == 1

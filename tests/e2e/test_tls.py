@@ -8,7 +8,6 @@ domains; ``self_signed`` serves a certificate nobody trusts.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import ssl
@@ -22,7 +21,18 @@ import pytest
 import trustme
 from redis.asyncio import Redis
 
-from tests.support import MTA_STS, MX_HOSTS, STS_ID, Deployment, DeploymentFactory, Infra, eventually, log_entries
+from tests.support import (
+    MTA_STS,
+    MX_HOSTS,
+    STS_ID,
+    Deployment,
+    DeploymentFactory,
+    Infra,
+    deferred_reason,
+    eventually,
+    log_entries,
+    send_one,
+)
 
 MX_NAMES = [f"mx.{domain}" for domain in (*MX_HOSTS, *MTA_STS)]
 POLICIES = {
@@ -30,18 +40,6 @@ POLICIES = {
     "sts-mismatch.test": "version: STSv1\nmode: enforce\nmx: mail.elsewhere.test\nmax_age: 86400\n",
     "sts-testing.test": "version: STSv1\nmode: testing\nmx: mail.elsewhere.test\nmax_age: 86400\n",
 }
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("tls") / "test-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -127,28 +125,13 @@ async def sender_metrics(d: Deployment) -> str:
         return (await http.get(f"http://127.0.0.1:{port}/metrics")).text
 
 
-async def send(d: Deployment, rcpt: str) -> str:
-    reply = await asyncio.to_thread(d.smtp_send, "s@origin.test", [rcpt], b"Subject: tls\r\n\r\nx\r\n")
-    match = re.search(r"queued as ([0-9a-f]+)", reply)
-    assert match, reply
-    return match.group(1)
-
-
-async def deferred_reason(d: Deployment, message_id: str) -> str:
-    async def deferred() -> str:
-        rows = await d.store.deliveries_of(message_id)
-        return (rows[0].last_response or "") if rows and rows[0].attempts >= 1 else ""
-
-    return str(await eventually(deferred, what="a deferral"))
-
-
 async def test_opportunistic_tls_takes_a_self_signed_certificate_unverified(
     deploy: DeploymentFactory, sinks: dict, self_signed: ssl.SSLContext
 ) -> None:
     d = await deploy()
     sink = sinks["127.0.0.2"]
     sink.use_tls(self_signed)
-    await send(d, "x@a.test")
+    await send_one(d, "x@a.test", "tls")
     await eventually(lambda: sink.messages, what="the delivery")
     assert sink.messages[0].tls.startswith("TLSv1.")
 
@@ -164,7 +147,7 @@ async def test_required_tls_defers_an_untrusted_certificate(
 ) -> None:
     d = await deploy({"zones": {"default": {"domains": {"a.test": {"tls": "required"}}}}})
     sinks["127.0.0.2"].use_tls(self_signed)
-    message_id = await send(d, "x@a.test")
+    message_id = await send_one(d, "x@a.test", "tls")
     reason = await deferred_reason(d, message_id)
     assert reason == "TLS required by policy: mx.a.test[127.0.0.2] certificate verify failed: self-signed certificate"
     assert sinks["127.0.0.2"].messages == []
@@ -174,7 +157,7 @@ async def test_required_tls_defers_an_untrusted_certificate(
 
 async def test_required_tls_defers_a_server_without_starttls(deploy: DeploymentFactory, sinks: dict) -> None:
     d = await deploy({"zones": {"default": {"tls": "required"}}})
-    message_id = await send(d, "x@a.test")
+    message_id = await send_one(d, "x@a.test", "tls")
     reason = await deferred_reason(d, message_id)
     assert reason == "TLS required by policy but mx.a.test[127.0.0.2] does not offer STARTTLS"
     assert sinks["127.0.0.2"].messages == []
@@ -186,7 +169,7 @@ async def test_required_tls_delivers_with_a_certificate_of_the_configured_ca(
     d = await deploy({"tls": {"ca_file": ca_file}, "zones": {"default": {"tls": "required"}}})
     sink = sinks["127.0.0.2"]
     sink.use_tls(trusted)
-    await send(d, "x@a.test")
+    await send_one(d, "x@a.test", "tls")
     await eventually(lambda: sink.messages, what="the delivery")
     assert sink.messages[0].tls.startswith("TLSv1.")
     (delivered,) = await eventually(lambda: sender_events(d, "delivered"), what="the delivery log line")
@@ -200,8 +183,8 @@ async def test_tls_none_sends_plain_text_to_a_server_offering_starttls(
     d = await deploy({"zones": {"default": {"tls": "none", "domains": {"b.test": {"tls": "opportunistic"}}}}})
     for ip in ("127.0.0.2", "127.0.0.3"):
         sinks[ip].use_tls(trusted)
-    await send(d, "x@a.test")
-    await send(d, "y@b.test")
+    await send_one(d, "x@a.test", "tls")
+    await send_one(d, "y@b.test", "tls")
     await eventually(lambda: sinks["127.0.0.2"].messages and sinks["127.0.0.3"].messages, what="both deliveries")
     assert sinks["127.0.0.2"].messages[0].tls == ""
     assert sinks["127.0.0.3"].messages[0].tls.startswith("TLSv1.")
@@ -213,7 +196,7 @@ async def test_mta_sts_enforce_defers_when_no_mx_matches(
     deploy: DeploymentFactory, sinks: dict, policies: PolicyServer, ca_file: str
 ) -> None:
     d = await deploy({"tls": {"ca_file": ca_file}})
-    message_id = await send(d, "x@sts-mismatch.test")
+    message_id = await send_one(d, "x@sts-mismatch.test", "tls")
     reason = await deferred_reason(d, message_id)
     assert reason == "MTA-STS policy of sts-mismatch.test (enforce) allows none of its MX hosts: mx.sts-mismatch.test"
     assert sinks["127.0.0.3"].messages == []
@@ -226,7 +209,7 @@ async def test_mta_sts_enforce_delivers_over_verified_tls_and_caches_the_policy(
     sink = sinks["127.0.0.3"]
     sink.use_tls(trusted)
     for n in range(3):
-        await send(d, f"x{n}@sts.test")
+        await send_one(d, f"x{n}@sts.test", "tls")
     await eventually(lambda: len(sink.messages) == 3, what="the deliveries")
     assert all(m.tls.startswith("TLSv1.") for m in sink.messages)
     events = await eventually(lambda: len(sender_events(d, "delivered")) == 3 and sender_events(d, "delivered"))
@@ -251,7 +234,7 @@ async def test_mta_sts_enforce_defers_an_untrusted_certificate(
 ) -> None:
     d = await deploy({"tls": {"ca_file": ca_file}})
     sinks["127.0.0.3"].use_tls(self_signed)
-    message_id = await send(d, "x@sts.test")
+    message_id = await send_one(d, "x@sts.test", "tls")
     reason = await deferred_reason(d, message_id)
     assert reason == (
         "TLS required by MTA-STS policy of sts.test: mx.sts.test[127.0.0.3] certificate verify failed: "
@@ -269,14 +252,14 @@ async def test_mta_sts_cached_policy_is_used_until_the_txt_id_changes(
     try:
         # The same id as in DNS: the cached policy holds, even though the served one differs.
         await redis.set("zmta:sts:sts.test", json.dumps({"id": STS_ID, "policy": stale}), ex=600)
-        message_id = await send(d, "x@sts.test")
+        message_id = await send_one(d, "x@sts.test", "tls")
         reason = await deferred_reason(d, message_id)
         assert reason.startswith("MTA-STS policy of sts.test (enforce) allows none of its MX hosts")
         assert policies.fetches("sts.test") == 0
 
         # Another id: the policy is fetched again, and the delivery goes.
         await redis.set("zmta:sts:sts.test", json.dumps({"id": "older1", "policy": stale}), ex=600)
-        await send(d, "y@sts.test")
+        await send_one(d, "y@sts.test", "tls")
         await eventually(lambda: sinks["127.0.0.3"].messages, what="the delivery under the new policy")
         assert policies.fetches("sts.test") == 1
         assert json.loads(cast(bytes, await redis.get("zmta:sts:sts.test")))["id"] == STS_ID
@@ -289,8 +272,8 @@ async def test_mta_sts_testing_mode_and_unavailable_policies_do_not_hold_mail(
 ) -> None:
     del policies.policies["sts-mismatch.test"]  # its policy host answers 404 now
     d = await deploy({"tls": {"ca_file": ca_file}})
-    await send(d, "x@sts-testing.test")
-    await send(d, "y@sts-mismatch.test")
+    await send_one(d, "x@sts-testing.test", "tls")
+    await send_one(d, "y@sts-mismatch.test", "tls")
     await eventually(lambda: len(sinks["127.0.0.3"].messages) == 2, what="both deliveries")
     (warning,) = sender_events(d, "mta-sts testing: mx not in policy")
     assert (warning["domain"], warning["mx"]) == ("sts-testing.test", ["mx.sts-testing.test"])

@@ -44,18 +44,6 @@ REPORTS_HOST = "tlsrpt.sts.test"
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("tls") / "test-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def trusted(ca: trustme.CA) -> ssl.SSLContext:
     """A server context with a certificate of the test CA for every MX host name."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -18,14 +18,6 @@ from zmta_common.mx import MxLookup
 from zmta_sender.connections import ConnectionPool, PoolKey
 from zmta_sender.errors import DeliveryError
 from zmta_sender.smtp_session import SmtpSession
-
-
-@pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = Redis.from_url(infra.redis.url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 def zone(**kwargs: object) -> Zone:

@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 from redis.asyncio import Redis
 
-from tests.support import Infra, eventually
+from tests.support import eventually
 from zmta_common import redis_keys
 from zmta_common.config import Zone
 from zmta_common.limits import Candidate, ZoneLimits
 from zmta_common.shaping import SETTLE, InForce, Overrides, Shaper, ShapingRule, Signal
 
 SITE = "mx1.provider.test,mx2.provider.test"
-
-
-@pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = Redis.from_url(infra.redis.url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 def rule(**fields: object) -> ShapingRule:

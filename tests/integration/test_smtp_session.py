@@ -219,11 +219,6 @@ async def server() -> AsyncIterator[ScriptedServer]:
     await server.stop()
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 def contexts(ca: trustme.CA, tmp_path: Path) -> TlsContexts:
     ca_file = tmp_path / "ca.pem"

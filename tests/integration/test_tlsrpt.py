@@ -52,23 +52,10 @@ RETENTION_DAYS = 3
 
 
 @pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = Redis.from_url(infra.redis.url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def recorder(redis: Redis) -> AsyncIterator[Recorder]:
     found = Recorder(redis, RETENTION_DAYS)
     yield found
     await found.close()
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 @pytest.fixture

@@ -42,13 +42,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from redis.asyncio import Redis
 
 from . import metrics, redis_keys
 from .config import DEFAULT_SITE_CONNECTIONS, Zone, parse_rate
-from .replies import normalise
+from .replies import RulesError as RulesError  # raised here, the name callers catch
+from .replies import normalise, rule_entries
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ triggered = metrics.Tally(
     "Traffic shaping overrides put in force (not counting extensions), by rule",
     ("zone", "rule", "action"),
 )
-
-
-class RulesError(ValueError):
-    pass
 
 
 class ShapingRule(BaseModel):
@@ -151,14 +147,8 @@ def _number(text: str) -> int:
 
 
 def load_rules(path: Path) -> list[ShapingRule]:
-    try:
-        entries = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RulesError(f"{path}: cannot read the shaping rules: {exc}") from None
-    if not isinstance(entries, list):
-        raise RulesError(f"{path}: must be a YAML list of rules")
     rules = []
-    for index, entry in enumerate(entries, 1):
+    for index, entry in enumerate(rule_entries(path), 1):
         try:
             rules.append(ShapingRule.model_validate(entry))
         except ValidationError as exc:

@@ -16,16 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from zmta_common.replies import STATUS, normalise
+from zmta_common.replies import STATUS, normalise, rule_entries
+from zmta_common.replies import RulesError as RulesError  # raised here, the name callers catch
 
 DEFAULT_RULES = Path(__file__).with_name("rules.yaml")
 ACTIONS = ("defer", "reject", "blacklist")
-
-
-class RulesError(ValueError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +41,8 @@ class Verdict:
 
 
 def load_rules(path: Path = DEFAULT_RULES) -> list[Rule]:
-    try:
-        entries = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RulesError(f"{path}: cannot read the rules: {exc}") from None
-    if not isinstance(entries, list):
-        raise RulesError(f"{path}: must be a YAML list of rules")
     rules = []
-    for index, entry in enumerate(entries, 1):
+    for index, entry in enumerate(rule_entries(path), 1):
         where = f"{path}: rule {index}"
         if not isinstance(entry, dict) or set(entry) != {"pattern", "action", "category", "message"}:
             raise RulesError(f"{where}: needs exactly pattern, action, category, message")
